@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh machine with Python 3.11: they create the
+# virtual environment and install the pinned dependencies first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DATA ?= data/digits
+DEMO_ARGS ?=
+
+.PHONY: install demo test bench clean-demo
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/dcluster demo-data $(DEMO_DATA)
+	$(VENV)/bin/dcluster train configs/demo.yaml data.path=$(DEMO_DATA) $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) benchmarks/bench_clustering.py

@@ -1,0 +1,22 @@
+"""Model construction from the config: `build_model(cfg.model, crop_size)`."""
+from __future__ import annotations
+
+from dcluster.config import ModelConfig
+from dcluster.models.architectures import alexnet_body, smallconv_body, vgg16_body
+from dcluster.models.convnet import DeepClusterNet
+from dcluster.models.sobel import Sobel
+
+__all__ = ["DeepClusterNet", "build_model", "Sobel"]
+
+
+def build_model(cfg: ModelConfig, crop_size: int) -> DeepClusterNet:
+    in_channels = Sobel.out_channels if cfg.sobel else 3
+    if cfg.arch == "alexnet":
+        body, channels = alexnet_body(in_channels)
+    elif cfg.arch == "vgg16":
+        body, channels = vgg16_body(in_channels)
+    elif cfg.arch == "smallconv":
+        body, channels = smallconv_body(in_channels, cfg.width)
+    else:
+        raise ValueError(f"model.arch = {cfg.arch!r}: unknown architecture")
+    return DeepClusterNet(body, channels, crop_size, cfg.fc_dim, cfg.dropout, cfg.sobel)

@@ -1,0 +1,57 @@
+"""Conv bodies: AlexNet-BN and VGG16-BN as in the paper, and a small convnet for the demo."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+from torch import nn
+
+# (out_channels, kernel, stride, padding) or "M" for a 3x3/2 max-pool: AlexNet without LRN.
+ALEXNET_LAYERS: Sequence[Union[tuple[int, int, int, int], str]] = (
+    (96, 11, 4, 2), "M", (256, 5, 1, 2), "M", (384, 3, 1, 1), (384, 3, 1, 1), (256, 3, 1, 1), "M",
+)
+VGG16_LAYERS: Sequence[Union[int, str]] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
+)
+
+
+def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int, padding: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding),
+            nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def alexnet_body(in_channels: int) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for spec in ALEXNET_LAYERS:
+        if spec == "M":
+            layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+        else:
+            cout, kernel, stride, padding = spec  # type: ignore[misc]
+            layers += conv_bn_relu(channels, cout, kernel, stride, padding)
+            channels = cout
+    return nn.Sequential(*layers), channels
+
+
+def vgg16_body(in_channels: int) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for spec in VGG16_LAYERS:
+        if spec == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += conv_bn_relu(channels, int(spec), 3, 1, 1)
+            channels = int(spec)
+    return nn.Sequential(*layers), channels
+
+
+def smallconv_body(in_channels: int, width: int) -> tuple[nn.Sequential, int]:
+    """Three conv-BN-ReLU stages with pooling, then a 2x2 pool: a few hundred thousand
+    parameters, enough to learn digit shapes in minutes on two CPU cores."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for cout in (width, 2 * width, 4 * width):
+        layers += conv_bn_relu(channels, cout, 3, 1, 1)
+        layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        channels = cout
+    layers.append(nn.AdaptiveAvgPool2d(2))
+    return nn.Sequential(*layers), channels

@@ -1,0 +1,88 @@
+"""The network shape shared by every DeepCluster model: front end, conv body, fc classifier
+and a replaceable head.
+
+The head is re-created after every clustering because cluster ids carry no meaning from one
+clustering to the next (paper section 3.2); everything else keeps learning across epochs.
+Clustering features are the classifier's output *before* its last ReLU, taken in eval mode,
+as in the reference implementation: the ReLU would zero half of a whitened feature space.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dcluster.models.sobel import Sobel
+
+
+def init_paper_weights(module: nn.Module) -> None:
+    """He-normal convs (fan-out), unit BatchNorm, N(0, 0.01) linears, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def fc_classifier(in_features: int, fc_dim: int, dropout: float) -> nn.Sequential:
+    """Two fully connected layers; the last module is the ReLU that feature extraction skips."""
+    return nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(in_features, fc_dim), nn.ReLU(inplace=True),
+        nn.Dropout(dropout), nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True),
+    )
+
+
+class DeepClusterNet(nn.Module):
+    def __init__(self, body: nn.Module, body_channels: int, crop_size: int, fc_dim: int,
+                 dropout: float, sobel: bool) -> None:
+        super().__init__()
+        self.sobel: Optional[Sobel] = Sobel() if sobel else None
+        self.body = body
+        with torch.no_grad():
+            probe = torch.zeros(1, Sobel.out_channels if sobel else 3, crop_size, crop_size)
+            flat = self.body.eval()(probe).flatten(1).shape[1]
+        self.body.train()
+        if flat <= 0:
+            raise ValueError(f"crop size {crop_size} is too small for this architecture")
+        self.feature_dim = fc_dim
+        self.classifier = fc_classifier(flat, fc_dim, dropout)
+        self.head: Optional[nn.Linear] = None
+        self.body_channels = body_channels
+        init_paper_weights(self)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sobel is not None:
+            x = self.sobel(x)
+        return self.body(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.classifier(self.trunk(x))
+        if self.head is None:
+            raise RuntimeError("the classifier head is not created yet: call reset_head(k)")
+        return self.head(out)
+
+    def clustering_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations without the final ReLU (call in eval mode)."""
+        h = self.trunk(x)
+        for layer in list(self.classifier)[:-1]:
+            h = layer(h)
+        return h
+
+    def reset_head(self, k: int, generator: torch.Generator) -> nn.Linear:
+        """A fresh k-way head with the paper's init, drawn from `generator` so that every
+        process that draws from the same seed builds the identical head."""
+        head = nn.Linear(self.feature_dim, k)
+        with torch.no_grad():
+            head.weight.normal_(0.0, 0.01, generator=generator)
+            head.bias.zero_()
+        device = next(self.classifier.parameters()).device
+        self.head = head.to(device)
+        return self.head

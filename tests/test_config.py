@@ -1,0 +1,91 @@
+"""Config loading: presets, overrides, and errors that name the key before any data is read."""
+from pathlib import Path
+
+import pytest
+
+from dcluster.config import ConfigError, config_hash, load_config, result_differences
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    (tmp_path / "images").mkdir()
+    return tmp_path / "images"
+
+
+def test_alexnet_preset_has_the_papers_settings(data_dir):
+    cfg = load_config(CONFIGS / "deepcluster_alexnet_imagenet.yaml", [f"data.path={data_dir}"])
+    assert cfg.model.arch == "alexnet" and cfg.model.sobel and cfg.model.dropout > 0
+    assert cfg.clustering.k == 10000 and cfg.clustering.pca_dim == 256
+    assert cfg.clustering.whiten and cfg.clustering.l2_normalize
+    assert cfg.clustering.niter == 20 and cfg.clustering.max_points_per_centroid == 0
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.05, 0.9, 1e-5)
+    assert cfg.optim.batch_size == 256 and cfg.epochs == 500 and cfg.clustering.every == 1
+
+
+@pytest.mark.parametrize("preset", ["deepcluster_vgg16_imagenet.yaml", "demo.yaml"])
+def test_other_presets_load(preset, data_dir):
+    cfg = load_config(CONFIGS / preset, [f"data.path={data_dir}"])
+    assert cfg.data.path == str(data_dir)
+
+
+def test_overrides_apply_with_types(data_dir):
+    cfg = load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}", "optim.lr=0.5",
+                                              "clustering.k=7", "model.sobel=false"])
+    assert cfg.optim.lr == 0.5 and cfg.clustering.k == 7 and cfg.model.sobel is False
+
+
+def test_unknown_key_is_named_with_the_valid_ones(data_dir):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}", "optim.learning_rate=0.1"])
+    assert "learning_rate" in str(err.value) and "optim.lr" in str(err.value)
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path, data_dir):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: x\ndata:\n  path: {data_dir}\nclustering:\n  kk: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert "bad.yaml" in str(err.value) and "kk" in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("clustering.k=-5", "clustering.k"),
+    ("optim.lr=0", "optim.lr"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("model.arch=resnet", "model.arch"),
+    ("clustering.method=dbscan", "clustering.method"),
+    ("data.resize_size=16", "data.resize_size"),
+])
+def test_bad_values_name_the_key(override, key, data_dir):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}", override])
+    assert key in str(err.value)
+
+
+def test_wrong_type_names_the_key(data_dir):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}", "clustering.k=many"])
+    assert "clustering.k" in str(err.value) and "many" in str(err.value)
+
+
+def test_missing_data_path_is_an_error_before_reading(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "demo.yaml", [f"data.path={tmp_path / 'nowhere'}"])
+    assert "data.path" in str(err.value) and "nowhere" in str(err.value)
+
+
+def test_required_name_is_reported(data_dir, tmp_path):
+    cfg_file = tmp_path / "noname.yaml"
+    cfg_file.write_text(f"data:\n  path: {data_dir}\n")
+    with pytest.raises(ConfigError, match="name"):
+        load_config(cfg_file)
+
+
+def test_hash_ignores_execution_only_keys(data_dir):
+    a = load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}"])
+    b = load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}", "epochs=99", "data.workers=3"])
+    c = load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}", "clustering.k=11"])
+    assert config_hash(a) == config_hash(b) != config_hash(c)
+    assert result_differences(a, c) == ["clustering.k: 30 -> 11"]
