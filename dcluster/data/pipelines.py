@@ -1,0 +1,52 @@
+"""What every loader (torchvision now, DALI later) offers the training loop: index lists in,
+batches out.
+
+The loop never sees a file path; it hands over global indices in the order it wants them
+and gets back tensors tagged with those indices, so a loader can be swapped without touching
+the clustering, the sampler or the checkpoint.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass
+class FeatureBatch:
+    images: torch.Tensor  # float32 (B, 3, crop, crop), centre crops, normalised
+    indices: torch.Tensor  # int64 (B,), global indices, in the order they were asked for
+
+
+@dataclass
+class TrainBatch:
+    images: torch.Tensor  # float32 (B, 3, crop, crop), augmented, normalised
+    targets: torch.Tensor  # int64 (B,), pseudo-label of each image
+    indices: torch.Tensor  # int64 (B,), global indices, following the order given
+    # Position in the order just after this batch: pass it as ``start_position`` to resume
+    # after this batch (the batch sizes alone do not tell it once bad images are skipped).
+    next_position: int
+
+
+class Pipelines(Protocol):
+    """A loader. Images that cannot be read are left out of the batches (so a batch can be
+    smaller than ``batch_size``) and recorded in ``bad_indices``; too many raise
+    TooManyBadImagesError. The last batch of a pass may be partial; it is kept."""
+
+    bad_indices: dict[int, str]  # global index -> "path: reason", over all passes so far
+
+    def feature_batches(self, indices: Sequence[int], batch_size: int) -> Iterator[FeatureBatch]:
+        ...
+
+    def train_batches(self, order: Sequence[int], targets: np.ndarray, epoch: int,
+                      batch_size: int, start_position: int = 0) -> Iterator[TrainBatch]:
+        ...
+
+
+def num_batches(length: int, batch_size: int, start_position: int = 0) -> int:
+    """Batches a pass over ``length`` positions yields from ``start_position`` on (fewer only
+    if every image of a batch is unreadable)."""
+    return math.ceil(max(length - start_position, 0) / batch_size)

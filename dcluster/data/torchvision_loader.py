@@ -1,0 +1,145 @@
+"""The PIL/torchvision loader: a DataLoader over positions of an index list.
+
+The Dataset is indexed by position in the list it was given, not by global index, and read
+sequentially, so batches follow the list exactly (repeats included) whatever the number of
+workers. Workers never raise on a bad image: they hand back a marker and the main process,
+which alone sees the whole pass, does the counting.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dcluster.config import DataConfig
+from dcluster.data.badfiles import BadImageBudget
+from dcluster.data.decode import BadImageError, decode_rgb
+from dcluster.data.pipelines import FeatureBatch, TrainBatch
+from dcluster.data.source import FolderSource
+from dcluster.data.transforms import FeatureTransform, SampleTransform, TrainTransform
+
+log = logging.getLogger("dcluster.data")
+
+
+class _Decoded(NamedTuple):
+    index: int
+    image: torch.Tensor
+
+
+class _Unreadable(NamedTuple):
+    index: int
+    path: str
+    reason: str
+
+
+_Sample = Union[_Decoded, _Unreadable]
+
+
+class _PositionDataset(Dataset):
+    """Item ``i`` is the image at position ``start + i`` of ``indices``."""
+
+    def __init__(self, source: FolderSource, indices: np.ndarray, start: int,
+                 transform: SampleTransform) -> None:
+        self.source = source
+        self.indices = indices
+        self.start = start
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices) - self.start
+
+    def __getitem__(self, item: int) -> _Sample:
+        position = self.start + item
+        index = int(self.indices[position])
+        path = self.source.describe(index)
+        try:
+            image = decode_rgb(self.source.read_bytes(index), index, path)
+        except BadImageError as err:
+            return _Unreadable(index, path, err.reason)
+        except OSError as err:  # vanished file, permissions, I/O error on the mount
+            return _Unreadable(index, path, f"cannot read: {err}")
+        return _Decoded(index, self.transform(image, position, index))
+
+
+class _Collated(NamedTuple):
+    images: torch.Tensor
+    indices: torch.Tensor
+    unreadable: list[_Unreadable]
+    positions: int  # how many positions of the list this batch covers, readable or not
+
+
+def _collate(samples: list[_Sample]) -> _Collated:
+    decoded = [s for s in samples if isinstance(s, _Decoded)]
+    images = (torch.stack([s.image for s in decoded]) if decoded
+              else torch.empty(0, 3, 0, 0))
+    indices = torch.tensor([s.index for s in decoded], dtype=torch.int64)
+    unreadable = [s for s in samples if isinstance(s, _Unreadable)]
+    return _Collated(images, indices, unreadable, len(samples))
+
+
+def _as_index_array(indices: Sequence[int], size: int, what: str) -> np.ndarray:
+    array = np.asarray(indices, dtype=np.int64)
+    if array.ndim != 1:
+        raise ValueError(f"{what} must be a flat list of global indices, got shape {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= size):
+        raise IndexError(f"{what} holds indices outside 0..{size - 1} "
+                         f"(min {array.min()}, max {array.max()})")
+    return array
+
+
+class TorchvisionPipelines:
+    """Feature and training passes decoded with PIL in ``data_cfg.workers`` processes."""
+
+    def __init__(self, source: FolderSource, data_cfg: DataConfig, seed: int) -> None:
+        self.source = source
+        self.cfg = data_cfg
+        self.seed = seed
+        self.bad_indices: dict[int, str] = {}
+
+    def feature_batches(self, indices: Sequence[int], batch_size: int) -> Iterator[FeatureBatch]:
+        transform = FeatureTransform(self.cfg.resize_size, self.cfg.crop_size,
+                                     self.cfg.grayscale_stats)
+        array = _as_index_array(indices, len(self.source), "feature pass indices")
+        for batch in self._batches(array, 0, transform, batch_size):
+            yield FeatureBatch(images=batch.images, indices=batch.indices)
+
+    def train_batches(self, order: Sequence[int], targets: np.ndarray, epoch: int,
+                      batch_size: int, start_position: int = 0) -> Iterator[TrainBatch]:
+        """``targets[i]`` is the pseudo-label of global index ``i``; positions before
+        ``start_position`` are skipped, the others keep the crops they get in a full pass."""
+        array = _as_index_array(order, len(self.source), "training order")
+        targets = np.asarray(targets, dtype=np.int64)
+        if targets.shape != (len(self.source),):
+            raise ValueError(f"targets must hold one label per image ({len(self.source)}), "
+                             f"got shape {targets.shape}")
+        if not 0 <= start_position <= len(array):
+            raise ValueError(f"start_position {start_position} is outside 0..{len(array)}")
+        transform = TrainTransform(self.cfg.crop_size, self.cfg.min_scale, self.seed, epoch,
+                                   self.cfg.grayscale_stats)
+        position = start_position
+        for batch in self._batches(array, start_position, transform, batch_size):
+            position += batch.positions
+            yield TrainBatch(images=batch.images,
+                             targets=torch.from_numpy(targets[batch.indices.numpy()]),
+                             indices=batch.indices, next_position=position)
+
+    def _batches(self, indices: np.ndarray, start: int, transform: SampleTransform,
+                 batch_size: int) -> Iterator[_Collated]:
+        """Readable images in list order; unreadable ones are charged to the pass's budget."""
+        budget = BadImageBudget(len(indices) - start, self.cfg.max_bad_fraction,
+                                self.bad_indices)
+        loader = DataLoader(_PositionDataset(self.source, indices, start, transform),
+                            batch_size=batch_size, shuffle=False, drop_last=False,
+                            num_workers=self.cfg.workers, collate_fn=_collate,
+                            pin_memory=torch.cuda.is_available())
+        for batch in loader:
+            for bad in batch.unreadable:
+                budget.record(bad.index, bad.path, bad.reason)
+            if len(batch.indices):
+                yield batch
+        if budget.failures:
+            log.warning("%d unreadable images skipped in a pass over %d images",
+                        len(budget.failures), budget.total)
