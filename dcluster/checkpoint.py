@@ -1,0 +1,222 @@
+"""Checkpoints that survive a kill at any instant, and the RNG states a resume needs.
+
+A preempted job can die between any two system calls, so a checkpoint is never written in
+place: the bytes go to a temp file that is fsynced and renamed, and only then does a sidecar
+with their sha256 appear, written the same way. The sidecar is the commit marker: a data file
+without one (or whose bytes no longer match it) is skipped on resume, and the previous
+checkpoint is used. Old checkpoints are pruned only after the new one is committed.
+
+One writer per directory is assumed (rank 0): temp files found at the start of a save can only
+come from a killed writer and are removed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+TMP_SUFFIX = ".tmp"
+SIDECAR_SUFFIX = ".sha256"
+SUPERSEDED_SUFFIX = ".superseded"
+_NAME = re.compile(r"^ckpt_e(\d+)_i(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is incomplete, corrupt or unreadable; the message names it."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: without this a power loss can forget the new directory entry."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Give `path` either its old content or the complete new content, never a mix.
+
+    `write` fills a temp file in the same directory (a rename is only atomic within one file
+    system); the temp file is removed if `write` fails.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Remove temp files of a killed writer (safe only while no other writer is active)."""
+    for tmp in directory.glob(f".*{TMP_SUFFIX}"):
+        log.info("removing %s left by an interrupted write", tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_name(epoch: int, iteration: int) -> str:
+    """Zero-padded so that a directory listing sorts like (epoch, iteration)."""
+    return f"ckpt_e{epoch:06d}_i{iteration:07d}.pt"
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _checkpoints(directory: Path) -> list[tuple[tuple[int, int], Path]]:
+    """Data files (complete or not), oldest first, ordered by the numbers, not the text."""
+    found = []
+    for path in directory.iterdir():
+        match = _NAME.match(path.name)
+        if match:
+            found.append(((int(match[1]), int(match[2])), path))
+    return sorted(found)
+
+
+def save_checkpoint(directory: Path, state: dict[str, Any], epoch: int, iteration: int = 0,
+                    keep_last: int = 3) -> Path:
+    """Commit `state` as checkpoint (epoch, iteration), then prune to `keep_last` complete ones.
+
+    Convention: `epoch` is the epoch in progress and `iteration` the batches done in it, so an
+    end-of-epoch checkpoint is (epoch + 1, 0) and sorts after every mid-epoch one.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last = {keep_last}: must be at least 1")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(directory)
+    path = directory / checkpoint_name(epoch, iteration)
+    # Drop the old marker first: while the data is replaced, the old hash would describe
+    # bytes that are gone, and a kill there should read as "incomplete", not "corrupt".
+    _sidecar(path).unlink(missing_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+    digest = _sha256(path)
+    atomic_write(_sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    _set_aside_newer(directory, (epoch, iteration))
+    _prune(directory, keep_last)
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def _set_aside_newer(directory: Path, key: tuple[int, int]) -> None:
+    """Rename checkpoints that sort after the one just written (left by a timeline abandoned
+    by resuming from an older checkpoint), so that the next resume does not jump back to
+    them; renamed, not deleted, because they may still be wanted."""
+    for other_key, path in _checkpoints(directory):
+        if other_key > key:
+            log.warning("%s is newer than the checkpoint just written (resumed from an older "
+                        "one?): renaming it to %s", path, path.name + SUPERSEDED_SUFFIX)
+            sidecar = _sidecar(path)
+            if sidecar.exists():
+                sidecar.rename(sidecar.with_name(sidecar.name + SUPERSEDED_SUFFIX))
+            path.rename(path.with_name(path.name + SUPERSEDED_SUFFIX))
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` committed checkpoints, and uncommitted data files
+    older than those. The sidecar goes first so a kill mid-prune leaves an incomplete file,
+    never a marker for missing data. Hashes are not re-read here (that would read every kept
+    checkpoint on each save); load_latest verifies them."""
+    entries = _checkpoints(directory)
+    committed = [key for key, path in entries if _sidecar(path).exists()]
+    oldest_kept = committed[-keep_last:][0]
+    for key, path in entries:
+        if key < oldest_kept:
+            _sidecar(path).unlink(missing_ok=True)
+            path.unlink()
+            log.debug("pruned checkpoint %s", path)
+    for sidecar in directory.glob(f"*.pt{SIDECAR_SUFFIX}"):
+        if not sidecar.with_suffix("").exists():
+            sidecar.unlink()
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load one checkpoint after checking its commit marker and hash; CheckpointError if not."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    sidecar = _sidecar(path)
+    if not sidecar.is_file():
+        raise CheckpointError(f"checkpoint {path}: incomplete, its checksum file {sidecar.name} "
+                              "is missing (the writer was interrupted, or it was copied alone)")
+    tokens = sidecar.read_text().split()  # "<hex>  <name>", the format of sha256sum
+    expected = tokens[0] if tokens else ""
+    actual = _sha256(path)
+    if actual != expected:
+        raise CheckpointError(f"checkpoint {path}: corrupt, sha256 {actual} does not match "
+                              f"{expected or '(empty)'} in {sidecar.name}")
+    try:
+        # weights_only=False: the state holds numpy arrays (assignments, the numpy RNG state)
+        # and Python tuples (the `random` state) that the weights-only unpickler rejects. The
+        # hash above only guards against damage, so load checkpoints you wrote yourself.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises several types for unreadable archives
+        raise CheckpointError(f"checkpoint {path}: unreadable by torch.load: {err}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint in `directory` that verifies and loads, with its path; None if
+    there is none. Each one skipped is logged with the reason, so a silent fallback to an
+    older epoch cannot go unnoticed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    for _, path in reversed(_checkpoints(directory)):
+        try:
+            return load_checkpoint(path), path
+        except CheckpointError as err:
+            log.warning("skipping %s; trying the previous checkpoint", err)
+    return None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every generator a resumed run draws from, so that it continues the same streams."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of capture_rng_state. CUDA states are restored for the devices present; a run
+    resumed on fewer (or no) GPUs continues with fresh streams there, which is logged."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    cuda_states = state.get("cuda", [])
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(cuda_states) != devices:
+        log.warning("checkpoint has CUDA RNG states for %d device(s), this process sees %d: "
+                    "restoring the first %d", len(cuda_states), devices,
+                    min(len(cuda_states), devices))
+    for index, cuda_state in enumerate(cuda_states[:devices]):
+        torch.cuda.set_rng_state(cuda_state, index)

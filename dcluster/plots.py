@@ -1,0 +1,67 @@
+"""The two pictures that tell whether DeepCluster is learning: how stable the clusters are from
+epoch to epoch (NMI with the previous assignment, Fig. 2b of the paper) and how balanced they
+are (a few giant clusters mean a collapsing representation).
+
+Figures are drawn on matplotlib's Agg canvas directly, without pyplot: no display is needed on
+a compute node, and no global figure registry grows over a long run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# Keys of a history entry (one dict per epoch); a missing or None value leaves a gap, since
+# NMI with the previous epoch does not exist at the first epoch, nor NMI with the classes of
+# an unlabelled data set.
+EPOCH, NMI_PREV, NMI_CLASSES, LOSS = "epoch", "nmi_prev", "nmi_classes", "loss"
+
+
+def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(entry[EPOCH], entry[key]) for entry in history if entry.get(key) is not None]
+    return [epoch for epoch, _ in points], [float(value) for _, value in points]
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig).print_png(str(path))
+    return path
+
+
+def plot_nmi_curves(history: list[dict[str, Any]], path: Path) -> Path:
+    """NMI vs the previous epoch and vs the true classes (top), training loss (bottom)."""
+    fig = Figure(figsize=(7, 6), constrained_layout=True)
+    nmi_ax, loss_ax = fig.subplots(2, 1, sharex=True)
+    for key, label in ((NMI_PREV, "NMI(t-1, t)"), (NMI_CLASSES, "NMI(classes, t)")):
+        epochs, values = _series(history, key)
+        if epochs:
+            nmi_ax.plot(epochs, values, marker=".", label=label)
+    nmi_ax.set_ylabel("NMI")
+    nmi_ax.set_ylim(0.0, 1.0)
+    nmi_ax.grid(alpha=0.3)
+    if nmi_ax.lines:
+        nmi_ax.legend(loc="lower right")
+    epochs, values = _series(history, LOSS)
+    loss_ax.plot(epochs, values, marker=".", color="tab:red")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_cluster_sizes(sizes: np.ndarray, path: Path, epoch: int | None = None) -> Path:
+    """Histogram of the number of images per cluster; log-y so that a few huge clusters and
+    many tiny ones are both visible."""
+    sizes = np.asarray(sizes)
+    fig = Figure(figsize=(7, 4), constrained_layout=True)
+    ax = fig.subplots()
+    ax.hist(sizes, bins=min(50, max(1, len(np.unique(sizes)))), log=True, color="tab:blue")
+    ax.set_xlabel("images per cluster")
+    ax.set_ylabel("clusters")
+    title = f"k={sizes.size}, empty={int((sizes == 0).sum())}, largest={int(sizes.max(initial=0))}"
+    ax.set_title(title if epoch is None else f"epoch {epoch}: {title}")
+    return _save(fig, path)

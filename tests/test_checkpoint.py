@@ -1,0 +1,158 @@
+"""Checkpoints: round trip, pruning, and falling back past every kind of damaged checkpoint."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dcluster.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    load_latest,
+    restore_rng_state,
+    save_checkpoint,
+)
+
+
+@pytest.fixture
+def warnings_seen(caplog: pytest.LogCaptureFixture):
+    """Capture dcluster.checkpoint warnings even where the dcluster logger does not propagate
+    (dcluster.logs.configure_logging turns propagation off)."""
+    logger = logging.getLogger("dcluster.checkpoint")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.WARNING)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def _state(value: int) -> dict:
+    return {"value": value, "weights": torch.full((4, 3), float(value)),
+            "labels": np.arange(10) * value}
+
+
+def _ckpt_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_round_trip_keeps_tensors_arrays_and_rng_streams(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    state = {"model": {"w": torch.randn(5, 5)}, "labels": np.random.randint(0, 7, 100),
+             "rng": capture_rng_state(), "epoch": 3}
+    expected = (random.random(), np.random.rand(3), torch.rand(3))
+    save_checkpoint(tmp_path, state, epoch=3)
+
+    random.random(), np.random.rand(10), torch.rand(10)  # move every stream on
+    loaded, path = load_latest(tmp_path)
+    restore_rng_state(loaded["rng"])
+    assert path.name == "ckpt_e000003_i0000000.pt"
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    np.testing.assert_array_equal(loaded["labels"], state["labels"])
+    assert random.random() == expected[0]
+    np.testing.assert_array_equal(np.random.rand(3), expected[1])
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_keeps_the_newest_complete_checkpoints_sorted_by_numbers(tmp_path: Path) -> None:
+    for epoch, iteration in [(9, 0), (10, 0), (10, 5), (11, 0), (100, 0)]:
+        save_checkpoint(tmp_path, _state(epoch), epoch, iteration, keep_last=3)
+    assert _ckpt_files(tmp_path) == [
+        "ckpt_e000010_i0000005.pt", "ckpt_e000010_i0000005.pt.sha256",
+        "ckpt_e000011_i0000000.pt", "ckpt_e000011_i0000000.pt.sha256",
+        "ckpt_e000100_i0000000.pt", "ckpt_e000100_i0000000.pt.sha256"]
+    assert load_latest(tmp_path)[0]["value"] == 100
+
+
+def test_truncated_newest_falls_back_with_a_warning(tmp_path: Path, warnings_seen) -> None:
+    save_checkpoint(tmp_path, _state(1), epoch=1)
+    newest = save_checkpoint(tmp_path, _state(2), epoch=2)
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    state, path = load_latest(tmp_path)
+    assert state["value"] == 1 and path.name == "ckpt_e000001_i0000000.pt"
+    assert newest.name in warnings_seen.text and "corrupt" in warnings_seen.text
+
+
+def test_flipped_byte_is_caught_by_the_checksum(tmp_path: Path, warnings_seen) -> None:
+    save_checkpoint(tmp_path, _state(1), epoch=1)
+    newest = save_checkpoint(tmp_path, _state(2), epoch=2)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+
+    assert load_latest(tmp_path)[0]["value"] == 1
+    assert "sha256" in warnings_seen.text and newest.name in warnings_seen.text
+
+
+def test_data_file_without_sidecar_is_incomplete(tmp_path: Path, warnings_seen) -> None:
+    save_checkpoint(tmp_path, _state(1), epoch=1)
+    torch.save(_state(2), tmp_path / "ckpt_e000002_i0000000.pt")  # killed before the sidecar
+
+    assert load_latest(tmp_path)[0]["value"] == 1
+    assert "ckpt_e000002_i0000000.pt" in warnings_seen.text and "incomplete" in warnings_seen.text
+
+
+def test_matching_checksum_but_unloadable_falls_back(tmp_path: Path, warnings_seen) -> None:
+    save_checkpoint(tmp_path, _state(1), epoch=1)
+    bad = tmp_path / "ckpt_e000002_i0000000.pt"
+    bad.write_bytes(b"not a torch archive")
+    (tmp_path / (bad.name + ".sha256")).write_text(
+        hashlib.sha256(bad.read_bytes()).hexdigest() + "  " + bad.name + "\n")
+
+    assert load_latest(tmp_path)[0]["value"] == 1
+    assert "torch.load" in warnings_seen.text
+
+
+def test_explicit_corrupt_path_raises_naming_the_file(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, _state(1), epoch=1)
+    assert load_checkpoint(path)["value"] == 1
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=path.name):
+        load_checkpoint(path)
+
+
+def test_writer_killed_mid_write_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, _state(1), epoch=1)
+
+    class Killed(BaseException):
+        pass
+
+    class Exploding:
+        """Pickling it raises after torch.save has started writing the archive."""
+
+        def __reduce__(self):
+            raise Killed
+
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path, {"big": torch.zeros(10_000), "bomb": Exploding()}, epoch=2)
+    assert load_latest(tmp_path)[0]["value"] == 1
+    assert not (tmp_path / "ckpt_e000002_i0000000.pt").exists()
+
+    # A SIGKILL runs no cleanup: leave a partial temp file behind, as it would.
+    stale = tmp_path / ".ckpt_e000002_i0000000.pt.abc123.tmp"
+    stale.write_bytes(b"PK\x03\x04 partial")
+    assert load_latest(tmp_path)[0]["value"] == 1
+    save_checkpoint(tmp_path, _state(2), epoch=2)
+    assert not stale.exists()
+    assert load_latest(tmp_path)[0]["value"] == 2
+
+
+def test_empty_or_missing_directory_gives_none(tmp_path: Path) -> None:
+    assert load_latest(tmp_path) is None
+    assert load_latest(tmp_path / "absent") is None
+
+
+def test_resaving_an_older_point_sets_newer_ones_aside(tmp_path: Path) -> None:
+    for epoch in (1, 2, 3):
+        save_checkpoint(tmp_path, _state(epoch), epoch)
+    save_checkpoint(tmp_path, _state(20), epoch=2, iteration=0)  # resumed from epoch 1 again
+
+    assert load_latest(tmp_path)[0]["value"] == 20
+    assert (tmp_path / "ckpt_e000003_i0000000.pt.superseded").exists()
