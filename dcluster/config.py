@@ -23,23 +23,30 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    path: str = "???"  # root of the image folder tree (class folders or a flat folder)
-    loader: str = "torchvision"
+    path: str = "???"  # image folder tree (class folders or a flat folder) or tar shard folder
+    source: str = "auto"  # auto | folder | shards; auto: shards if the folder holds .tar files
+    loader: str = "dali"  # dali | torchvision (PIL decoding, the fallback)
+    decode_device: str = "auto"  # dali only: auto (GPU if this process has one) | cpu | gpu
     crop_size: int = 224  # side of the centre crop (feature pass) and random crop (training)
     resize_size: int = 256  # shorter side before the centre crop of the feature pass
     min_scale: float = 0.08  # lower bound of the random-resized-crop area fraction
-    workers: int = 2  # decoding worker processes; 0 decodes in the main process
+    workers: int = 2  # torchvision: decoding processes (0: main process); dali: threads
     max_bad_fraction: float = 0.01  # unreadable images tolerated before the run stops
     grayscale_stats: bool = False  # normalise with one mean/std for grayscale sources
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "alexnet"  # alexnet | vgg16 | smallconv
+    arch: str = "alexnet"  # alexnet | vgg16 | smallconv | resnet18 (torchvision's, untrained)
     sobel: bool = True  # fixed grayscale + Sobel front end (not trained)
     dropout: float = 0.5  # in the fully connected classifier
     width: int = 64  # channel width of the smallconv demo model (ignored by others)
-    fc_dim: int = 4096  # units of the fully connected layers (the feature dimension)
+    # Units of the fully connected layers (the feature dimension); 0: no fully connected
+    # layers, the head sits on the pooled conv output (ResNet style, as MMDC uses ResNet-18).
+    fc_dim: int = 4096
+    # Linear-layer init: "paper" draws N(0, 0.01), which keeps the signal's scale only for
+    # fan-ins near 10^4 (AlexNet's 9216); "fan_in" draws N(0, 1/fan_in) for small models.
+    fc_init: str = "paper"
 
 
 @dataclass
@@ -88,10 +95,52 @@ class TrackingConfig:
 
 
 @dataclass
+class MMDCConfig:
+    """Multi-Modal Deep Clustering (Shiran & Weinshall): targets from a mixture of K Gaussians
+    on the unit sphere, re-assigned by the Hungarian method within each mini-batch."""
+    k: int = 10  # mixture components = clusters
+    dim: int = 0  # embedding dimension d; 0: d = k (one-hot means need d = k)
+    means: str = "onehot"  # onehot (the paper's choice) | uniform (U[-0.1, 0.1]^d, projected)
+    # Per-coordinate standard deviation of each component before the projection to the sphere
+    # (the paper writes sigma * I; its code draws with sigma as the std); 0: targets = means.
+    sigma: float = 0.0
+    rotation: bool = True  # the auxiliary 4-way rotation task after each clustering pass
+    refine_epochs: int = 0  # epochs after `epochs` with targets from k-means (paper III.E)
+    lr_decay_epochs: list[int] = field(default_factory=list)  # lr divided at these epochs
+    lr_decay_factor: float = 5.0
+
+
+@dataclass
+class KnnEvalConfig:
+    k: int = 20  # neighbours (DINO's protocol)
+    temperature: float = 0.07  # weights exp(cosine / temperature)
+
+
+@dataclass
+class LinearEvalConfig:
+    """The linear probe of DeepCluster's section 4.3 (after Zhang et al.): a frozen conv layer,
+    average-pooled to about `pooled_dim` values, BatchNorm, one linear layer, SGD."""
+    layer: str = "conv5"  # conv1..conv5 (alexnet, vgg16, resnet18), conv1..conv3 (smallconv)
+    pooled_dim: int = 9000
+    epochs: int = 90
+    lr: float = 0.01  # cosine-annealed to 0 over the epochs
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+
+
+@dataclass
 class EvalConfig:
     # k-means with k = number of true classes on the clustering features, scored against the
     # classes each epoch; cheap on the demo, a real cost on ImageNet.
     class_kmeans: bool = False
+    # `dcluster eval`: validation images from a second labelled folder tree with the same class
+    # folders; empty: `val_fraction` of each class of data.path is held out (seeded).
+    val_path: str = ""
+    val_fraction: float = 0.2
+    batch_size: int = 256  # feature passes of `dcluster eval`
+    knn: KnnEvalConfig = field(default_factory=KnnEvalConfig)
+    linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
 
 
 @dataclass
@@ -104,22 +153,29 @@ class Config:
     overwrite: bool = False  # replace a run directory that holds another config's run
     threads: int = 0  # torch intra-op threads; 0 leaves the default
     progress: str = "auto"  # auto (tqdm on a terminal) | always | never
+    method: str = "deepcluster"  # deepcluster | mmdc
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    mmdc: MMDCConfig = field(default_factory=MMDCConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "data.loader": ("torchvision",),
-    "model.arch": ("alexnet", "vgg16", "smallconv"),
+    "data.loader": ("dali", "torchvision"),
+    "data.source": ("auto", "folder", "shards"),
+    "data.decode_device": ("auto", "cpu", "gpu"),
+    "model.arch": ("alexnet", "vgg16", "smallconv", "resnet18"),
+    "model.fc_init": ("paper", "fan_in"),
     "optim.lr_scaling": ("none", "linear"),
     "clustering.method": ("kmeans", "pic"),
     "clustering.device": ("auto", "cpu", "gpu"),
     "progress": ("auto", "always", "never"),
+    "method": ("deepcluster", "mmdc"),
+    "mmdc.means": ("onehot", "uniform"),
 }
 
 # Keys whose value changes what the run computes. A run directory refuses to resume under a
@@ -127,6 +183,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 EXECUTION_ONLY_KEYS = frozenset(
     {"epochs", "resume", "overwrite", "threads", "progress", "data.workers", "tracking.uri",
      "tracking.plots", "checkpoint.keep_last", "checkpoint.interval", "data.path", "runs_root"}
+    # what `dcluster eval` measures afterwards never changes what training computes
+    | {f"eval.{key}" for key in ("val_path", "val_fraction", "batch_size")}
+    | {f"eval.knn.{f.name}" for f in dataclasses.fields(KnnEvalConfig)}
+    | {f"eval.linear.{f.name}" for f in dataclasses.fields(LinearEvalConfig)}
 )
 
 
@@ -195,12 +255,14 @@ def validate(cfg: Config) -> None:
     for key in ("epochs", "optim.batch_size", "clustering.k", "clustering.niter",
                 "clustering.every", "checkpoint.interval", "checkpoint.keep_last",
                 "data.crop_size", "data.resize_size", "clustering.pic.knn",
-                "clustering.pic.iterations", "model.width", "model.fc_dim"):
+                "clustering.pic.iterations", "model.width", "eval.batch_size", "eval.knn.k",
+                "eval.linear.pooled_dim", "eval.linear.epochs", "eval.linear.batch_size"):
         _check(flat[key] > 0, key, flat[key], "must be positive")
-    for key in ("optim.lr", "clustering.pic.sigma"):
+    for key in ("optim.lr", "clustering.pic.sigma", "eval.knn.temperature", "eval.linear.lr"):
         _check(flat[key] > 0, key, flat[key], "must be positive")
     for key in ("optim.momentum", "optim.weight_decay", "data.workers", "threads",
-                "clustering.pca_dim", "clustering.max_points_per_centroid", "seed"):
+                "clustering.pca_dim", "clustering.max_points_per_centroid", "seed",
+                "model.fc_dim", "eval.linear.momentum", "eval.linear.weight_decay"):
         _check(flat[key] >= 0, key, flat[key], "must not be negative")
     _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout, "must be in [0, 1)")
     _check(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", cfg.data.min_scale,
@@ -213,8 +275,33 @@ def validate(cfg: Config) -> None:
            cfg.data.resize_size, f"must be at least data.crop_size ({cfg.data.crop_size})")
     _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
            cfg.name, "must be a plain directory name")
+    _check(0.0 < cfg.eval.val_fraction < 1.0, "eval.val_fraction", cfg.eval.val_fraction,
+           "must be in (0, 1)")
+    if cfg.eval.val_path:
+        _check(Path(cfg.eval.val_path).is_dir(), "eval.val_path", cfg.eval.val_path,
+               "is not an existing directory")
+    if cfg.method == "mmdc":
+        validate_mmdc(cfg)
     data_path = Path(cfg.data.path)
     _check(data_path.is_dir(), "data.path", cfg.data.path, "is not an existing directory")
+
+
+def validate_mmdc(cfg: Config) -> None:
+    m = cfg.mmdc
+    _check(m.k >= 2, "mmdc.k", m.k, "must be at least 2")
+    _check(m.dim >= 0, "mmdc.dim", m.dim, "must not be negative (0: dim = mmdc.k)")
+    if m.means == "onehot":
+        _check(m.dim in (0, m.k), "mmdc.dim", m.dim,
+               f"one-hot means live in R^k: use 0 or mmdc.k ({m.k}), or mmdc.means=uniform")
+    _check(m.sigma >= 0.0, "mmdc.sigma", m.sigma, "must not be negative")
+    _check(m.refine_epochs >= 0, "mmdc.refine_epochs", m.refine_epochs, "must not be negative")
+    _check(m.lr_decay_factor >= 1.0, "mmdc.lr_decay_factor", m.lr_decay_factor,
+           "must be at least 1 (the lr is divided by it)")
+    _check(all(e > 0 for e in m.lr_decay_epochs), "mmdc.lr_decay_epochs", m.lr_decay_epochs,
+           "must hold positive epoch numbers")
+    # the Hungarian step permutes targets among a batch's images: one image cannot move any
+    _check(cfg.optim.batch_size >= 2, "optim.batch_size", cfg.optim.batch_size,
+           "must be at least 2 for method=mmdc")
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 from dcluster.config import ModelConfig
 from dcluster.models.architectures import alexnet_body, smallconv_body, vgg16_body
 from dcluster.models.convnet import DeepClusterNet
+from dcluster.models.resnet import resnet18_body
 from dcluster.models.sobel import Sobel
+from dcluster.models.taps import LayerTap, tap_positions
 
-__all__ = ["DeepClusterNet", "build_model", "Sobel"]
+__all__ = ["DeepClusterNet", "LayerTap", "build_model", "Sobel", "tap_positions"]
 
 
 def build_model(cfg: ModelConfig, crop_size: int) -> DeepClusterNet:
@@ -17,6 +19,8 @@ def build_model(cfg: ModelConfig, crop_size: int) -> DeepClusterNet:
         body, channels = vgg16_body(in_channels)
     elif cfg.arch == "smallconv":
         body, channels = smallconv_body(in_channels, cfg.width)
+    elif cfg.arch == "resnet18":
+        body, channels = resnet18_body(in_channels)
     else:
         raise ValueError(f"model.arch = {cfg.arch!r}: unknown architecture")
-    return DeepClusterNet(body, channels, crop_size, cfg.fc_dim, cfg.dropout, cfg.sobel)
+    return DeepClusterNet(body, channels, crop_size, cfg.fc_dim, cfg.dropout, cfg.sobel, cfg.fc_init)

@@ -16,8 +16,9 @@ from torch import nn
 from dcluster.models.sobel import Sobel
 
 
-def init_paper_weights(module: nn.Module) -> None:
-    """He-normal convs (fan-out), unit BatchNorm, N(0, 0.01) linears, zero biases."""
+def init_paper_weights(module: nn.Module, fc_init: str = "paper") -> None:
+    """He-normal convs (fan-out), unit BatchNorm, N(0, 0.01) linears (N(0, 1/fan_in) with
+    fc_init="fan_in"), zero biases."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d) and m.weight.requires_grad:
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -28,12 +29,16 @@ def init_paper_weights(module: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
+            std = 0.01 if fc_init == "paper" else m.in_features ** -0.5
+            nn.init.normal_(m.weight, 0.0, std)
             nn.init.zeros_(m.bias)
 
 
 def fc_classifier(in_features: int, fc_dim: int, dropout: float) -> nn.Sequential:
-    """Two fully connected layers; the last module is the ReLU that feature extraction skips."""
+    """Two fully connected layers; the last module is the ReLU that feature extraction skips.
+    fc_dim 0: none at all (ResNet style: features are the pooled conv output)."""
+    if fc_dim == 0:
+        return nn.Sequential()
     return nn.Sequential(
         nn.Dropout(dropout), nn.Linear(in_features, fc_dim), nn.ReLU(inplace=True),
         nn.Dropout(dropout), nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True),
@@ -42,7 +47,7 @@ def fc_classifier(in_features: int, fc_dim: int, dropout: float) -> nn.Sequentia
 
 class DeepClusterNet(nn.Module):
     def __init__(self, body: nn.Module, body_channels: int, crop_size: int, fc_dim: int,
-                 dropout: float, sobel: bool) -> None:
+                 dropout: float, sobel: bool, fc_init: str = "paper") -> None:
         super().__init__()
         self.sobel: Optional[Sobel] = Sobel() if sobel else None
         self.body = body
@@ -52,25 +57,30 @@ class DeepClusterNet(nn.Module):
         self.body.train()
         if flat <= 0:
             raise ValueError(f"crop size {crop_size} is too small for this architecture")
-        self.feature_dim = fc_dim
+        self.feature_dim = fc_dim or flat
         self.classifier = fc_classifier(flat, fc_dim, dropout)
         self.head: Optional[nn.Linear] = None
         self.body_channels = body_channels
-        init_paper_weights(self)
+        init_paper_weights(self, fc_init)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         if self.sobel is not None:
             x = self.sobel(x)
         return self.body(x).flatten(1)
 
+    def representation(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head sees: the classifier's output, its final ReLU included; a second
+        head (MMDC's rotation head) is put on the same place."""
+        return self.classifier(self.trunk(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.classifier(self.trunk(x))
         if self.head is None:
             raise RuntimeError("the classifier head is not created yet: call reset_head(k)")
-        return self.head(out)
+        return self.head(self.representation(x))
 
     def clustering_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations without the final ReLU (call in eval mode)."""
+        """Penultimate activations without the final ReLU (call in eval mode); with no fully
+        connected layers (fc_dim 0), the pooled conv output."""
         h = self.trunk(x)
         for layer in list(self.classifier)[:-1]:
             h = layer(h)
@@ -83,6 +93,6 @@ class DeepClusterNet(nn.Module):
         with torch.no_grad():
             head.weight.normal_(0.0, 0.01, generator=generator)
             head.bias.zero_()
-        device = next(self.classifier.parameters()).device
+        device = next(self.body.parameters()).device
         self.head = head.to(device)
         return self.head

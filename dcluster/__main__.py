@@ -1,0 +1,5 @@
+import sys
+
+from dcluster.cli import main
+
+sys.exit(main())

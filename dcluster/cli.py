@@ -1,0 +1,112 @@
+"""`dcluster train / demo-data / prepare-shards / info`.
+
+Errors a user can fix (config, data, checkpoints) end the command with one line naming the
+problem and exit code 2; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dcluster.logs import configure_logging
+
+log = logging.getLogger("dcluster")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dcluster.config import load_config
+    from dcluster.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print(f"run directory: {result.run_dir}")
+    print(f"checkpoints:   {result.run_dir / 'checkpoints'}"
+          + (f" (last: {result.checkpoint.name})" if result.checkpoint else ""))
+    if result.mlflow_uri:
+        print(f"MLflow:        {result.mlflow_uri} run {result.mlflow_run_id} "
+              f"(mlflow ui --backend-store-uri {result.mlflow_uri})")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from dcluster.data.demo import make_demo_dataset
+
+    path = make_demo_dataset(Path(args.dir), size=args.size)
+    print(f"demo dataset: {path}")
+    return 0
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except ImportError:
+        return "not installed"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import faiss
+    import torch
+
+    from dcluster.clustering.kmeans import available_gpus as faiss_gpu_count
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    faiss_gpus = faiss_gpu_count()
+    rows = [
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (CUDA build {torch.version.cuda})"),
+        ("torchvision", _version("torchvision")),
+        ("faiss", f"{faiss.__version__} ({'GPU build' if hasattr(faiss, 'StandardGpuResources') else 'CPU build'})"),
+        ("DALI", _version("nvidia.dali")),
+        ("mlflow", _version("mlflow")),
+        ("GPUs seen by torch", str(gpus)),
+        ("training device", "cuda" if gpus else "cpu"),
+        ("k-means path", f"faiss GPU on {faiss_gpus} GPU(s)" if faiss_gpus else "faiss CPU"),
+        ("data loader", "DALI, " + ("GPU (nvJPEG) decoding" if gpus else "CPU decoding")
+         if _version("nvidia.dali") != "not installed" else "torchvision (DALI not installed)"),
+        ("torch threads", str(torch.get_num_threads())),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcluster", description="DeepCluster training, data preparation and diagnostics")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train DeepCluster from a YAML config")
+    p.add_argument("config", help="YAML preset, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.01")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo-data", help="write the demo digits dataset as JPEG class folders")
+    p.add_argument("dir")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+    p.set_defaults(func=cmd_demo_data)
+    from dcluster.data.prepare_shards import add_parser as add_prepare_shards_parser
+
+    add_prepare_shards_parser(sub)
+    p = sub.add_parser("info", help="versions, devices and the code paths that would run")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from dcluster.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        print(f"dcluster {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""What an epoch reports: assignment quality against the previous epoch and the true classes,
+cluster statistics and where the time went; and the one log line a person reads."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from dcluster.metrics import clustering_accuracy, nmi
+
+
+def assignment_metrics(labels: np.ndarray, previous: Optional[np.ndarray],
+                       targets: Optional[np.ndarray]) -> dict[str, float]:
+    """NMI to the previous assignment (stability, paper Fig. 2b) and, when the data has
+    classes, NMI and Hungarian accuracy against them. Unreadable images (label -1) are left
+    out. The classes are only ever read here, never by training."""
+    keep = labels >= 0
+    out: dict[str, float] = {}
+    if previous is not None:
+        both = keep & (previous >= 0)
+        out["nmi_prev"] = nmi(labels[both], previous[both])
+    if targets is not None:
+        out["nmi_classes"] = nmi(labels[keep], targets[keep])
+        out["acc_classes"] = clustering_accuracy(labels[keep], targets[keep])
+    return out
+
+
+def format_epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m['loss']:.4f}"]
+    if "objective" in m:
+        parts.append(f"objective {m['objective']:.4g}")
+    for key, label in (("nmi_prev", "NMI(prev)"), ("nmi_classes", "NMI(classes)"),
+                       ("acc_classes", "ACC(classes)"), ("probe_nmi", "kmeans-C NMI"),
+                       ("probe_acc", "kmeans-C ACC")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.3f}")
+    if "n_empty" in m:
+        parts.append(f"empty {int(m['n_empty'])} (reseeded {int(m['n_reseeded'])})")
+    parts.append(f"time features {m['time_features']:.1f}s clustering {m['time_clustering']:.1f}s "
+                 f"training {m['time_training']:.1f}s")
+    return " | ".join(parts)

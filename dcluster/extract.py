@@ -1,0 +1,48 @@
+"""The feature pass: clustering features (or another per-image output) of this process's
+shard of images."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcluster.data import Pipelines, num_batches
+from dcluster.logs import progress
+
+
+@dataclass
+class ShardFeatures:
+    features: np.ndarray  # float32 (n, D), row i belongs to global image indices[i]
+    indices: np.ndarray  # int64 (n,), in the order the shard was given, unreadable ones absent
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, pipelines: Pipelines, indices: Sequence[int],
+                     batch_size: int, device: torch.device, progress_mode: str, show: bool,
+                     compute: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> ShardFeatures:
+    """Run the centre-crop pipeline over `indices` in eval mode (BatchNorm running statistics,
+    no dropout), so an image's feature does not depend on which batch it landed in.
+
+    `compute` maps a batch of images to (B, D) rows; the default is the model's clustering
+    features. Evaluation passes other outputs of the same network (MMDC's embedding, say)."""
+    compute = compute or model.clustering_features
+    was_training = model.training
+    model.eval()
+    rows = np.empty((len(indices), 0), dtype=np.float32)  # widened at the first batch
+    got = np.empty(len(indices), dtype=np.int64)
+    filled = 0
+    batches = pipelines.feature_batches(indices, batch_size)
+    for batch in progress(batches, num_batches(len(indices), batch_size), "features",
+                          progress_mode, show):
+        out = compute(batch.images.to(device, non_blocking=True))
+        if filled == 0:
+            rows = np.empty((len(indices), out.shape[1]), dtype=np.float32)
+        n = out.shape[0]
+        rows[filled:filled + n] = out.float().cpu().numpy()
+        got[filled:filled + n] = batch.indices.numpy()
+        filled += n
+    model.train(was_training)
+    return ShardFeatures(features=rows[:filled], indices=got[:filled])

@@ -1,0 +1,30 @@
+"""Shared fixtures: the demo digits written once per session, and a small demo config."""
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from dcluster.config import Config, load_config
+from dcluster.data.demo import make_demo_dataset
+from dcluster.logs import configure_logging
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.fixture(scope="session")
+def demo_digits(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture
+def small_demo_config(demo_digits, tmp_path) -> Callable[..., Config]:
+    """configs/demo.yaml shrunk so that an epoch takes about a second on 2 cores."""
+    configure_logging()
+
+    def make(*overrides: str) -> Config:
+        return load_config(CONFIGS / "demo.yaml", [
+            f"data.path={demo_digits}", f"runs_root={tmp_path / 'runs'}", "model.width=8",
+            "model.fc_dim=64", "clustering.k=10", "clustering.pca_dim=16", "epochs=2",
+            "progress=never", *overrides])
+
+    return make

@@ -1,0 +1,87 @@
+"""DeepCluster end to end on the demo digits: a real run directory, checkpoints, assignments,
+MLflow records; and a resumed run that ends with the same weights as an uninterrupted one."""
+import shutil
+
+import numpy as np
+import torch
+from mlflow import MlflowClient
+
+from dcluster.checkpoint import load_checkpoint
+from dcluster.cli import main
+from dcluster.train import train
+
+
+def final_weights(result) -> dict[str, torch.Tensor]:
+    return load_checkpoint(result.checkpoint)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ after resume: {different}"
+
+
+def test_two_epochs_end_to_end(small_demo_config):
+    cfg = small_demo_config()
+    result = train(cfg)
+    assert [h["epoch"] for h in result.history] == [0.0, 1.0]
+    for h in result.history:
+        assert np.isfinite(h["loss"]) and 0.0 <= h["nmi_classes"] <= 1.0
+        assert h["time_features"] > 0 and h["time_clustering"] > 0 and h["time_training"] > 0
+    assert "nmi_prev" in result.history[1] and "nmi_prev" not in result.history[0]
+    run = result.run_dir
+    assert (run / "config.yaml").is_file() and (run / "train.log").stat().st_size > 0
+    labels = np.load(run / "assignments" / "epoch_000001.npy")
+    assert labels.shape == (1797,) and labels.min() >= 0 and labels.max() < 10
+    payload = load_checkpoint(result.checkpoint)
+    assert payload["epoch"] == 2 and np.array_equal(payload["labels"], labels)
+    mlflow_run = MlflowClient(result.mlflow_uri).get_run(result.mlflow_run_id)
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.params["clustering.k"] == "10"
+    assert {"loss", "nmi_classes", "nmi_prev", "objective"} <= mlflow_run.data.metrics.keys()
+    assert (run / "plots" / "nmi_curves.png").stat().st_size > 0
+
+
+def test_resume_reproduces_the_uninterrupted_run(small_demo_config):
+    straight = train(small_demo_config("name=straight", "epochs=3"))
+    # the same run, stopped after 2 epochs and continued by a second `train` call
+    train(small_demo_config("name=resumed", "epochs=2"))
+    resumed = train(small_demo_config("name=resumed", "epochs=3"))
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+    assert resumed.mlflow_run_id is not None
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
+    client = MlflowClient(resumed.mlflow_uri)
+    losses = client.get_metric_history(resumed.mlflow_run_id, "loss")
+    assert sorted(m.step for m in losses) == [0, 1, 2]  # one MLflow run across both sessions
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_still_matches(small_demo_config):
+    straight = train(small_demo_config("name=straight", "epochs=3"))
+    interrupted = train(small_demo_config("name=broken", "epochs=2"))
+    newest = interrupted.checkpoint
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    resumed = train(small_demo_config("name=broken", "epochs=3"))
+    assert newest.name in (resumed.run_dir / "train.log").read_text()  # reported
+    assert_same_weights(final_weights(straight), final_weights(resumed))
+
+
+def test_cli_reports_a_bad_key_without_traceback(demo_digits, tmp_path, capsys):
+    code = main(["train", "configs/demo.yaml", f"data.path={demo_digits}",
+                 f"runs_root={tmp_path}", "clustering.kk=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "clustering.kk" in err and "Traceback" not in err
+
+
+def test_cli_refuses_a_run_dir_of_another_config(small_demo_config, demo_digits, tmp_path, capsys):
+    train(small_demo_config("epochs=1"))
+    code = main(["train", "configs/demo.yaml", f"data.path={demo_digits}",
+                 f"runs_root={tmp_path / 'runs'}", "clustering.k=12", "model.width=8",
+                 "model.fc_dim=64", "clustering.pca_dim=16", "epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "clustering.k: 10 -> 12" in err
+
+
+def test_cli_info_names_the_code_paths(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "faiss" in out and "k-means path" in out and "torch" in out
