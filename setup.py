@@ -21,6 +21,7 @@ setup(
         "tqdm==4.70.1",
         "matplotlib==3.11.2",
         "pillow==13.0.0",
+        "nvidia-dali-cuda130==2.4.0",
     ],
     extras_require={
         # A FAISS GPU build replaces faiss-cpu's module of the same name; install one or the

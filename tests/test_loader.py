@@ -172,7 +172,7 @@ def test_zero_tolerance_stops_at_the_first_bad_file(tree_with_bad_files):
 
 
 def test_build_pipelines_picks_the_configured_loader(tree):
-    cfg = DataConfig(path=str(tree))
+    cfg = DataConfig(path=str(tree), loader="torchvision")
     assert isinstance(build_pipelines(FolderSource(tree), cfg, 0), TorchvisionPipelines)
     cfg.loader = "nope"
     with pytest.raises(ValueError, match="unknown data.loader 'nope'"):

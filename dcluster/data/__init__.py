@@ -1,28 +1,45 @@
 """Images by global index: the only package that knows where the bytes live.
 
-``open_source`` scans the image folder, ``build_pipelines`` picks the loader that turns
-lists of global indices into batches.
+``open_source`` opens the image folder or tar shards, ``build_pipelines`` picks the loader
+that turns lists of global indices into batches.
 """
 from __future__ import annotations
 
 import logging
 from typing import Callable
 
-from dcluster.config import DataConfig
+from dcluster.config import ConfigError, DataConfig
 from dcluster.data.badfiles import TooManyBadImagesError
 from dcluster.data.decode import BadImageError, decode_rgb
 from dcluster.data.pipelines import FeatureBatch, Pipelines, TrainBatch, num_batches
-from dcluster.data.source import DataSourceError, FolderSource, open_source
+from dcluster.data.shards import TarShardSource
+from dcluster.data.source import DataSourceError, FolderSource, ImageSource, open_source
 from dcluster.data.torchvision_loader import TorchvisionPipelines
 
 log = logging.getLogger("dcluster.data")
 
-_LOADERS: dict[str, Callable[[FolderSource, DataConfig, int], Pipelines]] = {
+
+def _dali(source: ImageSource, data_cfg: DataConfig, seed: int) -> Pipelines:
+    """Imported on use, so that the torchvision fallback works where DALI is not installed."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            f"config key 'data.loader' = 'dali': NVIDIA DALI cannot be imported ({err}); "
+            f"install it (pip install nvidia-dali-cuda130) or set data.loader=torchvision"
+        ) from None
+    from dcluster.data.dali_loader import DaliPipelines
+
+    return DaliPipelines(source, data_cfg, seed)
+
+
+_LOADERS: dict[str, Callable[[ImageSource, DataConfig, int], Pipelines]] = {
+    "dali": _dali,
     "torchvision": TorchvisionPipelines,
 }
 
 
-def build_pipelines(source: FolderSource, data_cfg: DataConfig, seed: int) -> Pipelines:
+def build_pipelines(source: ImageSource, data_cfg: DataConfig, seed: int) -> Pipelines:
     if data_cfg.loader not in _LOADERS:
         raise ValueError(f"unknown data.loader {data_cfg.loader!r}; "
                          f"available: {', '.join(sorted(_LOADERS))}")
@@ -31,7 +48,7 @@ def build_pipelines(source: FolderSource, data_cfg: DataConfig, seed: int) -> Pi
 
 
 __all__ = [
-    "BadImageError", "DataSourceError", "FeatureBatch", "FolderSource", "Pipelines",
-    "TooManyBadImagesError", "TorchvisionPipelines", "TrainBatch", "build_pipelines",
-    "decode_rgb", "num_batches", "open_source",
+    "BadImageError", "DataSourceError", "FeatureBatch", "FolderSource", "ImageSource",
+    "Pipelines", "TarShardSource", "TooManyBadImagesError", "TorchvisionPipelines",
+    "TrainBatch", "build_pipelines", "decode_rgb", "num_batches", "open_source",
 ]

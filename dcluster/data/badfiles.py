@@ -9,14 +9,42 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import TYPE_CHECKING, Callable, NamedTuple, TypeVar, Union
+
+from dcluster.data.decode import BadImageError
+
+if TYPE_CHECKING:
+    from dcluster.data.source import ImageSource
 
 log = logging.getLogger("dcluster.data")
+T = TypeVar("T")
 
 _NAMED_IN_ERROR = 20
 
 
 class TooManyBadImagesError(RuntimeError):
     """More images of one pass could not be read than ``data.max_bad_fraction`` allows."""
+
+
+class Unreadable(NamedTuple):
+    """An image a loader could not read: the marker its workers hand back instead of raising,
+    so that only the process that sees the whole pass does the counting."""
+    index: int
+    path: str
+    reason: str
+
+
+def load_or_unreadable(source: "ImageSource", index: int,
+                       load: Callable[[bytes, int, str], T]) -> Union[T, Unreadable]:
+    """``load(bytes, index, path)`` of one image, or Unreadable if the bytes cannot be read
+    or ``load`` raises BadImageError."""
+    path = source.describe(index)
+    try:
+        return load(source.read_bytes(index), index, path)
+    except BadImageError as err:
+        return Unreadable(index, path, err.reason)
+    except OSError as err:  # vanished file, permissions, I/O error on the mount
+        return Unreadable(index, path, f"cannot read: {err}")
 
 
 class BadImageBudget:
@@ -33,6 +61,15 @@ class BadImageBudget:
         self.max_fraction = max_fraction
         self.known = known
         self.failures: dict[int, str] = {}  # this pass's bad images, in the order met
+
+    def record_all(self, unreadable: list[Unreadable]) -> None:
+        for bad in unreadable:
+            self.record(bad.index, bad.path, bad.reason)
+
+    def log_summary(self) -> None:
+        if self.failures:
+            log.warning("%d unreadable images skipped in a pass over %d images",
+                        len(self.failures), self.total)
 
     def record(self, index: int, path: str, reason: str) -> None:
         description = f"{path}: {reason}"

@@ -1,4 +1,4 @@
-"""What every loader (torchvision now, DALI later) offers the training loop: index lists in,
+"""What every loader (DALI, torchvision) offers the training loop: index lists in,
 batches out.
 
 The loop never sees a file path; it hands over global indices in the order it wants them
@@ -50,3 +50,28 @@ def num_batches(length: int, batch_size: int, start_position: int = 0) -> int:
     """Batches a pass over ``length`` positions yields from ``start_position`` on (fewer only
     if every image of a batch is unreadable)."""
     return math.ceil(max(length - start_position, 0) / batch_size)
+
+
+def as_index_array(indices: Sequence[int], size: int, what: str) -> np.ndarray:
+    """``indices`` as int64, refused (naming ``what``) unless flat and inside 0..size-1."""
+    array = np.asarray(indices, dtype=np.int64)
+    if array.ndim != 1:
+        raise ValueError(f"{what} must be a flat list of global indices, got shape {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= size):
+        raise IndexError(f"{what} holds indices outside 0..{size - 1} "
+                         f"(min {array.min()}, max {array.max()})")
+    return array
+
+
+def check_train_inputs(order: Sequence[int], targets: np.ndarray, start_position: int,
+                       size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training order and the per-image labels as int64 arrays, checked against the
+    ``size`` images of the source, before a loader spends any time decoding."""
+    array = as_index_array(order, size, "training order")
+    labels = np.asarray(targets, dtype=np.int64)
+    if labels.shape != (size,):
+        raise ValueError(f"targets must hold one label per image ({size}), "
+                         f"got shape {labels.shape}")
+    if not 0 <= start_position <= len(array):
+        raise ValueError(f"start_position {start_position} is outside 0..{len(array)}")
+    return array, labels

@@ -1,4 +1,5 @@
-"""Where image bytes live: a folder tree scanned once into a sorted list of files.
+"""Where image bytes live: a folder tree scanned once into a sorted list of files, or tar
+shards (``shards.py``); ``open_source`` picks one.
 
 The position of a file in that sorted list is its global index, the only name later stages
 use for an image. Sorting by relative path makes the index independent of the file system's
@@ -10,7 +11,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Protocol
 
 import numpy as np
 
@@ -23,6 +24,22 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 class DataSourceError(ValueError):
     """The image folder cannot serve as a data source (empty, missing, ambiguous layout)."""
+
+
+class ImageSource(Protocol):
+    """What loaders and training need of a source: encoded bytes by global index, a name for
+    each image to put in error messages, and the classes when the source has them."""
+
+    class_names: Optional[list[str]]
+    targets: Optional[np.ndarray]  # int64 class number per global index, or None
+
+    def __len__(self) -> int: ...
+
+    def describe(self, index: int) -> str: ...
+
+    def read_bytes(self, index: int) -> bytes: ...
+
+    def fingerprint(self) -> str: ...
 
 
 def _is_image(name: str) -> bool:
@@ -115,5 +132,16 @@ class FolderSource:
         return digest.hexdigest()[:16]
 
 
-def open_source(data_cfg: DataConfig) -> FolderSource:
-    return FolderSource(data_cfg.path)
+def open_source(data_cfg: DataConfig) -> ImageSource:
+    """The source ``data.source`` names; ``auto`` takes a folder holding ``.tar`` files at its
+    top level for tar shards and anything else for an image folder tree."""
+    from dcluster.data.shards import TarShardSource, is_shard_dir  # shards imports this module
+
+    kind = data_cfg.source
+    if kind == "auto":
+        kind = "shards" if is_shard_dir(data_cfg.path) else "folder"
+    if kind == "shards":
+        return TarShardSource(data_cfg.path)
+    if kind == "folder":
+        return FolderSource(data_cfg.path)
+    raise ValueError(f"unknown data.source {data_cfg.source!r}; available: auto, folder, shards")

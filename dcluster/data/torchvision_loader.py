@@ -7,7 +7,6 @@ which alone sees the whole pass, does the counting.
 """
 from __future__ import annotations
 
-import logging
 from typing import Iterator, NamedTuple, Sequence, Union
 
 import numpy as np
@@ -15,13 +14,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dcluster.config import DataConfig
-from dcluster.data.badfiles import BadImageBudget
-from dcluster.data.decode import BadImageError, decode_rgb
-from dcluster.data.pipelines import FeatureBatch, TrainBatch
-from dcluster.data.source import FolderSource
+from dcluster.data.badfiles import BadImageBudget, Unreadable, load_or_unreadable
+from dcluster.data.decode import decode_rgb
+from dcluster.data.pipelines import FeatureBatch, TrainBatch, as_index_array, check_train_inputs
+from dcluster.data.source import ImageSource
 from dcluster.data.transforms import FeatureTransform, SampleTransform, TrainTransform
-
-log = logging.getLogger("dcluster.data")
 
 
 class _Decoded(NamedTuple):
@@ -29,19 +26,13 @@ class _Decoded(NamedTuple):
     image: torch.Tensor
 
 
-class _Unreadable(NamedTuple):
-    index: int
-    path: str
-    reason: str
-
-
-_Sample = Union[_Decoded, _Unreadable]
+_Sample = Union[_Decoded, Unreadable]
 
 
 class _PositionDataset(Dataset):
     """Item ``i`` is the image at position ``start + i`` of ``indices``."""
 
-    def __init__(self, source: FolderSource, indices: np.ndarray, start: int,
+    def __init__(self, source: ImageSource, indices: np.ndarray, start: int,
                  transform: SampleTransform) -> None:
         self.source = source
         self.indices = indices
@@ -54,20 +45,16 @@ class _PositionDataset(Dataset):
     def __getitem__(self, item: int) -> _Sample:
         position = self.start + item
         index = int(self.indices[position])
-        path = self.source.describe(index)
-        try:
-            image = decode_rgb(self.source.read_bytes(index), index, path)
-        except BadImageError as err:
-            return _Unreadable(index, path, err.reason)
-        except OSError as err:  # vanished file, permissions, I/O error on the mount
-            return _Unreadable(index, path, f"cannot read: {err}")
+        image = load_or_unreadable(self.source, index, decode_rgb)
+        if isinstance(image, Unreadable):
+            return image
         return _Decoded(index, self.transform(image, position, index))
 
 
 class _Collated(NamedTuple):
     images: torch.Tensor
     indices: torch.Tensor
-    unreadable: list[_Unreadable]
+    unreadable: list[Unreadable]
     positions: int  # how many positions of the list this batch covers, readable or not
 
 
@@ -76,24 +63,14 @@ def _collate(samples: list[_Sample]) -> _Collated:
     images = (torch.stack([s.image for s in decoded]) if decoded
               else torch.empty(0, 3, 0, 0))
     indices = torch.tensor([s.index for s in decoded], dtype=torch.int64)
-    unreadable = [s for s in samples if isinstance(s, _Unreadable)]
+    unreadable = [s for s in samples if isinstance(s, Unreadable)]
     return _Collated(images, indices, unreadable, len(samples))
-
-
-def _as_index_array(indices: Sequence[int], size: int, what: str) -> np.ndarray:
-    array = np.asarray(indices, dtype=np.int64)
-    if array.ndim != 1:
-        raise ValueError(f"{what} must be a flat list of global indices, got shape {array.shape}")
-    if array.size and (array.min() < 0 or array.max() >= size):
-        raise IndexError(f"{what} holds indices outside 0..{size - 1} "
-                         f"(min {array.min()}, max {array.max()})")
-    return array
 
 
 class TorchvisionPipelines:
     """Feature and training passes decoded with PIL in ``data_cfg.workers`` processes."""
 
-    def __init__(self, source: FolderSource, data_cfg: DataConfig, seed: int) -> None:
+    def __init__(self, source: ImageSource, data_cfg: DataConfig, seed: int) -> None:
         self.source = source
         self.cfg = data_cfg
         self.seed = seed
@@ -102,7 +79,7 @@ class TorchvisionPipelines:
     def feature_batches(self, indices: Sequence[int], batch_size: int) -> Iterator[FeatureBatch]:
         transform = FeatureTransform(self.cfg.resize_size, self.cfg.crop_size,
                                      self.cfg.grayscale_stats)
-        array = _as_index_array(indices, len(self.source), "feature pass indices")
+        array = as_index_array(indices, len(self.source), "feature pass indices")
         for batch in self._batches(array, 0, transform, batch_size):
             yield FeatureBatch(images=batch.images, indices=batch.indices)
 
@@ -110,13 +87,7 @@ class TorchvisionPipelines:
                       batch_size: int, start_position: int = 0) -> Iterator[TrainBatch]:
         """``targets[i]`` is the pseudo-label of global index ``i``; positions before
         ``start_position`` are skipped, the others keep the crops they get in a full pass."""
-        array = _as_index_array(order, len(self.source), "training order")
-        targets = np.asarray(targets, dtype=np.int64)
-        if targets.shape != (len(self.source),):
-            raise ValueError(f"targets must hold one label per image ({len(self.source)}), "
-                             f"got shape {targets.shape}")
-        if not 0 <= start_position <= len(array):
-            raise ValueError(f"start_position {start_position} is outside 0..{len(array)}")
+        array, targets = check_train_inputs(order, targets, start_position, len(self.source))
         transform = TrainTransform(self.cfg.crop_size, self.cfg.min_scale, self.seed, epoch,
                                    self.cfg.grayscale_stats)
         position = start_position
@@ -136,10 +107,7 @@ class TorchvisionPipelines:
                             num_workers=self.cfg.workers, collate_fn=_collate,
                             pin_memory=torch.cuda.is_available())
         for batch in loader:
-            for bad in batch.unreadable:
-                budget.record(bad.index, bad.path, bad.reason)
+            budget.record_all(batch.unreadable)
             if len(batch.indices):
                 yield batch
-        if budget.failures:
-            log.warning("%d unreadable images skipped in a pass over %d images",
-                        len(budget.failures), budget.total)
+        budget.log_summary()

@@ -71,6 +71,24 @@ def sample_crop(rng: np.random.Generator, height: int, width: int,
     return CropParams(*box, flip=bool(rng.random() < 0.5))
 
 
+def normalization(grayscale_stats: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel on the 0..1 scale, shared by every loader."""
+    return (GRAY_MEAN, GRAY_STD) if grayscale_stats else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def resized_shorter_side(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after scaling the shorter side to ``size``, the longer side truncated
+    as torchvision's ``resize(img, size)`` does, so every loader sees the same geometry."""
+    if height <= width:
+        return size, int(size * width / height)
+    return int(size * height / width), size
+
+
+def center_crop_origin(height: int, width: int, crop: int) -> tuple[int, int]:
+    """(top, left) of torchvision's ``center_crop`` of a ``crop`` square."""
+    return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+
+
 class SampleTransform(Protocol):
     """Image to normalised tensor; ``position`` and ``index`` key any randomness."""
 
@@ -79,8 +97,8 @@ class SampleTransform(Protocol):
 
 class _Normalize:
     def __init__(self, grayscale_stats: bool) -> None:
-        self.mean = list(GRAY_MEAN if grayscale_stats else IMAGENET_MEAN)
-        self.std = list(GRAY_STD if grayscale_stats else IMAGENET_STD)
+        mean, std = normalization(grayscale_stats)
+        self.mean, self.std = list(mean), list(std)
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         return F.normalize(F.to_tensor(image), self.mean, self.std)
@@ -117,6 +135,8 @@ class FeatureTransform(_Normalize):
         self.crop_size = crop_size
 
     def __call__(self, image: Image.Image, position: int, index: int) -> torch.Tensor:
-        image = F.resize(image, self.resize_size,
+        height, width = resized_shorter_side(image.height, image.width, self.resize_size)
+        image = F.resize(image, [height, width],
                          interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-        return self.to_tensor(F.center_crop(image, [self.crop_size, self.crop_size]))
+        top, left = center_crop_origin(height, width, self.crop_size)
+        return self.to_tensor(F.crop(image, top, left, self.crop_size, self.crop_size))
