@@ -21,6 +21,7 @@ setup(
         "tqdm==4.70.1",
         "matplotlib==3.11.2",
         "pillow==13.0.0",
+        "submitit==1.5.4",
         "nvidia-dali-cuda130==2.4.0",
     ],
     extras_require={

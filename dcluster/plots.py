@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 # NMI with the previous epoch does not exist at the first epoch, nor NMI with the classes of
 # an unlabelled data set.
 EPOCH, NMI_PREV, NMI_CLASSES, LOSS = "epoch", "nmi_prev", "nmi_classes", "loss"
+PROBE_NMI = "probe_nmi"  # k-means with k = #classes on the features (eval.class_kmeans)
 
 
 def _series(history: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -36,7 +37,8 @@ def plot_nmi_curves(history: list[dict[str, Any]], path: Path) -> Path:
     """NMI vs the previous epoch and vs the true classes (top), training loss (bottom)."""
     fig = Figure(figsize=(7, 6), constrained_layout=True)
     nmi_ax, loss_ax = fig.subplots(2, 1, sharex=True)
-    for key, label in ((NMI_PREV, "NMI(t-1, t)"), (NMI_CLASSES, "NMI(classes, t)")):
+    for key, label in ((NMI_PREV, "NMI(t-1, t)"), (NMI_CLASSES, "NMI(classes, t)"),
+                       (PROBE_NMI, "NMI(classes, k-means k=#classes on features)")):
         epochs, values = _series(history, key)
         if epochs:
             nmi_ax.plot(epochs, values, marker=".", label=label)

@@ -9,6 +9,7 @@ from dcluster.data.demo import make_demo_dataset
 from dcluster.logs import configure_logging
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+pytest_plugins = ["slurm_cluster"]  # the real local Slurm cluster fixture (tests/slurm_cluster.py)
 
 
 @pytest.fixture(scope="session")
