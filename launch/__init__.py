@@ -1,0 +1,1 @@
+"""Submitting DeepCluster runs to Slurm through submitit (`dcluster submit`)."""

@@ -1,0 +1,79 @@
+"""Build the submitit executor from the config's `slurm:` section and submit a TrainJob.
+
+One task per GPU (or `slurm.tasks_per_node` CPU tasks where there are none); the processes
+find each other from Slurm's environment (dcluster.distributed). The run directory is
+prepared here, before anything is queued, so a config error or a clash with another run's
+directory is reported at once rather than hours later when the job starts.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import submitit
+
+from dcluster.config import Config, SlurmConfig, load_config
+from dcluster.rundir import prepare_run_dir
+from launch.job import TrainJob
+
+log = logging.getLogger("dcluster.launch")
+
+
+@dataclass
+class Submission:
+    job_id: str
+    log_dir: Path
+    run_dir: Path
+
+
+def tasks_per_node(slurm: SlurmConfig) -> int:
+    return slurm.gpus_per_node if slurm.gpus_per_node > 0 else slurm.tasks_per_node
+
+
+def build_executor(cfg: Config, log_dir: Path, cluster: Optional[str] = None) -> submitit.AutoExecutor:
+    """An AutoExecutor for the run; `cluster="slurm"` forces the Slurm backend (for
+    --dry-run on a machine without sbatch)."""
+    s = cfg.slurm
+    executor = submitit.AutoExecutor(folder=str(log_dir), cluster=cluster,
+                                     slurm_max_num_timeout=s.max_requeues)
+    params = dict(
+        name=s.job_name or cfg.name, nodes=s.nodes, tasks_per_node=tasks_per_node(s),
+        cpus_per_task=s.cpus_per_task, timeout_min=s.time_min,
+        slurm_signal_delay_s=s.signal_delay_s,
+    )
+    if s.gpus_per_node > 0:
+        params["gpus_per_node"] = s.gpus_per_node
+    if s.mem_gb > 0:
+        params["mem_gb"] = s.mem_gb
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if getattr(s, key):
+            params[f"slurm_{key}"] = getattr(s, key)
+    executor.update_parameters(**params)
+    return executor
+
+
+def sbatch_script(executor: submitit.AutoExecutor) -> str:
+    """The sbatch file submitit would write. submitit has no public call for it: this uses
+    its SlurmExecutor's own text builder, so the output is exactly what would be queued."""
+    slurm_executor = executor._executor  # pylint: disable=protected-access
+    return slurm_executor._make_submission_file_text(  # pylint: disable=protected-access
+        slurm_executor._submitit_command_str, "dry-run")  # pylint: disable=protected-access
+
+
+def submit(config_path: str, overrides: Sequence[str], dry_run: bool = False) -> Submission | str:
+    cfg = load_config(config_path, overrides)
+    run_dir = Path(cfg.runs_root) / cfg.name
+    log_dir = Path(cfg.slurm.log_dir) if cfg.slurm.log_dir else run_dir / "slurm"
+    if dry_run:
+        return sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
+    run = prepare_run_dir(cfg)
+    executor = build_executor(cfg, log_dir.resolve())
+    # absolute paths: the job may start in another working directory
+    job = executor.submit(TrainJob(str(Path(config_path).resolve()),
+                                   [*overrides, f"runs_root={Path(cfg.runs_root).resolve()}",
+                                    f"data.path={Path(cfg.data.path).resolve()}"]))
+    log.info("submitted job %s (%d node(s) x %d task(s))", job.job_id, cfg.slurm.nodes,
+             tasks_per_node(cfg.slurm))
+    return Submission(job_id=str(job.job_id), log_dir=log_dir.resolve(), run_dir=run.root)
