@@ -1,4 +1,4 @@
-"""`dcluster train / demo-data / prepare-shards / info`.
+"""`dcluster train / submit / eval / demo-data / prepare-shards / info`.
 
 Errors a user can fix (config, data, checkpoints) end the command with one line naming the
 problem and exit code 2; anything else is a bug and keeps its traceback.
@@ -20,10 +20,15 @@ log = logging.getLogger("dcluster")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dcluster.config import load_config
-    from dcluster.train import train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.method == "mmdc":
+        from dcluster.mmdc.train import train_mmdc as train
+    else:
+        from dcluster.train import train
     result = train(cfg)
+    if result.rank != 0:  # rank 0 speaks for the run
+        return 0
     print(f"run directory: {result.run_dir}")
     print(f"checkpoints:   {result.run_dir / 'checkpoints'}"
           + (f" (last: {result.checkpoint.name})" if result.checkpoint else ""))
@@ -91,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     from dcluster.data.prepare_shards import add_parser as add_prepare_shards_parser
 
     add_prepare_shards_parser(sub)
+    from launch.cli import add_parser as add_submit_parser
+
+    add_submit_parser(sub)
+    from dcluster.evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     p = sub.add_parser("info", help="versions, devices and the code paths that would run")
     p.set_defaults(func=cmd_info)
     return parser

@@ -77,7 +77,22 @@ class ClusteringConfig:
     max_points_per_centroid: int = 0  # 0 means no subsampling (the paper's setting)
     device: str = "auto"  # auto | cpu | gpu
     every: int = 1  # re-cluster every n epochs (the paper: every epoch)
+    # gather: the 256-d vectors of all ranks go to rank 0, which clusters them (k-means or
+    # PIC); sharded: Lloyd iterations across ranks, no rank holds more than its own shard
+    # (k-means only; for N x pca_dim floats too large for one host, e.g. YFCC100M)
+    mode: str = "gather"
     pic: PICConfig = field(default_factory=PICConfig)
+
+
+@dataclass
+class DistributedConfig:
+    """How the processes of a multi-process job talk; the launch itself (torchrun, Slurm,
+    submitit) is read from the environment (dcluster/distributed.py)."""
+    backend: str = "auto"  # auto (nccl when each process has a GPU, else gloo) | gloo | nccl
+    # A collective waits this long for the slowest rank before the job fails. It must exceed
+    # the longest step one rank does while the others wait: rank 0's k-means in gather mode
+    # (minutes at ImageNet scale) and its checkpoint writes.
+    timeout_s: float = 1800.0
 
 
 @dataclass
@@ -144,6 +159,27 @@ class EvalConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Cluster defaults for `dcluster submit`; a team writes them once in a YAML file, the
+    command line overrides them. None of them changes what the run computes."""
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    exclude: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 0  # one task per GPU; 0: CPU-only tasks
+    tasks_per_node: int = 1  # processes per node when gpus_per_node is 0
+    cpus_per_task: int = 8
+    mem_gb: int = 0  # 0: the partition's default
+    time_min: int = 4320
+    job_name: str = ""  # default: the run name
+    log_dir: str = ""  # default: <run dir>/slurm
+    max_requeues: int = 100  # timeouts/preemptions survived before the job gives up
+    signal_delay_s: int = 120  # USR2 this long before the time limit: time to checkpoint
+
+
+@dataclass
 class Config:
     name: str = "???"  # run name: the run directory is <runs_root>/<name>
     runs_root: str = "runs"
@@ -159,9 +195,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     mmdc: MMDCConfig = field(default_factory=MMDCConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -173,6 +211,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_scaling": ("none", "linear"),
     "clustering.method": ("kmeans", "pic"),
     "clustering.device": ("auto", "cpu", "gpu"),
+    "clustering.mode": ("gather", "sharded"),
+    "distributed.backend": ("auto", "gloo", "nccl"),
     "progress": ("auto", "always", "never"),
     "method": ("deepcluster", "mmdc"),
     "mmdc.means": ("onehot", "uniform"),
@@ -182,11 +222,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 # config that differs in any other key than these, which only change how it is executed.
 EXECUTION_ONLY_KEYS = frozenset(
     {"epochs", "resume", "overwrite", "threads", "progress", "data.workers", "tracking.uri",
-     "tracking.plots", "checkpoint.keep_last", "checkpoint.interval", "data.path", "runs_root"}
+     "tracking.plots", "checkpoint.keep_last", "checkpoint.interval", "data.path", "runs_root",
+     "distributed.backend", "distributed.timeout_s"}
     # what `dcluster eval` measures afterwards never changes what training computes
     | {f"eval.{key}" for key in ("val_path", "val_fraction", "batch_size")}
     | {f"eval.knn.{f.name}" for f in dataclasses.fields(KnnEvalConfig)}
     | {f"eval.linear.{f.name}" for f in dataclasses.fields(LinearEvalConfig)}
+    | {f"slurm.{f.name}" for f in dataclasses.fields(SlurmConfig)}
 )
 
 
@@ -258,7 +300,8 @@ def validate(cfg: Config) -> None:
                 "clustering.pic.iterations", "model.width", "eval.batch_size", "eval.knn.k",
                 "eval.linear.pooled_dim", "eval.linear.epochs", "eval.linear.batch_size"):
         _check(flat[key] > 0, key, flat[key], "must be positive")
-    for key in ("optim.lr", "clustering.pic.sigma", "eval.knn.temperature", "eval.linear.lr"):
+    for key in ("optim.lr", "clustering.pic.sigma", "eval.knn.temperature", "eval.linear.lr",
+                "distributed.timeout_s"):
         _check(flat[key] > 0, key, flat[key], "must be positive")
     for key in ("optim.momentum", "optim.weight_decay", "data.workers", "threads",
                 "clustering.pca_dim", "clustering.max_points_per_centroid", "seed",
@@ -280,10 +323,22 @@ def validate(cfg: Config) -> None:
     if cfg.eval.val_path:
         _check(Path(cfg.eval.val_path).is_dir(), "eval.val_path", cfg.eval.val_path,
                "is not an existing directory")
+    if cfg.clustering.mode == "sharded":
+        validate_sharded(cfg)
     if cfg.method == "mmdc":
         validate_mmdc(cfg)
     data_path = Path(cfg.data.path)
     _check(data_path.is_dir(), "data.path", cfg.data.path, "is not an existing directory")
+
+
+def validate_sharded(cfg: Config) -> None:
+    """Sharded clustering is Lloyd's k-means over all points of all ranks: PIC needs the whole
+    neighbour graph in one place, and subsampling would need a distributed draw it does not do."""
+    _check(cfg.clustering.method == "kmeans", "clustering.method", cfg.clustering.method,
+           "clustering.mode=sharded runs k-means only; use clustering.mode=gather for PIC")
+    _check(cfg.clustering.max_points_per_centroid == 0, "clustering.max_points_per_centroid",
+           cfg.clustering.max_points_per_centroid,
+           "clustering.mode=sharded trains on every point: set it to 0")
 
 
 def validate_mmdc(cfg: Config) -> None:

@@ -1,16 +1,21 @@
-"""Optimisers and one epoch of supervised training on the pseudo-labels."""
+"""Optimisers, data-parallel replicas, and one epoch of supervised training on the pseudo-labels."""
 from __future__ import annotations
 
+import hashlib
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from dcluster.collectives import Comm
 from dcluster.config import OptimConfig
 from dcluster.data import Pipelines, num_batches
+from dcluster.distributed import Env
 from dcluster.logs import progress
 from dcluster.models import DeepClusterNet
 
@@ -26,33 +31,82 @@ def body_optimizer(model: DeepClusterNet, cfg: OptimConfig, lr: float) -> torch.
     return sgd(params, cfg, lr)
 
 
+def data_parallel(model: DeepClusterNet, env: Env) -> nn.Module:
+    """What the training steps call: the model itself in a single process, else a DDP replica
+    that averages gradients over the ranks.
+
+    Call again after every head reset. The head is a new module, and DDP registers the
+    parameters it synchronises when it is constructed, so the old wrapper would leave the new
+    head out of the gradient all-reduce. Re-wrapping (rather than wrapping once with a
+    resizable head) also makes DDP broadcast rank 0's parameters and buffers again, so every
+    rank starts the epoch from the same state even if they drifted (they should not: the head
+    is drawn from the same (seed, epoch) generator everywhere). It costs one broadcast of the
+    model per clustering, small next to an epoch.
+
+    forward_sync_buffers copies rank 0's BatchNorm running statistics to every rank at each
+    forward (DDP's default, spelled out); :func:`align_replicas` covers the last step's update."""
+    if env.world_size == 1:
+        return model
+    return DistributedDataParallel(
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        forward_sync_buffers=True)
+
+
 @dataclass
 class TrainStats:
-    loss: float  # mean cross-entropy over the epoch's images
-    images: int
+    loss: float  # mean cross-entropy over the epoch's images of all ranks
+    images: int  # images trained on, all ranks together
 
 
-def train_one_epoch(model: DeepClusterNet, pipelines: Pipelines, order: Sequence[int], labels: np.ndarray,
+def train_one_epoch(net: nn.Module, pipelines: Pipelines, order: Sequence[int], labels: np.ndarray,
                     epoch: int, batch_size: int, optimizers: Sequence[torch.optim.Optimizer],
-                    device: torch.device, progress_mode: str, show: bool) -> TrainStats:
-    model.train()
+                    device: torch.device, progress_mode: str, show: bool, comm: Comm) -> TrainStats:
+    """Train ``net`` on this rank's ``order``. Every rank has the same number of batches, but a
+    batch whose images are all unreadable is skipped, so DDP's join lets a rank that runs out
+    early keep answering the others' gradient all-reduces instead of hanging them."""
+    net.train()
     criterion = nn.CrossEntropyLoss()
     total, seen = 0.0, 0
     batches = pipelines.train_batches(order, labels, epoch, batch_size)
-    for batch in progress(batches, num_batches(len(order), batch_size), "train",
-                          progress_mode, show):
-        images = batch.images.to(device, non_blocking=True)
-        targets = batch.targets.to(device, non_blocking=True)
-        loss = criterion(model(images), targets)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(
-                f"epoch {epoch}: training loss became {value}; lower optim.lr ({optimizers[0].defaults['lr']})")
-        total += value * images.shape[0]
-        seen += images.shape[0]
-    return TrainStats(loss=total / max(seen, 1), images=seen)
+    with net.join() if isinstance(net, DistributedDataParallel) else nullcontext():
+        for batch in progress(batches, num_batches(len(order), batch_size), "train",
+                              progress_mode, show):
+            images = batch.images.to(device, non_blocking=True)
+            targets = batch.targets.to(device, non_blocking=True)
+            loss = criterion(net(images), targets)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"epoch {epoch}: training loss became {value}; lower "
+                                         f"optim.lr ({optimizers[0].defaults['lr']})")
+            total += value * images.shape[0]
+            seen += images.shape[0]
+    total, seen = comm.all_reduce_sum(np.array([total, seen], dtype=np.float64))
+    return TrainStats(loss=total / max(seen, 1.0), images=int(seen))
+
+
+def align_replicas(model: nn.Module, comm: Comm) -> None:
+    """Make every rank's model equal to rank 0's, the one that is checkpointed, so a resumed
+    run starts where every rank was and matches the uninterrupted run.
+
+    BatchNorm running statistics are updated locally by the last forward of the epoch (DDP only
+    broadcasts them at the start of each forward): they are copied from rank 0. Parameters are
+    already equal when DDP works, since every rank applies the same averaged gradients; they
+    are compared by digest, and a difference is an error rather than something to paper over."""
+    if comm.world_size == 1:
+        return
+    for buffer in model.buffers():
+        host = buffer.detach().cpu().contiguous()
+        buffer.copy_(torch.from_numpy(comm.broadcast(host.numpy())))
+    digests = [(name, hashlib.blake2b(p.detach().cpu().contiguous().numpy().tobytes(),
+                                      digest_size=16).hexdigest())
+               for name, p in model.named_parameters()]
+    differing = {name for rank_digests in comm.all_gather_object(digests)
+                 for (name, digest), (_, mine) in zip(rank_digests, digests) if digest != mine}
+    if differing:
+        raise RuntimeError(f"model replicas differ between ranks in {sorted(differing)}: "
+                           "a parameter is not covered by DDP's gradient synchronisation")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ class RunState:
     mlflow_run_id: Optional[str] = None
 
 
-def pack(state: RunState, model: DeepClusterNet, body_opt: torch.optim.Optimizer,
-         head_opt: Optional[torch.optim.Optimizer], config_hash: str,
-         data_fingerprint: str) -> dict[str, Any]:
+def record(state: RunState, config_hash: str, data_fingerprint: str) -> dict[str, Any]:
+    """The checkpoint entries every method writes: what the run is, where it stands, and the
+    RNG streams (captured last, by the caller's pack, after everything else is decided)."""
     return {
         "format": FORMAT_VERSION,
         "config_hash": config_hash,
@@ -45,6 +45,26 @@ def pack(state: RunState, model: DeepClusterNet, body_opt: torch.optim.Optimizer
         "bad_images": dict(state.bad_images),
         "history": list(state.history),
         "mlflow_run_id": state.mlflow_run_id,
+    }
+
+
+State = TypeVar("State", bound=RunState)
+
+
+def restored(payload: dict[str, Any], cls: type[State], **extra: Any) -> State:
+    """The inverse of :func:`record`: a ``cls`` state from the payload's common entries, plus
+    ``extra`` fields of a method's own state class."""
+    return cls(next_epoch=payload["epoch"], labels=payload["labels"],
+               previous_labels=payload["previous_labels"], n_clusters=payload["n_clusters"],
+               bad_images=dict(payload["bad_images"]), history=list(payload["history"]),
+               mlflow_run_id=payload["mlflow_run_id"], **extra)
+
+
+def pack(state: RunState, model: DeepClusterNet, body_opt: torch.optim.Optimizer,
+         head_opt: Optional[torch.optim.Optimizer], config_hash: str,
+         data_fingerprint: str) -> dict[str, Any]:
+    return {
+        **record(state, config_hash, data_fingerprint),
         "model": model.state_dict(),
         "body_optimizer": body_opt.state_dict(),
         "head_optimizer": head_opt.state_dict() if head_opt is not None else None,
@@ -67,13 +87,7 @@ def unpack(payload: dict[str, Any], model: DeepClusterNet, body_opt: torch.optim
     if head_opt is not None and payload["head_optimizer"] is not None:
         head_opt.load_state_dict(payload["head_optimizer"])
     restore_rng_state(payload["rng"])
-    state = RunState(
-        next_epoch=payload["epoch"], labels=payload["labels"],
-        previous_labels=payload["previous_labels"], n_clusters=payload["n_clusters"],
-        bad_images=dict(payload["bad_images"]), history=list(payload["history"]),
-        mlflow_run_id=payload["mlflow_run_id"],
-    )
-    return state, head_opt
+    return restored(payload, RunState), head_opt
 
 
 def check_compatible(payload: dict[str, Any], config_hash: str, data_fingerprint: str,

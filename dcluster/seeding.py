@@ -9,13 +9,14 @@ import torch
 
 PURPOSES = {"kmeans": 1, "head": 2, "probe": 3, "targets": 4, "target_noise": 5, "order": 6,
             "rotation_order": 7, "refine": 8, "eval_split": 9, "eval_kmeans": 10,
-            "linear_order": 11, "init": 12}
+            "linear_order": 11, "dropout": 13}
 
 
-def derived_seed(seed: int, epoch: int, purpose: str) -> int:
-    """A 31-bit seed (FAISS takes an int) mixed from the three parts by SeedSequence."""
-    return int(np.random.SeedSequence([seed, epoch, PURPOSES[purpose]]).generate_state(1)[0]
-               & 0x7FFFFFFF)
+def derived_seed(seed: int, epoch: int, purpose: str, *streams: int) -> int:
+    """A 31-bit seed (FAISS takes an int) mixed from the parts by SeedSequence; ``streams``
+    (a rank, say) tell apart several streams of one purpose in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, PURPOSES[purpose], *streams])
+               .generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def derived_rng(seed: int, epoch: int, purpose: str) -> np.random.Generator:

@@ -34,6 +34,19 @@ def tracking_uri(cfg: Config) -> str:
     return f"sqlite:///{(Path(cfg.runs_root) / 'mlflow.db').resolve()}"
 
 
+def experiment_id(client: MlflowClient, cfg: Config, uri: str) -> str:
+    """The id of cfg.tracking.experiment, created on first use."""
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    # With the default store, artifacts go next to it; MLflow's own default is ./mlruns
+    # relative to the working directory, which moves with every launch.
+    location = None if cfg.tracking.uri else (
+        (Path(cfg.runs_root) / "mlartifacts").resolve().as_uri())
+    log.info("creating MLflow experiment %r in %s", cfg.tracking.experiment, uri)
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
 class NullTracker:
     """Tracking switched off, or a process other than rank 0: every call does nothing."""
 
@@ -89,15 +102,7 @@ class Tracker:
 
     def _experiment_id(self, cfg: Config, uri: str) -> str:
         assert self._client is not None
-        experiment = self._client.get_experiment_by_name(cfg.tracking.experiment)
-        if experiment is not None:
-            return experiment.experiment_id
-        # With the default store, artifacts go next to it; MLflow's own default is ./mlruns
-        # relative to the working directory, which moves with every launch.
-        location = None if cfg.tracking.uri else (
-            (Path(cfg.runs_root) / "mlartifacts").resolve().as_uri())
-        log.info("creating MLflow experiment %r in %s", cfg.tracking.experiment, uri)
-        return self._client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        return experiment_id(self._client, cfg, uri)
 
     def _log_params(self, cfg: Config, logged: dict[str, str]) -> None:
         """Log the flattened config, skipping params the run already has: MLflow rejects a

@@ -1,10 +1,11 @@
 """The DeepCluster epoch loop, top to bottom (paper section 3, DESIGN.md):
 
-    features -> PCA/whiten/L2 + k-means -> balanced order -> fresh head -> train -> report
-    -> checkpoint
+    features of my shard -> PCA/whiten/L2 + k-means across ranks -> balanced order, my slice
+    -> fresh head -> train (DDP) -> report -> checkpoint
 
 Each step lives in its own module; this one only wires them together and decides what is
-rank 0's duty.
+rank 0's duty. The same code runs for one process and for many: with one, every collective is
+the identity (dcluster/collectives.py).
 """
 from __future__ import annotations
 
@@ -17,20 +18,24 @@ from typing import Optional
 import numpy as np
 import torch
 
-from dcluster.checkpoint import load_checkpoint, load_latest, save_checkpoint
-from dcluster.clustering import cluster_features, kmeans_labels
+from dcluster.checkpoint import load_checkpoint, save_checkpoint
+from dcluster.clustering.distributed_stage import (cluster_shards, global_mean, own_gpu,
+                                                   row_layout, rows_of, spread_labels)
 from dcluster.clustering.pca import l2_normalize
+from dcluster.clustering.sharded_kmeans import sharded_kmeans
+from dcluster.collectives import Comm
 from dcluster.config import Config, config_hash
 from dcluster.data import build_pipelines, open_source
-from dcluster.distributed import detect_env
+from dcluster.distributed import Env, detect_env, my_indices, process_group
 from dcluster.epoch_report import assignment_metrics, format_epoch_line
-from dcluster.extract import extract_features
+from dcluster.extract import ShardFeatures, extract_features
 from dcluster.metrics import clustering_accuracy, nmi
 from dcluster.models import build_model
-from dcluster.optimize import body_optimizer, sgd, train_one_epoch
+from dcluster.optimize import (align_replicas, body_optimizer, data_parallel, sgd,
+                               train_one_epoch)
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
-from dcluster.run_state import RunState, pack, unpack
-from dcluster.sampler import balanced_order
+from dcluster.run_state import RunState, find_resume_checkpoint, pack, unpack
+from dcluster.sampler import balanced_order, rank_slice
 from dcluster.seeding import derived_seed, seed_everything
 from dcluster.tracking import make_tracker, tracking_uri
 from dcluster.plots import plot_cluster_sizes, plot_nmi_curves
@@ -44,13 +49,18 @@ class RunResult:
     checkpoint: Optional[Path]
     mlflow_uri: Optional[str]
     mlflow_run_id: Optional[str]
-    history: list[dict[str, float]]
+    history: list[dict[str, float]]  # rank 0's is the run's (other ranks skip the reports)
+    rank: int = 0  # of the process that returns it: rank 0 alone speaks for the run
 
 
 def train(cfg: Config) -> RunResult:
     env = detect_env()
-    run = prepare_run_dir(cfg)
-    attach_log_file(run)
+    with process_group(env, cfg.distributed):
+        return train_epochs(cfg, env, Comm(env))
+
+
+def train_epochs(cfg: Config, env: Env, comm: Comm) -> RunResult:
+    run = shared_run_dir(cfg, comm)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -58,7 +68,7 @@ def train(cfg: Config) -> RunResult:
 
     source = open_source(cfg.data)
     pipelines = build_pipelines(source, cfg.data, cfg.seed)
-    my_indices = np.arange(len(source), dtype=np.int64)  # one process owns every image
+    mine = my_indices(len(source), env)  # a contiguous shard: every image on exactly one rank
     model = build_model(cfg.model, cfg.data.crop_size).to(env.device)
     lr = cfg.optim.lr * (env.world_size if cfg.optim.lr_scaling == "linear" else 1)
     log.info("%d images, %s; batch %d per process, effective %d, lr %g (scaling: %s)",
@@ -70,9 +80,10 @@ def train(cfg: Config) -> RunResult:
         return sgd(head.parameters(), cfg.optim, lr)
 
     fingerprint = source.fingerprint()
-    state, head_opt = resume(cfg, run, model, body_opt, head_optimizer, chash, fingerprint)
+    state, head_opt = resume(cfg, run, model, body_opt, head_optimizer, chash, fingerprint, comm)
     tracker = make_tracker(cfg, env.is_main)
     state.mlflow_run_id = tracker.start(cfg, run, state.mlflow_run_id)
+    net = data_parallel(model, env) if model.head is not None else None
     last_ckpt: Optional[Path] = None
     show = env.is_main
 
@@ -81,19 +92,18 @@ def train(cfg: Config) -> RunResult:
             metrics: dict[str, float] = {}
             recluster = state.labels is None or epoch % cfg.clustering.every == 0
 
-            # 1-2. features of this process's shard, then PCA/whitening/L2 and clustering
+            # 1-2. features of this rank's shard, then PCA/whitening/L2 and clustering across
+            # ranks; every rank ends with the labels of all N images
             if recluster:
                 t0 = time.perf_counter()
-                shard = extract_features(model, pipelines, my_indices, cfg.optim.batch_size,
+                shard = extract_features(model, pipelines, mine, cfg.optim.batch_size,
                                          env.device, cfg.progress, show)
-                state.bad_images.update(pipelines.bad_indices)
+                record_bad_images(state, pipelines.bad_indices, comm)
                 metrics["time_features"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                result = cluster_features(shard.features, cfg.clustering,
-                                          seed=derived_seed(cfg.seed, epoch, "kmeans"))
-                labels = np.full(len(source), -1, dtype=np.int64)
-                labels[shard.indices] = result.labels
-                state.previous_labels, state.labels = state.labels, labels
+                result = cluster_shards(shard.features, shard.indices, len(source), cfg.clustering,
+                                        comm, derived_seed(cfg.seed, epoch, "kmeans"), env.device)
+                state.previous_labels, state.labels = state.labels, result.labels
                 state.n_clusters = result.n_clusters
                 metrics["time_clustering"] = time.perf_counter() - t0
                 metrics.update(objective=result.objective, n_clusters=result.n_clusters,
@@ -102,36 +112,42 @@ def train(cfg: Config) -> RunResult:
                          result.backend, result.n_clusters, result.objective, result.n_empty,
                          result.n_reseeded)
                 if cfg.eval.class_kmeans and source.targets is not None:
-                    metrics.update(class_probe(shard.features, source.targets[shard.indices],
-                                               cfg, epoch))
+                    metrics.update(class_probe(shard, source.targets, cfg, epoch, comm, env.device))
                 # 4 (prepared here). a fresh head for the new pseudo-labels, identical on every
-                # process because it is drawn from (seed, epoch)
+                # rank because it is drawn from (seed, epoch); re-wrapped so DDP syncs it
                 head = model.reset_head(state.n_clusters, torch.Generator().manual_seed(
                     derived_seed(cfg.seed, epoch, "head")))
                 head_opt = head_optimizer(head)
+                net = data_parallel(model, env)
             else:
                 metrics.update(time_features=0.0, time_clustering=0.0)
 
-            # 3. the epoch's order: uniform over the non-empty clusters
-            order = balanced_order(state.labels, cfg.seed, epoch)
+            # 3. the epoch's order: uniform over the non-empty clusters, the same global list
+            # on every rank, of which each takes its own equal slice
+            order = rank_slice(balanced_order(state.labels, cfg.seed, epoch), env.rank,
+                               env.world_size)
 
-            # 4. train on the pseudo-labels
+            # 4. train on the pseudo-labels; dropout draws from a (seed, epoch, rank) stream,
+            # so ranks differ from each other and a resumed epoch repeats itself
             t0 = time.perf_counter()
-            stats = train_one_epoch(model, pipelines, order, state.labels, epoch, cfg.optim.batch_size,
-                                    [body_opt, head_opt], env.device, cfg.progress, show)
+            torch.manual_seed(derived_seed(cfg.seed, epoch, "dropout", env.rank))
+            stats = train_one_epoch(net, pipelines, order, state.labels, epoch, cfg.optim.batch_size,
+                                    [body_opt, head_opt], env.device, cfg.progress, show, comm)
+            align_replicas(model, comm)
             metrics["time_training"] = time.perf_counter() - t0
             metrics["loss"] = stats.loss
             metrics["bad_images"] = float(len(state.bad_images))
 
             # 5. report (rank 0)
-            if recluster:
-                metrics.update(assignment_metrics(state.labels, state.previous_labels, source.targets))
-            state.history.append({"epoch": float(epoch), **metrics})
             state.next_epoch = epoch + 1
             if env.is_main:
+                if recluster:
+                    metrics.update(assignment_metrics(state.labels, state.previous_labels,
+                                                      source.targets))
                 log.info(format_epoch_line(epoch, cfg.epochs, metrics))
                 tracker.log_metrics(metrics, step=epoch)
                 save_assignments(run, epoch, state.labels)
+            state.history.append({"epoch": float(epoch), **metrics})
 
             # 6. checkpoint (rank 0), atomically
             if env.is_main and (state.next_epoch % cfg.checkpoint.interval == 0
@@ -139,48 +155,72 @@ def train(cfg: Config) -> RunResult:
                 last_ckpt = save_checkpoint(run.checkpoints, pack(state, model, body_opt, head_opt, chash, fingerprint),
                                             epoch=state.next_epoch, keep_last=cfg.checkpoint.keep_last)
 
+        if env.is_main:
+            finish_plots(cfg, run, state, tracker)
+        # no rank reports success before rank 0's last checkpoint and plots are written
+        comm.barrier()
     except BaseException as err:
         # the MLflow run shows why it stopped; a resumed job sets it RUNNING again
         tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
 
-    if env.is_main:
-        finish_plots(cfg, run, state, tracker)
     tracker.finish()
     return RunResult(run_dir=run.root, checkpoint=last_ckpt, mlflow_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
-                     mlflow_run_id=state.mlflow_run_id, history=state.history)
+                     mlflow_run_id=state.mlflow_run_id, history=state.history, rank=env.rank)
+
+
+def shared_run_dir(cfg: Config, comm: Comm) -> RunDir:
+    """Rank 0 creates (or checks and reuses) the run directory; the others learn its path once
+    it is ready. Every rank appends to its log: rank 0 all records, the others only errors, so
+    that a rank's failure is in train.log too."""
+    run = prepare_run_dir(cfg) if comm.is_main else None
+    root, resumed = comm.broadcast_object((str(run.root), run.resumed) if run else None)
+    run = run or RunDir(Path(root), resumed)
+    handler = attach_log_file(run)
+    if not comm.is_main:
+        handler.setLevel(logging.ERROR)
+    return run
 
 
 def resume(cfg: Config, run: RunDir, model, body_opt, head_optimizer, chash: str,
-           fingerprint: str):
+           fingerprint: str, comm: Comm):
     """The state to start from: a fresh one, or the newest valid checkpoint (resume=auto), or
-    the named one (resume=<path>)."""
-    if cfg.resume == "never":
+    the named one (resume=<path>). Rank 0 chooses the file, so that every rank resumes from
+    the same one."""
+    found = find_resume_checkpoint(cfg, run) if comm.is_main else None
+    path = comm.broadcast_object(str(found[1].resolve()) if found else None)
+    if path is None:
         return RunState(), None
-    if cfg.resume == "auto":
-        found = load_latest(run.checkpoints)
-        if found is None:
-            return RunState(), None
-        payload, path = found
-    else:
-        path = Path(cfg.resume)
-        payload = load_checkpoint(path)
-    state, head_opt = unpack(payload, model, body_opt, head_optimizer, chash, fingerprint,
-                             str(path))
+    payload = found[0] if found else load_checkpoint(Path(path))
+    state, head_opt = unpack(payload, model, body_opt, head_optimizer, chash, fingerprint, path)
     log.info("resuming from %s at epoch %d", path, state.next_epoch)
     return state, head_opt
 
 
-def class_probe(features: np.ndarray, targets: np.ndarray, cfg: Config, epoch: int) -> dict[str, float]:
+def record_bad_images(state: RunState, found: dict[int, str], comm: Comm) -> None:
+    """Add the unreadable images every rank has met to the run state (the same on all ranks);
+    only the new ones travel."""
+    new = {index: reason for index, reason in found.items() if index not in state.bad_images}
+    for part in comm.all_gather_object(new):
+        state.bad_images.update(part)
+
+
+def class_probe(shard: ShardFeatures, targets: np.ndarray, cfg: Config, epoch: int, comm: Comm,
+                device: torch.device) -> dict[str, float]:
     """k-means with k = number of classes on this epoch's features (centred, L2-normalised,
     not whitened: whitening lifts noise directions to unit variance), scored against the
     classes. A label-free measure of feature quality that, unlike NMI of the pseudo-labels,
-    does not depend on k."""
-    x = l2_normalize(features - features.mean(axis=0, dtype=np.float64).astype(np.float32))
+    does not depend on k. Sharded k-means, so the raw features stay on their ranks."""
+    x = rows_of(shard.features, row_layout(shard.features, comm))
+    x = l2_normalize(x - global_mean(x, comm))
     n_classes = int(targets.max()) + 1
-    pred = kmeans_labels(x, n_classes, derived_seed(cfg.seed, epoch, "probe"),
-                         cfg.clustering.niter, cfg.clustering.device)
-    return {"probe_nmi": nmi(pred, targets), "probe_acc": clustering_accuracy(pred, targets)}
+    km = sharded_kmeans(x, n_classes, seed=derived_seed(cfg.seed, epoch, "probe"),
+                        niter=cfg.clustering.niter, comm=comm,
+                        gpu=own_gpu(device, cfg.clustering.device))
+    pred = spread_labels(km.labels, shard.indices, len(targets), comm)
+    keep = pred >= 0
+    return {"probe_nmi": nmi(pred[keep], targets[keep]),
+            "probe_acc": clustering_accuracy(pred[keep], targets[keep])}
 
 
 def finish_plots(cfg: Config, run: RunDir, state: RunState, tracker) -> None:

@@ -1,10 +1,9 @@
 """The callable a Slurm job runs: one DeepCluster training, checkpointable by submitit.
 
 submitit pickles this object, runs it on every task of the job, and on the timeout or
-preemption signal calls ``checkpoint`` (Checkpointable's: requeue this same call) on global rank 0. The
-training loop itself writes the checkpoint that matters (dcluster.preemption makes it stop at
-a consistent point first), so requeuing the same call is all that is needed: it resumes from
-the newest valid checkpoint of its run directory.
+preemption signal calls ``checkpoint`` (Checkpointable's: requeue this same call) on global
+rank 0. The training loop writes its checkpoints itself, atomically, so requeuing the same
+call is all that is needed: it resumes from the newest valid checkpoint of its run directory.
 """
 from __future__ import annotations
 
@@ -22,10 +21,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.overrides = [*overrides, "resume=auto", "overwrite=false"]
 
     def __call__(self):
-        from dcluster.preemption import install_preemption_handler
         from dcluster.logs import configure_logging
         from dcluster.train import train
 
         configure_logging()
-        install_preemption_handler()
         return train(load_config(self.config_path, self.overrides))

@@ -29,3 +29,15 @@ def small_demo_config(demo_digits, tmp_path) -> Callable[..., Config]:
             "progress=never", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def digits_subset(demo_digits, tmp_path_factory) -> Path:
+    """40 demo digits of each class (400 images): for end-to-end runs of several epochs that
+    test mechanics (resume, evaluation records), not what the demo learns."""
+    root = tmp_path_factory.mktemp("digits_subset")
+    for class_dir in sorted(p for p in demo_digits.iterdir() if p.is_dir()):
+        (root / class_dir.name).mkdir()
+        for image in sorted(class_dir.iterdir())[:40]:
+            (root / class_dir.name / image.name).write_bytes(image.read_bytes())
+    return root

@@ -16,6 +16,7 @@ from dcluster.data.dali_loader import DaliPipelines
 from dcluster.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from images import (jpeg_bytes, photo, write_cmyk_jpeg, write_grayscale_jpeg, write_photo_tree,
                     write_png, write_text_as_jpg, write_truncated_jpeg, write_zero_byte)
+from loader_passes import feature_pass, train_pass
 
 CROP = 24
 CLASSES = {"ant": 4, "bee": 5, "cat": 4}  # 13 images: batches of 4 leave a partial one
@@ -39,18 +40,6 @@ def dali(path: Path, workers: int = 2, seed: int = 0, **data) -> DaliPipelines:
 
 def torchvision(path: Path, seed: int = 0, **data) -> TorchvisionPipelines:
     return TorchvisionPipelines(FolderSource(path), config(path, 0, **data), seed)
-
-
-def feature_pass(pipes, indices, batch_size=4):
-    batches = list(pipes.feature_batches(indices, batch_size))
-    return torch.cat([b.images for b in batches]), torch.cat([b.indices for b in batches]), batches
-
-
-def train_pass(pipes, order, epoch, batch_size=4, start_position=0, targets=None):
-    targets = np.arange(len(pipes.source)) % 3 if targets is None else targets
-    batches = list(pipes.train_batches(order, targets, epoch, batch_size, start_position))
-    return (torch.cat([b.images for b in batches]), torch.cat([b.indices for b in batches]),
-            batches)
 
 
 @pytest.mark.parametrize("shard", ["all", "rank_0_of_2", "rank_1_of_2", "every_third_from_1",

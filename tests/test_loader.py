@@ -11,6 +11,7 @@ from dcluster.data import (FolderSource, TooManyBadImagesError, TorchvisionPipel
                            build_pipelines, num_batches)
 from dcluster.data.transforms import sample_crop
 from images import write_photo_tree, write_text_as_jpg, write_truncated_jpeg, write_zero_byte
+from loader_passes import feature_pass, train_pass
 
 CROP = 24
 CLASSES = {"ant": 4, "bee": 5, "cat": 4}  # 13 images: batches of 4 leave a partial one
@@ -25,18 +26,6 @@ def pipelines(path: Path, workers: int = 0, seed: int = 0, **data) -> Torchvisio
     cfg = DataConfig(path=str(path), crop_size=CROP, resize_size=28, min_scale=0.2,
                      workers=workers, **data)
     return TorchvisionPipelines(FolderSource(path), cfg, seed)
-
-
-def feature_pass(pipes, indices, batch_size=4):
-    batches = list(pipes.feature_batches(indices, batch_size))
-    return torch.cat([b.images for b in batches]), torch.cat([b.indices for b in batches]), batches
-
-
-def train_pass(pipes, order, epoch, batch_size=4, start_position=0, targets=None):
-    targets = np.arange(len(pipes.source)) % 3 if targets is None else targets
-    batches = list(pipes.train_batches(order, targets, epoch, batch_size, start_position))
-    return (torch.cat([b.images for b in batches]), torch.cat([b.indices for b in batches]),
-            batches)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from dcluster.clustering.kmeans import run_kmeans
+from dcluster.clustering.kmeanspp import kmeanspp_centroids
 from dcluster.clustering.pca import Features, PCAStats, as_rows, fit_whitening, l2_normalize
 from dcluster.clustering.pic import run_pic
 from dcluster.config import ClusteringConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClusteringResult", "cluster_features", "kmeans_labels", "reduce_features"]
+__all__ = ["ClusteringResult", "cluster_features", "cluster_reduced", "kmeans_labels",
+           "reduce_features"]
 
 
 @dataclass
@@ -50,7 +52,14 @@ def cluster_features(features: Features, cfg: ClusteringConfig, seed: int) -> Cl
     different one each epoch)."""
     start = time.perf_counter()
     x = reduce_features(features, cfg)
-    pca_seconds = time.perf_counter() - start
+    return cluster_reduced(x, cfg, seed, pca_seconds=time.perf_counter() - start)
+
+
+def cluster_reduced(x: np.ndarray, cfg: ClusteringConfig, seed: int,
+                    pca_seconds: float = 0.0) -> ClusteringResult:
+    """The clustering half of :func:`cluster_features`, on vectors already reduced (as
+    :func:`reduce_features` does): the distributed stage reduces on every rank and clusters
+    the gathered vectors on rank 0."""
     start = time.perf_counter()
     if cfg.method == "kmeans":
         km = run_kmeans(x, cfg.k, seed=seed, niter=cfg.niter,
@@ -75,7 +84,9 @@ def cluster_features(features: Features, cfg: ClusteringConfig, seed: int) -> Cl
 
 
 def kmeans_labels(x: np.ndarray, k: int, seed: int, niter: int = 20,
-                  device: str = "auto") -> np.ndarray:
+                  device: str = "auto", plus_plus: bool = False) -> np.ndarray:
     """k-means labels of already prepared vectors (e.g. ``ClusteringResult.features`` with k =
-    the number of true classes, for evaluation); trains on every point."""
-    return run_kmeans(x, k, seed=seed, niter=niter, device=device).labels
+    the number of true classes, for evaluation); trains on every point. ``plus_plus`` seeds
+    with k-means++ instead of random points (for few, tight clusters: see kmeanspp.py)."""
+    init = kmeanspp_centroids(x, k, np.random.default_rng(seed)) if plus_plus else None
+    return run_kmeans(x, k, seed=seed, niter=niter, device=device, init=init).labels

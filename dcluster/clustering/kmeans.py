@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import faiss
 import numpy as np
@@ -80,13 +81,15 @@ class KMeansResult:
 
 
 def run_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
-               max_points_per_centroid: int = 0, device: str = "auto") -> KMeansResult:
+               max_points_per_centroid: int = 0, device: str = "auto",
+               init: Optional[np.ndarray] = None) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` groups.
 
     ``max_points_per_centroid == 0`` trains on every point (the paper's setting): FAISS would
     otherwise silently train on a random k * 256 subset. ``seed`` is taken modulo 2**31 (FAISS
     stores it as a C int); callers vary it per epoch so that clusterings are not correlated
-    through their initialisation.
+    through their initialisation. ``init`` (k, d), if given, replaces FAISS's random seeds
+    (k-means++ seeds, say: see kmeanspp.py).
     """
     x = as_points(x)
     n, d = x.shape
@@ -103,6 +106,8 @@ def run_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
     if n > k * clus.max_points_per_centroid:
         log.info("k-means trains on a sample of %d of the %d points",
                  k * clus.max_points_per_centroid, n)
+    if init is not None:
+        faiss.copy_array_to_vector(as_points(init).ravel(), clus.centroids)
     index = flat_l2_index(d, ngpu)
     log.info("k-means on %s: %d points x %d dims, k=%d, %d iterations",
              backend_name(ngpu), n, d, k, niter)

@@ -164,8 +164,11 @@ class PCATransform:
     def dim(self) -> int:
         return self.projection.shape[1]
 
-    def apply(self, features: Features, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
-        """Project (and whiten) into a new float32 (N, dim) array, one input chunk at a time.
+    def apply(self, features: Features, chunk_rows: int = CHUNK_ROWS,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Project (and whiten) into a new float32 (N, dim) array, one input chunk at a time,
+        or into ``out`` (C-contiguous float32 (N, dim)): rank 0 of a distributed run writes its
+        own rows straight into the block of the matrix it gathers, saving a copy.
 
         The mean is subtracted before the product, not folded into a bias: with whitening the
         projection has large entries, and ``x @ P - mean @ P`` would cancel float32 digits."""
@@ -173,7 +176,12 @@ class PCATransform:
         if x.shape[1] != self.mean.shape[0]:
             raise ValueError(f"features have {x.shape[1]} columns, the PCA was fitted on "
                              f"{self.mean.shape[0]}")
-        out = np.empty((x.shape[0], self.dim), dtype=np.float32)
+        if out is None:
+            out = np.empty((x.shape[0], self.dim), dtype=np.float32)
+        elif (out.shape != (x.shape[0], self.dim) or out.dtype != np.float32
+              or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous float32 array of shape "
+                             f"{(x.shape[0], self.dim)}, got {out.dtype} {out.shape}")
         out_t = torch.from_numpy(out)
         on_cpu = self.projection.device.type == "cpu"
         buf = torch.empty(min(x.shape[0], chunk_rows), x.shape[1], device=self.projection.device)

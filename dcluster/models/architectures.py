@@ -19,12 +19,15 @@ def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int, padding: int) ->
             nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def alexnet_body(in_channels: int) -> tuple[nn.Sequential, int]:
+def conv_body(specs: Sequence[Union[tuple[int, int, int, int], str]], in_channels: int,
+              pool: int) -> tuple[nn.Sequential, int]:
+    """conv-BN-ReLU blocks from (out_channels, kernel, stride, padding) specs, "M" being a
+    pool x pool max-pool of stride 2 (overlapping for AlexNet's pool=3)."""
     layers: list[nn.Module] = []
     channels = in_channels
-    for spec in ALEXNET_LAYERS:
+    for spec in specs:
         if spec == "M":
-            layers.append(nn.MaxPool2d(kernel_size=3, stride=2))
+            layers.append(nn.MaxPool2d(kernel_size=pool, stride=2))
         else:
             cout, kernel, stride, padding = spec  # type: ignore[misc]
             layers += conv_bn_relu(channels, cout, kernel, stride, padding)
@@ -32,16 +35,13 @@ def alexnet_body(in_channels: int) -> tuple[nn.Sequential, int]:
     return nn.Sequential(*layers), channels
 
 
+def alexnet_body(in_channels: int) -> tuple[nn.Sequential, int]:
+    return conv_body(ALEXNET_LAYERS, in_channels, pool=3)
+
+
 def vgg16_body(in_channels: int) -> tuple[nn.Sequential, int]:
-    layers: list[nn.Module] = []
-    channels = in_channels
-    for spec in VGG16_LAYERS:
-        if spec == "M":
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        else:
-            layers += conv_bn_relu(channels, int(spec), 3, 1, 1)
-            channels = int(spec)
-    return nn.Sequential(*layers), channels
+    specs = [s if s == "M" else (int(s), 3, 1, 1) for s in VGG16_LAYERS]
+    return conv_body(specs, in_channels, pool=2)
 
 
 def smallconv_body(in_channels: int, width: int) -> tuple[nn.Sequential, int]:

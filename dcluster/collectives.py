@@ -1,0 +1,125 @@
+"""The few collectives an epoch needs, on numpy arrays, as one code path for every world size.
+
+With a single process there is no process group and each operation is the identity, so the
+stages call them unconditionally instead of branching on the world size. Arrays are worked on
+in place through zero-copy torch views; with NCCL, whose tensors must live on the GPU, they go
+through the GPU in chunks of CHUNK_BYTES, so a large array (the N labels, a D x D covariance)
+never needs a second full copy on either side.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dcluster.distributed import Env
+
+CHUNK_BYTES = 64 << 20
+
+
+class Comm:
+    """The job's collectives, seen from one rank."""
+
+    def __init__(self, env: Env) -> None:
+        self.rank = env.rank
+        self.world_size = env.world_size
+        if env.world_size > 1 and not dist.is_initialized():
+            raise RuntimeError(f"world size {env.world_size} but no process group: "
+                               "create Comm inside distributed.process_group")
+        nccl = env.world_size > 1 and dist.get_backend() == "nccl"
+        self.device = env.device if nccl else torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_reduce_sum(self, array: np.ndarray) -> np.ndarray:
+        """Sum ``array`` over all ranks, in place; returns it."""
+        if self.world_size > 1:
+            self._chunked(array, dist.all_reduce, receive=True)
+        return array
+
+    def broadcast(self, array: np.ndarray, src: int = 0) -> np.ndarray:
+        """Rank ``src``'s ``array`` into every rank's ``array`` (same shape and dtype)."""
+        if self.world_size > 1:
+            self._chunked(array, lambda t: dist.broadcast(t, src), receive=self.rank != src)
+        return array
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """A small picklable object from rank ``src``; the others pass anything (e.g. None)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src, device=self._object_device())
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's small picklable object, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather_rows(self, rows: np.ndarray, counts: Sequence[int],
+                    out: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+        """Every rank's ``rows`` stacked on rank 0 in rank order (rank r sends ``counts[r]``
+        rows); None on the other ranks. Uneven counts are fine: each block is received
+        straight into its place, with no padding and no staging copy on CPU.
+
+        Rank 0 may pass ``out`` with its own block already written in place (as the clustering
+        stage does), which saves it a copy of its share; otherwise its rows are copied in."""
+        offsets = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
+        if len(counts) != self.world_size or rows.shape[0] != counts[self.rank]:
+            raise ValueError(f"rank {self.rank}: {rows.shape[0]} rows, counts {list(counts)}")
+        if not self.is_main:
+            self._chunked(np.ascontiguousarray(rows), lambda t: dist.send(t, 0), receive=False)
+            return None
+        if out is None:
+            out = np.empty((int(offsets[-1]), *rows.shape[1:]), dtype=rows.dtype)
+        own = out[: offsets[1]]
+        if not _same_block(own, rows):
+            own[...] = rows
+        for src in range(1, self.world_size):
+            self._chunked(out[offsets[src]: offsets[src + 1]], lambda t, s=src: dist.recv(t, s),
+                          receive=True)
+        return out
+
+    def all_gather_segments(self, full: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
+        """Fill ``full`` (the same shape everywhere) on every rank from its owners: rank r
+        owns ``full[bounds[r]:bounds[r + 1]]``. In place; returns ``full``."""
+        for src in range(self.world_size):
+            self.broadcast(full[bounds[src]: bounds[src + 1]], src)
+        return full
+
+    def _chunked(self, array: np.ndarray, op: Callable[[torch.Tensor], Any], receive: bool) -> None:
+        """Apply the collective ``op`` to ``array`` chunk by chunk, in place; on a GPU
+        backend each chunk is staged through the device (and copied back if ``receive``)."""
+        if not array.flags.c_contiguous:
+            raise ValueError("collectives work on C-contiguous arrays")
+        flat = torch.from_numpy(array.reshape(-1))
+        step = max(1, CHUNK_BYTES // max(array.itemsize, 1))
+        for lo in range(0, flat.numel(), step):
+            part = flat[lo: lo + step]
+            if self.device.type == "cpu":
+                op(part)
+                continue
+            staged = part.to(self.device)
+            op(staged)
+            if receive:
+                part.copy_(staged.cpu())
+
+    def _object_device(self) -> Optional[torch.device]:
+        return self.device if self.device.type == "cuda" else None
+
+
+def _same_block(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are views of the very same memory block."""
+    return (a.shape == b.shape and a.dtype == b.dtype and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])

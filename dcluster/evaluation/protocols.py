@@ -1,0 +1,152 @@
+"""The three protocols, end to end: target -> network -> features through the training
+loaders -> scores -> table, JSON, MLflow. Each protocol function returns (metrics, settings)
+on rank 0 and None on the other ranks, which only help with the feature passes (the linear
+probe is trained by rank 0 alone)."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from dcluster.collectives import Comm
+from dcluster.config import ConfigError
+from dcluster.distributed import Env, detect_env, process_group
+from dcluster.evaluation.clusters import kmeans_scores
+from dcluster.evaluation.features import split_features
+from dcluster.evaluation.knn import knn_scores
+from dcluster.evaluation.linear import LinearProbe, probe_scores, train_probe
+from dcluster.evaluation.network import Network, load_network
+from dcluster.evaluation.report import EvalResult, log_to_mlflow, write_json
+from dcluster.evaluation.scoring import label_scores, topk_accuracy
+from dcluster.evaluation.splits import Split, all_labelled, open_splits
+from dcluster.evaluation.target import EvalTarget, resolve_target
+from dcluster.mmdc.targets import nearest_component
+from dcluster.models import LayerTap
+from dcluster.seeding import derived_rng, derived_seed
+
+log = logging.getLogger("dcluster.eval")
+
+Outcome = tuple[dict[str, float], dict[str, Any]]
+
+
+def knn_protocol(target: EvalTarget, net: Network, env: Env, comm: Comm) -> Optional[Outcome]:
+    """Weighted kNN on the penultimate features: train split as the memory, val split scored."""
+    cfg = target.cfg
+    train, val = open_splits(cfg)
+    train_rows = _penultimate(net, train, target, env, comm)
+    val_rows = _penultimate(net, val, target, env, comm)
+    if train_rows is None or val_rows is None:
+        return None
+    (x_train, y_train), (x_val, y_val) = train_rows, val_rows
+    scores = knn_scores(x_train, y_train, x_val, cfg.eval.knn.k, cfg.eval.knn.temperature,
+                        len(train.source.class_names), cfg.clustering.device)
+    return topk_accuracy(scores, y_val), {
+        "k": cfg.eval.knn.k, "temperature": cfg.eval.knn.temperature,
+        "feature_dim": x_train.shape[1], "train_images": len(y_train), "val_images": len(y_val)}
+
+
+def clusters_protocol(target: EvalTarget, net: Network, env: Env,
+                      comm: Comm) -> Optional[Outcome]:
+    """k-means (k = classes) on the penultimate features of every image; for MMDC also the
+    network's own clusters (nearest mixture component of the embedding: paper Table I)."""
+    cfg = target.cfg
+    images = all_labelled(cfg)
+    rows = _penultimate(net, images, target, env, comm)
+    embedded = None if net.embed is None else split_features(
+        net.module, images, cfg.eval.batch_size, env, comm, cfg.progress, compute=net.embed)
+    if rows is None:
+        return None
+    features, labels = rows
+    metrics = kmeans_scores(features, labels, derived_seed(cfg.seed, target.epoch, "eval_kmeans"),
+                            cfg.clustering.niter, cfg.clustering.device)
+    if embedded is not None:
+        own = label_scores(nearest_component(embedded[0], net.means), labels)
+        metrics.update({f"head_{key}": value for key, value in own.items()})
+    return metrics, {"k": len(np.unique(labels)), "feature_dim": features.shape[1],
+                     "images": len(labels)}
+
+
+def linear_protocol(target: EvalTarget, net: Network, env: Env,
+                    comm: Comm) -> Optional[Outcome]:
+    """A linear classifier on the frozen layer eval.linear.layer, trained on augmented crops of
+    the train split, scored on the centre crops of the val split."""
+    cfg, lc = target.cfg, target.cfg.eval.linear
+    try:
+        tap = LayerTap(net.backbone, cfg.model.arch, lc.layer)
+    except ValueError as err:
+        raise ConfigError(f"config key 'eval.linear.layer' = {lc.layer!r}: {err}") from None
+    if not comm.is_main:
+        return None
+    train, val = open_splits(cfg)
+    with torch.no_grad():
+        probe_input = torch.zeros(1, 3, cfg.data.crop_size, cfg.data.crop_size, device=env.device)
+        channels, size = tap(probe_input).shape[1:3]
+    probe = LinearProbe(channels, size, lc.pooled_dim, len(train.source.class_names)).to(env.device)
+
+    def train_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = derived_rng(cfg.seed, epoch, "linear_order").permutation(train.indices)
+        for batch in train.pipelines.train_batches(order, train.source.targets, epoch,
+                                                   lc.batch_size):
+            yield _frozen(tap, batch.images, env), batch.targets.to(env.device)
+
+    def val_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in val.pipelines.feature_batches(val.indices, lc.batch_size):
+            yield (_frozen(tap, batch.images, env),
+                   torch.from_numpy(val.source.targets[batch.indices.numpy()]))
+
+    losses = train_probe(probe, train_batches, lc)
+    scores, labels = probe_scores(probe, val_batches())
+    return {**topk_accuracy(scores, labels), "train_loss": losses[-1]}, {
+        "layer": lc.layer, "pooled_dim": probe.dim, "epochs": lc.epochs, "lr": lc.lr,
+        "weight_decay": lc.weight_decay, "batch_size": lc.batch_size,
+        "train_images": len(train.indices), "val_images": len(labels)}
+
+
+def _penultimate(net: Network, split: Split, target: EvalTarget, env: Env,
+                 comm: Comm) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    cfg = target.cfg
+    return split_features(net.module, split, cfg.eval.batch_size, env, comm, cfg.progress,
+                          compute=net.backbone.clustering_features)
+
+
+@torch.no_grad()
+def _frozen(tap: LayerTap, images: torch.Tensor, env: Env) -> torch.Tensor:
+    return tap(images.to(env.device, non_blocking=True))
+
+
+PROTOCOLS: dict[str, Callable[[EvalTarget, Network, Env, Comm], Optional[Outcome]]] = {
+    "linear": linear_protocol, "knn": knn_protocol, "clusters": clusters_protocol}
+
+
+def evaluate(protocol: str, target_path: str | Path, overrides: Sequence[str] = (),
+             out: Optional[Path] = None) -> Optional[tuple[EvalResult, Path]]:
+    """Run one protocol on a run directory, checkpoint or config, in this process's part of
+    the job (launched like training: torchrun, Slurm, submitit or alone). Rank 0 writes the
+    JSON (to ``out`` or the target's default place) and the MLflow record, and returns the
+    result with the JSON path; the other ranks return None."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown evaluation protocol {protocol!r}; "
+                          f"available: {', '.join(PROTOCOLS)}")
+    target = resolve_target(target_path, overrides)
+    cfg = target.cfg
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    env = detect_env()
+    net = load_network(cfg, target.payload, env.device)
+    log.info("eval %s of %s (%s, %s)", protocol, target.describe(), cfg.method, cfg.model.arch)
+    t0 = time.perf_counter()
+    with process_group(env, cfg.distributed):
+        comm = Comm(env)
+        outcome = PROTOCOLS[protocol](target, net, env, comm)
+        comm.barrier()
+    if outcome is None:
+        return None
+    name = f"linear_{cfg.eval.linear.layer}" if protocol == "linear" else protocol
+    result = EvalResult(name, target, *outcome, time.perf_counter() - t0)
+    path = write_json(result, out or target.default_output(name))
+    log_to_mlflow(result, path)
+    return result, path

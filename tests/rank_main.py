@@ -1,0 +1,46 @@
+"""One rank of a multi-process test job: ``python tests/rank_main.py [options] train ...``.
+
+Runs `dcluster` exactly as ``python -m dcluster`` would, after patching this process only:
+the product has no switches that exist for tests. Options:
+
+--fail-on-rank R   rank R raises in its first training epoch (a crash on one rank)
+--save-weights DIR each rank saves its model's state after every epoch to DIR/rank<R>.pt
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+import dcluster.train
+from dcluster.cli import main
+
+
+def fail_in_training(*args, **kwargs):
+    raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
+
+
+def saving_weights(directory: Path):
+    align = dcluster.train.align_replicas
+
+    def align_then_save(model, comm) -> None:
+        align(model, comm)
+        torch.save(model.state_dict(), directory / f"rank{comm.rank}.pt")
+
+    return align_then_save
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fail-on-rank", type=int)
+    parser.add_argument("--save-weights", type=Path)
+    parser.add_argument("argv", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.fail_on_rank is not None and int(os.environ["RANK"]) == args.fail_on_rank:
+        dcluster.train.train_one_epoch = fail_in_training
+    if args.save_weights is not None:
+        dcluster.train.align_replicas = saving_weights(args.save_weights)
+    sys.exit(main(args.argv))

@@ -1,0 +1,87 @@
+"""The evaluation protocols' cores on synthetic features whose answer is known."""
+import numpy as np
+import pytest
+import torch
+
+from dcluster.config import LinearEvalConfig
+from dcluster.evaluation.clusters import kmeans_scores
+from dcluster.evaluation.knn import knn_scores
+from dcluster.evaluation.linear import LinearProbe, pooled_side, probe_scores, train_probe
+from dcluster.evaluation.scoring import topk_accuracy
+
+N_CLASSES = 10
+
+
+def blobs(n: int, dim: int, seed: int, spread: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Linearly separable classes: unit-distance class centres, small Gaussian spread."""
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(99).standard_normal((N_CLASSES, dim))
+    labels = rng.integers(0, N_CLASSES, n)
+    x = centres[labels] + spread * rng.standard_normal((n, dim))
+    return x.astype(np.float32), labels
+
+
+def test_topk_accuracy_counts_labels_among_the_best_scores():
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+    acc = topk_accuracy(scores, np.array([1, 1, 0]), ks=(1, 2, 5))
+    assert acc == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3), "top5": 1.0}
+
+
+def test_knn_is_near_perfect_on_separable_features():
+    x_train, y_train = blobs(2000, 32, seed=0)
+    x_val, y_val = blobs(500, 32, seed=1)
+    scores = knn_scores(x_train, y_train, x_val, k=20, temperature=0.07, n_classes=N_CLASSES,
+                        device="cpu")
+    assert topk_accuracy(scores, y_val)["top1"] > 0.98
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    train = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]], dtype=np.float32)
+    scores = knn_scores(train, np.array([0, 1, 1]), np.array([[1.0, 0.1]], np.float32), k=3,
+                        temperature=0.07, n_classes=2, device="cpu")
+    # two neighbours of class 1 lose to one much closer neighbour of class 0
+    assert scores[0, 0] > scores[0, 1] > 0
+
+
+def test_linear_probe_is_near_perfect_on_separable_features():
+    torch.manual_seed(0)
+    x_train, y_train = blobs(2000, 32, seed=0, spread=0.5)
+    x_val, y_val = blobs(500, 32, seed=1, spread=0.5)
+    as_maps = lambda x: torch.from_numpy(x)[:, :, None, None]  # (B, C, 1, 1) activations
+
+    def batches(epoch: int):
+        order = np.random.default_rng(epoch).permutation(len(y_train))
+        for chunk in np.array_split(order, 16):
+            yield as_maps(x_train[chunk]), torch.from_numpy(y_train[chunk])
+
+    probe = LinearProbe(channels=32, size=1, pooled_dim=9000, n_classes=N_CLASSES)
+    losses = train_probe(probe, batches, LinearEvalConfig(epochs=5, lr=0.1))
+    assert losses[-1] < losses[0]
+    scores, labels = probe_scores(probe, [(as_maps(x_val), torch.from_numpy(y_val))])
+    assert topk_accuracy(scores, labels)["top1"] > 0.98
+
+
+@pytest.mark.parametrize("channels, size, expected_dim", [
+    (96, 55, 9600), (256, 27, 9216), (384, 13, 9600), (256, 13, 9216),  # the reference's
+    (512, 1, 512),  # a map smaller than the target is kept whole
+])
+def test_pooling_gives_the_reference_dimensions_on_alexnet(channels, size, expected_dim):
+    side = pooled_side(channels, size, 9000)
+    assert channels * side * side == expected_dim
+    probe = LinearProbe(channels, size, 9000, n_classes=3)
+    assert probe(torch.randn(2, channels, size, size)).shape == (2, 3)
+
+
+def test_clusters_score_one_on_features_that_encode_the_labels():
+    labels = np.random.default_rng(0).integers(0, N_CLASSES, 1000)
+    features = np.eye(N_CLASSES, dtype=np.float32)[labels]
+    scores = kmeans_scores(features, labels, seed=0, device="cpu")
+    assert scores == {"nmi": pytest.approx(1.0), "acc": pytest.approx(1.0)}
+
+
+def test_clusters_score_chance_on_random_features():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, N_CLASSES, 2000)
+    features = rng.standard_normal((2000, 64)).astype(np.float32)
+    scores = kmeans_scores(features, labels, seed=0, device="cpu")
+    assert scores["nmi"] < 0.03 and scores["acc"] < 0.15
