@@ -20,13 +20,9 @@ log = logging.getLogger("dcluster")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dcluster.config import load_config
+    from dcluster.methods import run_method
 
-    cfg = load_config(args.config, args.overrides)
-    if cfg.method == "mmdc":
-        from dcluster.mmdc.train import train_mmdc as train
-    else:
-        from dcluster.train import train
-    result = train(cfg)
+    result = run_method(load_config(args.config, args.overrides))
     if result.rank != 0:  # rank 0 speaks for the run
         return 0
     print(f"run directory: {result.run_dir}")

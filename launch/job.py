@@ -22,7 +22,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self):
         from dcluster.logs import configure_logging
-        from dcluster.train import train
+        from dcluster.methods import run_method
 
         configure_logging()
-        return train(load_config(self.config_path, self.overrides))
+        return run_method(load_config(self.config_path, self.overrides))
