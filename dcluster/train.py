@@ -18,14 +18,14 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dcluster.run_setup import set_up_process
 from dcluster.checkpoint import load_checkpoint, save_checkpoint
 from dcluster.clustering.distributed_stage import (cluster_shards, global_mean, own_gpu,
                                                    row_layout, rows_of, spread_labels)
 from dcluster.clustering.pca import l2_normalize
 from dcluster.clustering.sharded_kmeans import sharded_kmeans
 from dcluster.collectives import Comm
-from dcluster.config import Config, config_hash
-from dcluster.data import build_pipelines, open_source
+from dcluster.config import Config
 from dcluster.distributed import Env, detect_env, my_indices, process_group
 from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.extract import ShardFeatures, extract_features
@@ -36,7 +36,7 @@ from dcluster.optimize import (align_replicas, body_optimizer, data_parallel, sg
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import RunState, find_resume_checkpoint, pack, unpack
 from dcluster.sampler import balanced_order, rank_slice
-from dcluster.seeding import derived_seed, seed_everything
+from dcluster.seeding import derived_seed
 from dcluster.tracking import make_tracker, tracking_uri
 from dcluster.plots import plot_cluster_sizes, plot_nmi_curves
 
@@ -61,13 +61,7 @@ def train(cfg: Config) -> RunResult:
 
 def train_epochs(cfg: Config, env: Env, comm: Comm) -> RunResult:
     run = shared_run_dir(cfg, comm)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    chash = config_hash(cfg)
-
-    source = open_source(cfg.data)
-    pipelines = build_pipelines(source, cfg.data, cfg.seed)
+    chash, source, pipelines = set_up_process(cfg)
     mine = my_indices(len(source), env)  # a contiguous shard: every image on exactly one rank
     model = build_model(cfg.model, cfg.data.crop_size).to(env.device)
     lr = cfg.optim.lr * (env.world_size if cfg.optim.lr_scaling == "linear" else 1)

@@ -14,10 +14,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dcluster.run_setup import set_up_process
 from dcluster.checkpoint import save_checkpoint
 from dcluster.clustering import kmeans_labels
-from dcluster.config import Config, ConfigError, MMDCConfig, config_hash
-from dcluster.data import build_pipelines, open_source
+from dcluster.config import Config, ConfigError, MMDCConfig
 from dcluster.distributed import detect_env
 from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.extract import ShardFeatures, extract_features
@@ -29,7 +29,7 @@ from dcluster.mmdc.targets import TargetBank, nearest_component
 from dcluster.optimize import sgd
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import find_resume_checkpoint
-from dcluster.seeding import derived_rng, derived_seed, seed_everything
+from dcluster.seeding import derived_rng, derived_seed
 from dcluster.tracking import make_tracker, tracking_uri
 from dcluster.train import RunResult, finish_plots
 
@@ -49,13 +49,7 @@ def train_mmdc(cfg: Config) -> RunResult:
                           f"this job has {env.world_size}")
     run = prepare_run_dir(cfg)
     attach_log_file(run)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
-    chash = config_hash(cfg)
-
-    source = open_source(cfg.data)
-    pipelines = build_pipelines(source, cfg.data, cfg.seed)
+    chash, source, pipelines = set_up_process(cfg)
     my_indices = np.arange(len(source), dtype=np.int64)  # one process owns every image
     bank = TargetBank(len(source), cfg.mmdc, cfg.seed)
     model = build_mmdc_model(cfg).to(env.device)
