@@ -22,7 +22,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dcluster.config import load_config
     from dcluster.methods import run_method
 
-    result = run_method(load_config(args.config, args.overrides))
+    from dcluster.stop import TrainingStopped
+
+    try:
+        result = run_method(load_config(args.config, args.overrides))
+    except TrainingStopped as stopped:
+        log.warning("%s; run the same command to continue", stopped)
+        return stopped.exit_code
     if result.rank != 0:  # rank 0 speaks for the run
         return 0
     print(f"run directory: {result.run_dir}")

@@ -45,6 +45,12 @@ class Comm:
             self._chunked(array, dist.all_reduce, receive=True)
         return array
 
+    def all_reduce_max(self, array: np.ndarray) -> np.ndarray:
+        """Element-wise maximum of ``array`` over all ranks, in place; returns it."""
+        if self.world_size > 1:
+            self._chunked(array, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX), receive=True)
+        return array
+
     def broadcast(self, array: np.ndarray, src: int = 0) -> np.ndarray:
         """Rank ``src``'s ``array`` into every rank's ``array`` (same shape and dtype)."""
         if self.world_size > 1:

@@ -99,6 +99,10 @@ class DistributedConfig:
 class CheckpointConfig:
     interval: int = 1  # epochs between checkpoints
     keep_last: int = 3
+    # Mid-epoch checkpoints as well (0: off), for epochs too long to lose (YFCC100M): every
+    # this many training iterations, and/or every this many minutes (rank 0's clock).
+    every_iterations: int = 0
+    every_minutes: float = 0.0
 
 
 @dataclass
@@ -223,6 +227,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 EXECUTION_ONLY_KEYS = frozenset(
     {"epochs", "resume", "overwrite", "threads", "progress", "data.workers", "tracking.uri",
      "tracking.plots", "checkpoint.keep_last", "checkpoint.interval", "data.path", "runs_root",
+     "checkpoint.every_iterations", "checkpoint.every_minutes",
      "distributed.backend", "distributed.timeout_s"}
     # what `dcluster eval` measures afterwards never changes what training computes
     | {f"eval.{key}" for key in ("val_path", "val_fraction", "batch_size")}
@@ -305,7 +310,8 @@ def validate(cfg: Config) -> None:
         _check(flat[key] > 0, key, flat[key], "must be positive")
     for key in ("optim.momentum", "optim.weight_decay", "data.workers", "threads",
                 "clustering.pca_dim", "clustering.max_points_per_centroid", "seed",
-                "model.fc_dim", "eval.linear.momentum", "eval.linear.weight_decay"):
+                "model.fc_dim", "checkpoint.every_iterations", "checkpoint.every_minutes",
+                "eval.linear.momentum", "eval.linear.weight_decay"):
         _check(flat[key] >= 0, key, flat[key], "must not be negative")
     _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout, "must be in [0, 1)")
     _check(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", cfg.data.min_scale,

@@ -261,7 +261,11 @@ def process_group(env: Env, cfg: DistributedConfig) -> Iterator[None]:
         yield
     except BaseException as err:
         from dcluster.errors import USER_ERRORS  # imports the data layer; only needed here
+        from dcluster.stop import TrainingStopped
 
+        if isinstance(err, TrainingStopped):  # every rank stopped together: not a failure
+            dist.destroy_process_group()
+            raise
         log.error("rank %d of %d failed: %s: %s", env.rank, env.world_size,
                   type(err).__name__, err, exc_info=not isinstance(err, USER_ERRORS))
         raise  # no destroy_process_group: with peers blocked in a collective it could hang

@@ -22,12 +22,15 @@ class ShardFeatures:
 @torch.no_grad()
 def extract_features(model: nn.Module, pipelines: Pipelines, indices: Sequence[int],
                      batch_size: int, device: torch.device, progress_mode: str, show: bool,
-                     compute: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> ShardFeatures:
+                     compute: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                     stop: Callable[[], bool] = lambda: False) -> ShardFeatures:
     """Run the centre-crop pipeline over `indices` in eval mode (BatchNorm running statistics,
     no dropout), so an image's feature does not depend on which batch it landed in.
 
     `compute` maps a batch of images to (B, D) rows; the default is the model's clustering
-    features. Evaluation passes other outputs of the same network (MMDC's embedding, say)."""
+    features. Evaluation passes other outputs of the same network (MMDC's embedding, say).
+    The pass ends early, with the rows it has, once `stop()` is true: a job asked to stop
+    does not spend its last minutes on features it will compute again after the resume."""
     compute = compute or model.clustering_features
     was_training = model.training
     model.eval()
@@ -37,6 +40,8 @@ def extract_features(model: nn.Module, pipelines: Pipelines, indices: Sequence[i
     batches = pipelines.feature_batches(indices, batch_size)
     for batch in progress(batches, num_batches(len(indices), batch_size), "features",
                           progress_mode, show):
+        if stop():
+            break
         out = compute(batch.images.to(device, non_blocking=True))
         if filled == 0:
             rows = np.empty((len(indices), out.shape[1]), dtype=np.float32)

@@ -5,11 +5,12 @@ import hashlib
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from dcluster.collectives import Comm
@@ -18,6 +19,7 @@ from dcluster.data import Pipelines, num_batches
 from dcluster.distributed import Env
 from dcluster.logs import progress
 from dcluster.models import DeepClusterNet
+from dcluster.stop import StopPoints
 
 
 def sgd(params, cfg: OptimConfig, lr: float) -> torch.optim.SGD:
@@ -53,24 +55,48 @@ def data_parallel(model: DeepClusterNet, env: Env) -> nn.Module:
 
 
 @dataclass
-class TrainStats:
-    loss: float  # mean cross-entropy over the epoch's images of all ranks
-    images: int  # images trained on, all ranks together
+class EpochProgress:
+    """Where one rank stands in an epoch's training pass. Saved for every rank in a mid-epoch
+    checkpoint, it is what a resumed pass continues from."""
+    position: int = 0  # next position in this rank's slice of the epoch's order
+    iterations: int = 0  # optimiser steps taken (poll rounds, equal on every rank still training)
+    loss_sum: float = 0.0  # cross-entropy summed over the images trained on
+    images: int = 0
+
+
+@dataclass
+class Pause:
+    """A training pass returned before its order was done, by agreement of every rank, for
+    the caller to checkpoint and then stop (``signum``) or go on (a periodic checkpoint)."""
+    signum: int  # the stop signal, 0 for a periodic checkpoint
 
 
 def train_one_epoch(net: nn.Module, pipelines: Pipelines, order: Sequence[int], labels: np.ndarray,
                     epoch: int, batch_size: int, optimizers: Sequence[torch.optim.Optimizer],
-                    device: torch.device, progress_mode: str, show: bool, comm: Comm) -> TrainStats:
-    """Train ``net`` on this rank's ``order``. Every rank has the same number of batches, but a
-    batch whose images are all unreadable is skipped, so DDP's join lets a rank that runs out
-    early keep answering the others' gradient all-reduces instead of hanging them."""
+                    device: torch.device, progress_mode: str, show: bool, done: EpochProgress,
+                    stops: StopPoints) -> Optional[Pause]:
+    """Train ``net`` on this rank's ``order`` from ``done.position`` on, updating ``done``.
+
+    Returns None once every rank's order is done, or the pause the ranks agreed on after the
+    same iteration (a stop signal, a periodic checkpoint); the caller checkpoints ``done`` and
+    calls again to go on. A stop already requested before the first batch (during the
+    clustering, say) pauses at once.
+
+    Every rank has the same number of batches, but a batch whose images are all unreadable
+    is skipped, so a rank can run out early: DDP's join, with the flag poll as a second
+    joinable, lets it keep answering the others' collectives instead of hanging them."""
+    signum = stops.agreed_stop()
+    if signum:
+        return Pause(signum)
     net.train()
     criterion = nn.CrossEntropyLoss()
-    total, seen = 0.0, 0
-    batches = pipelines.train_batches(order, labels, epoch, batch_size)
-    with net.join() if isinstance(net, DistributedDataParallel) else nullcontext():
-        for batch in progress(batches, num_batches(len(order), batch_size), "train",
-                              progress_mode, show):
+    poll = stops.iteration_poll()
+    flags = [0, 0]
+    batches = pipelines.train_batches(order, labels, epoch, batch_size, done.position)
+    ddp = isinstance(net, DistributedDataParallel)
+    with Join([net, poll], divide_by_initial_world_size=True) if ddp else nullcontext():
+        for batch in progress(batches, num_batches(len(order), batch_size, done.position),
+                              "train", progress_mode, show):
             images = batch.images.to(device, non_blocking=True)
             targets = batch.targets.to(device, non_blocking=True)
             loss = criterion(net(images), targets)
@@ -83,10 +109,22 @@ def train_one_epoch(net: nn.Module, pipelines: Pipelines, order: Sequence[int], 
             if not math.isfinite(value):
                 raise FloatingPointError(f"epoch {epoch}: training loss became {value}; lower "
                                          f"optim.lr ({optimizers[0].defaults['lr']})")
-            total += value * images.shape[0]
-            seen += images.shape[0]
-    total, seen = comm.all_reduce_sum(np.array([total, seen], dtype=np.float64))
-    return TrainStats(loss=total / max(seen, 1.0), images=int(seen))
+            done.position = batch.next_position
+            done.iterations += 1
+            done.loss_sum += value * images.shape[0]
+            done.images += images.shape[0]
+            flags = poll.poll(stops.local_flags(done.iterations))
+            if any(flags):
+                break
+    # out of the join on every rank: those that ran out early learn the decision too
+    signum, save_due = stops.agree(flags)
+    return Pause(signum) if signum or save_due else None
+
+
+def epoch_loss(done: EpochProgress, comm: Comm) -> float:
+    """Mean cross-entropy over the epoch's images of all ranks."""
+    total, seen = comm.all_reduce_sum(np.array([done.loss_sum, done.images], dtype=np.float64))
+    return float(total / max(seen, 1.0))
 
 
 def align_replicas(model: nn.Module, comm: Comm) -> None:

@@ -3,7 +3,7 @@ checkpoint. Restoring all of it (RNG states included) is what makes a resumed ru
 the same weights as an uninterrupted one."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
@@ -16,7 +16,19 @@ from dcluster.config import Config
 from dcluster.models import DeepClusterNet
 from dcluster.rundir import RunDir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added mid-epoch checkpoints ("in_epoch")
+READABLE_FORMATS = (1, 2)
+
+
+@dataclass
+class InterruptedEpoch:
+    """An epoch checkpointed part way through its training pass (on a stop signal, or
+    periodically), so that a resume continues it: no second clustering, no image trained on
+    twice or skipped."""
+    step: int  # its checkpoint's place in the epoch: 1 once clustered, 1 + k after k iterations
+    metrics: dict[str, float]  # what the epoch had measured (clustering, times) for its report
+    reclustered: bool  # whether the epoch made new pseudo-labels (for the report)
+    ranks: list[dict[str, Any]]  # per rank: "progress" (EpochProgress fields), "rng" (its streams)
 
 
 @dataclass
@@ -28,6 +40,7 @@ class RunState:
     bad_images: dict[int, str] = field(default_factory=dict)  # global index -> reason
     history: list[dict[str, float]] = field(default_factory=list)
     mlflow_run_id: Optional[str] = None
+    in_epoch: Optional[InterruptedEpoch] = None  # set: epoch `next_epoch` is under way
 
 
 def record(state: RunState, config_hash: str, data_fingerprint: str) -> dict[str, Any]:
@@ -38,7 +51,8 @@ def record(state: RunState, config_hash: str, data_fingerprint: str) -> dict[str
         "config_hash": config_hash,
         "data_fingerprint": data_fingerprint,
         "epoch": state.next_epoch,
-        "iteration": 0,
+        "iteration": state.in_epoch.step if state.in_epoch else 0,
+        "in_epoch": asdict(state.in_epoch) if state.in_epoch else None,
         "labels": state.labels,
         "previous_labels": state.previous_labels,
         "n_clusters": state.n_clusters,
@@ -57,7 +71,9 @@ def restored(payload: dict[str, Any], cls: type[State], **extra: Any) -> State:
     return cls(next_epoch=payload["epoch"], labels=payload["labels"],
                previous_labels=payload["previous_labels"], n_clusters=payload["n_clusters"],
                bad_images=dict(payload["bad_images"]), history=list(payload["history"]),
-               mlflow_run_id=payload["mlflow_run_id"], **extra)
+               mlflow_run_id=payload["mlflow_run_id"],
+               in_epoch=InterruptedEpoch(**payload["in_epoch"]) if payload.get("in_epoch") else None,
+               **extra)
 
 
 def pack(state: RunState, model: DeepClusterNet, body_opt: torch.optim.Optimizer,
@@ -90,12 +106,27 @@ def unpack(payload: dict[str, Any], model: DeepClusterNet, body_opt: torch.optim
     return restored(payload, RunState), head_opt
 
 
+def continue_streams(state: RunState, rank: int, world_size: int, source: str) -> None:
+    """Give this rank back the RNG streams it had when an interrupted epoch was saved (its
+    dropout masks go on where they stopped). Only with as many ranks as wrote it: each rank's
+    position is in its own slice of the epoch's order, and the slices depend on their number."""
+    if state.in_epoch is None:
+        return
+    saved = len(state.in_epoch.ranks)
+    if saved != world_size:
+        raise CheckpointError(
+            f"{source}: saved in the middle of epoch {state.next_epoch} by {saved} rank(s), "
+            f"this run has {world_size}: resume it with {saved}, or pass resume=<an "
+            "epoch-boundary checkpoint (ckpt_e*_i0000000.pt)> to redo that epoch")
+    restore_rng_state(state.in_epoch.ranks[rank]["rng"])
+
+
 def check_compatible(payload: dict[str, Any], config_hash: str, data_fingerprint: str,
                      source: str) -> None:
     """Refuse a checkpoint of another format, config or file list (named by `source`)."""
-    if payload.get("format") != FORMAT_VERSION:
+    if payload.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{source}: checkpoint format {payload.get('format')!r}, "
-                         f"this dcluster reads format {FORMAT_VERSION}")
+                              f"this dcluster reads formats {READABLE_FORMATS}")
     if payload["config_hash"] != config_hash:
         raise CheckpointError(f"{source}: written under another config (hash {payload['config_hash']}, "
                          f"now {config_hash}); resume with the run's own config.yaml")

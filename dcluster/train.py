@@ -4,14 +4,16 @@
     -> fresh head -> train (DDP) -> report -> checkpoint
 
 Each step lives in its own module; this one only wires them together and decides what is
-rank 0's duty. The same code runs for one process and for many: with one, every collective is
+rank 0's duty. A stop signal (dcluster/stop.py) is acted on where all ranks agree: after the
+feature pass, before the training pass and after any training iteration, with a checkpoint
+of exactly where the epoch stands (mid-epoch ones included), from which a resume continues. The same code runs for one process and for many: with one, every collective is
 the identity (dcluster/collectives.py).
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from dcluster.run_setup import set_up_process
-from dcluster.checkpoint import load_checkpoint, save_checkpoint
+from dcluster.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from dcluster.clustering.distributed_stage import (cluster_shards, global_mean, own_gpu,
                                                    row_layout, rows_of, spread_labels)
 from dcluster.clustering.pca import l2_normalize
@@ -31,10 +33,12 @@ from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.extract import ShardFeatures, extract_features
 from dcluster.metrics import clustering_accuracy, nmi
 from dcluster.models import build_model
-from dcluster.optimize import (align_replicas, body_optimizer, data_parallel, sgd,
-                               train_one_epoch)
+from dcluster.optimize import (EpochProgress, align_replicas, body_optimizer, data_parallel,
+                               epoch_loss, sgd, train_one_epoch)
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
-from dcluster.run_state import RunState, find_resume_checkpoint, pack, unpack
+from dcluster.run_state import (InterruptedEpoch, RunState, continue_streams,
+                                find_resume_checkpoint, pack, unpack)
+from dcluster.stop import StopPoints, StopRequest, TrainingStopped
 from dcluster.sampler import balanced_order, rank_slice
 from dcluster.seeding import derived_seed
 from dcluster.tracking import make_tracker, tracking_uri
@@ -55,11 +59,12 @@ class RunResult:
 
 def train(cfg: Config) -> RunResult:
     env = detect_env()
-    with process_group(env, cfg.distributed):
-        return train_epochs(cfg, env, Comm(env))
+    with process_group(env, cfg.distributed), StopRequest() as stop_request:
+        return train_epochs(cfg, env, Comm(env), stop_request)
 
 
-def train_epochs(cfg: Config, env: Env, comm: Comm) -> RunResult:
+def train_epochs(cfg: Config, env: Env, comm: Comm,
+                 stop_request: Optional[StopRequest] = None) -> RunResult:
     run = shared_run_dir(cfg, comm)
     chash, source, pipelines = set_up_process(cfg)
     mine = my_indices(len(source), env)  # a contiguous shard: every image on exactly one rank
@@ -74,24 +79,51 @@ def train_epochs(cfg: Config, env: Env, comm: Comm) -> RunResult:
         return sgd(head.parameters(), cfg.optim, lr)
 
     fingerprint = source.fingerprint()
-    state, head_opt = resume(cfg, run, model, body_opt, head_optimizer, chash, fingerprint, comm)
+    state, head_opt, last_ckpt = resume(cfg, run, model, body_opt, head_optimizer, chash,
+                                        fingerprint, env, comm)
+    # the (epoch, step) of the newest checkpoint of this run: a stop there needs no new one
+    saved_at = ((state.next_epoch, state.in_epoch.step if state.in_epoch else 0)
+                if last_ckpt else None)
     tracker = make_tracker(cfg, env.is_main)
     state.mlflow_run_id = tracker.start(cfg, run, state.mlflow_run_id)
     net = data_parallel(model, env) if model.head is not None else None
-    last_ckpt: Optional[Path] = None
+    stops = StopPoints(stop_request or StopRequest(), cfg.checkpoint, comm)
     show = env.is_main
+
+    def save(epoch: int, step: int = 0, interrupted: Optional[InterruptedEpoch] = None) -> Path:
+        """Rank 0 commits the run state as checkpoint (epoch, step); the others wait for it."""
+        path = None
+        if env.is_main:
+            path = save_checkpoint(run.checkpoints,
+                                   pack(replace(state, in_epoch=interrupted), model, body_opt,
+                                        head_opt, chash, fingerprint),
+                                   epoch=epoch, iteration=step, keep_last=cfg.checkpoint.keep_last)
+        comm.barrier()
+        stops.saved()
+        return path
 
     try:
         for epoch in range(state.next_epoch, cfg.epochs):
-            metrics: dict[str, float] = {}
-            recluster = state.labels is None or epoch % cfg.clustering.every == 0
+            interrupted, state.in_epoch = state.in_epoch, None
+            if interrupted:  # resumed inside this epoch: its labels and head are restored
+                metrics, recluster = dict(interrupted.metrics), interrupted.reclustered
+                done = EpochProgress(**interrupted.ranks[env.rank]["progress"])
+            else:
+                metrics, recluster = {}, state.labels is None or epoch % cfg.clustering.every == 0
+                done = EpochProgress()
 
             # 1-2. features of this rank's shard, then PCA/whitening/L2 and clustering across
             # ranks; every rank ends with the labels of all N images
-            if recluster:
+            if recluster and not interrupted:
                 t0 = time.perf_counter()
                 shard = extract_features(model, pipelines, mine, cfg.optim.batch_size,
-                                         env.device, cfg.progress, show)
+                                         env.device, cfg.progress, show,
+                                         stop=lambda: bool(stops.request.signum))
+                signum = stops.agreed_stop()  # nothing of the epoch is lost by stopping here
+                if signum:
+                    if saved_at != (epoch, 0):
+                        last_ckpt = save(epoch)
+                    raise TrainingStopped(signum, str(last_ckpt) if last_ckpt else None, epoch, 0)
                 record_bad_images(state, pipelines.bad_indices, comm)
                 metrics["time_features"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -113,7 +145,7 @@ def train_epochs(cfg: Config, env: Env, comm: Comm) -> RunResult:
                     derived_seed(cfg.seed, epoch, "head")))
                 head_opt = head_optimizer(head)
                 net = data_parallel(model, env)
-            else:
+            elif not recluster:
                 metrics.update(time_features=0.0, time_clustering=0.0)
 
             # 3. the epoch's order: uniform over the non-empty clusters, the same global list
@@ -122,14 +154,27 @@ def train_epochs(cfg: Config, env: Env, comm: Comm) -> RunResult:
                                env.world_size)
 
             # 4. train on the pseudo-labels; dropout draws from a (seed, epoch, rank) stream,
-            # so ranks differ from each other and a resumed epoch repeats itself
+            # so ranks differ from each other and a resumed epoch repeats itself (a resumed
+            # interrupted epoch continues the stream it saved). The pass pauses, all ranks
+            # after the same iteration, for a mid-epoch checkpoint or a stop signal.
             t0 = time.perf_counter()
-            torch.manual_seed(derived_seed(cfg.seed, epoch, "dropout", env.rank))
-            stats = train_one_epoch(net, pipelines, order, state.labels, epoch, cfg.optim.batch_size,
-                                    [body_opt, head_opt], env.device, cfg.progress, show, comm)
+            if not interrupted:
+                torch.manual_seed(derived_seed(cfg.seed, epoch, "dropout", env.rank))
+            while pause := train_one_epoch(net, pipelines, order, state.labels, epoch,
+                                           cfg.optim.batch_size, [body_opt, head_opt], env.device,
+                                           cfg.progress, show, done, stops):
+                metrics["time_training"] = metrics.get("time_training", 0.0) + time.perf_counter() - t0
+                t0 = time.perf_counter()
+                where = epoch_so_far(done, metrics, recluster, comm)
+                if saved_at != (epoch, where.step):  # else: stopped again where it resumed
+                    last_ckpt = save(epoch, where.step, where)
+                    saved_at = (epoch, where.step)
+                if pause.signum:
+                    raise TrainingStopped(pause.signum, str(last_ckpt) if last_ckpt else None,
+                                          epoch, done.iterations)
             align_replicas(model, comm)
-            metrics["time_training"] = time.perf_counter() - t0
-            metrics["loss"] = stats.loss
+            metrics["time_training"] = metrics.get("time_training", 0.0) + time.perf_counter() - t0
+            metrics["loss"] = epoch_loss(done, comm)
             metrics["bad_images"] = float(len(state.bad_images))
 
             # 5. report (rank 0)
@@ -144,10 +189,9 @@ def train_epochs(cfg: Config, env: Env, comm: Comm) -> RunResult:
             state.history.append({"epoch": float(epoch), **metrics})
 
             # 6. checkpoint (rank 0), atomically
-            if env.is_main and (state.next_epoch % cfg.checkpoint.interval == 0
-                                or state.next_epoch == cfg.epochs):
-                last_ckpt = save_checkpoint(run.checkpoints, pack(state, model, body_opt, head_opt, chash, fingerprint),
-                                            epoch=state.next_epoch, keep_last=cfg.checkpoint.keep_last)
+            if state.next_epoch % cfg.checkpoint.interval == 0 or state.next_epoch == cfg.epochs:
+                last_ckpt = save(state.next_epoch)
+                saved_at = (state.next_epoch, 0)
 
         if env.is_main:
             finish_plots(cfg, run, state, tracker)
@@ -155,7 +199,8 @@ def train_epochs(cfg: Config, env: Env, comm: Comm) -> RunResult:
         comm.barrier()
     except BaseException as err:
         # the MLflow run shows why it stopped; a resumed job sets it RUNNING again
-        tracker.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        stopped = isinstance(err, (KeyboardInterrupt, TrainingStopped))
+        tracker.finish("KILLED" if stopped else "FAILED")
         raise
 
     tracker.finish()
@@ -177,18 +222,32 @@ def shared_run_dir(cfg: Config, comm: Comm) -> RunDir:
 
 
 def resume(cfg: Config, run: RunDir, model, body_opt, head_optimizer, chash: str,
-           fingerprint: str, comm: Comm):
-    """The state to start from: a fresh one, or the newest valid checkpoint (resume=auto), or
-    the named one (resume=<path>). Rank 0 chooses the file, so that every rank resumes from
-    the same one."""
+           fingerprint: str, env: Env, comm: Comm):
+    """The state to start from, with the head's optimiser and the checkpoint's path: a fresh
+    one, or the newest valid checkpoint (resume=auto), or the named one (resume=<path>). Rank 0
+    chooses the file, so that every rank resumes from the same one."""
     found = find_resume_checkpoint(cfg, run) if comm.is_main else None
     path = comm.broadcast_object(str(found[1].resolve()) if found else None)
     if path is None:
-        return RunState(), None
+        return RunState(), None, None
     payload = found[0] if found else load_checkpoint(Path(path))
     state, head_opt = unpack(payload, model, body_opt, head_optimizer, chash, fingerprint, path)
-    log.info("resuming from %s at epoch %d", path, state.next_epoch)
-    return state, head_opt
+    continue_streams(state, env.rank, env.world_size, path)
+    if state.in_epoch:
+        log.info("resuming from %s inside epoch %d, after its %s", path, state.next_epoch,
+                 f"iteration {state.in_epoch.step - 1}" if state.in_epoch.step > 1 else "clustering")
+    else:
+        log.info("resuming from %s at epoch %d", path, state.next_epoch)
+    return state, head_opt, Path(path)
+
+
+def epoch_so_far(done: EpochProgress, metrics: dict[str, float], reclustered: bool,
+                 comm: Comm) -> InterruptedEpoch:
+    """What a mid-epoch checkpoint holds of the epoch: every rank's progress and RNG streams
+    (gathered to all ranks; rank 0 writes them), and the epoch's measurements so far."""
+    ranks = comm.all_gather_object({"progress": asdict(done), "rng": capture_rng_state()})
+    step = 1 + max(rank["progress"]["iterations"] for rank in ranks)
+    return InterruptedEpoch(step, dict(metrics), reclustered, ranks)
 
 
 def record_bad_images(state: RunState, found: dict[int, str], comm: Comm) -> None:

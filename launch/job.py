@@ -1,17 +1,24 @@
-"""The callable a Slurm job runs: one DeepCluster training, checkpointable by submitit.
+"""The callable a Slurm job runs: one training run, checkpointable by submitit.
 
-submitit pickles this object, runs it on every task of the job, and on the timeout or
-preemption signal calls ``checkpoint`` (Checkpointable's: requeue this same call) on global
-rank 0. The training loop writes its checkpoints itself, atomically, so requeuing the same
-call is all that is needed: it resumes from the newest valid checkpoint of its run directory.
+submitit pickles this object and runs it on every task of the job. On the timeout or
+preemption signal the training loop (dcluster/stop.py) checkpoints at the next iteration
+boundary on which all ranks agree and raises TrainingStopped; only then is the signal handed
+to submitit's own handler, which on global rank 0 calls ``checkpoint`` (Checkpointable's:
+requeue this same call) and requeues the job. The requeued call resumes from the newest valid
+checkpoint of its run directory, with a fresh rendezvous (the port is derived from the job id
+and the restart count, dcluster.distributed).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+import signal
+from typing import Any, Sequence
 
 import submitit
 
 from dcluster.config import load_config
+
+log = logging.getLogger("dcluster.launch")
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -20,9 +27,22 @@ class TrainJob(submitit.helpers.Checkpointable):
         # The run directory was prepared at submission; every (re)start resumes from it.
         self.overrides = [*overrides, "resume=auto", "overwrite=false"]
 
-    def __call__(self):
+    def __call__(self) -> Any:
         from dcluster.logs import configure_logging
         from dcluster.methods import run_method
+        from dcluster.stop import TrainingStopped, preempt_signal
 
         configure_logging()
-        return run_method(load_config(self.config_path, self.overrides))
+        try:
+            return run_method(load_config(self.config_path, self.overrides))
+        except TrainingStopped as stopped:
+            if stopped.signum != preempt_signal():
+                raise  # SIGTERM: the job is being cancelled (or Slurm requeues it itself)
+            log.warning("%s; handing over to submitit to requeue the job", stopped)
+            # submitit's handler, back in place since the run ended: on global rank 0 it
+            # requeues and exits; on the other ranks it returns, and so do they, because
+            # exiting with an error could end rank 0 before it has requeued
+            handler = signal.getsignal(stopped.signum)
+            if callable(handler):
+                handler(stopped.signum, None)
+            return None

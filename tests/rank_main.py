@@ -5,11 +5,16 @@ the product has no switches that exist for tests. Options:
 
 --fail-on-rank R   rank R raises in its first training epoch (a crash on one rank)
 --save-weights DIR each rank saves its model's state after every epoch to DIR/rank<R>.pt
+--interrupt POINT  rank 0 sends itself a signal at POINT (tests/interrupts.py: features:N,
+                   clustering:N, train:E:B); the job must stop as a whole and checkpoint
+--signal NAME      the signal --interrupt sends (default SIGUSR2)
+--record-orders DIR each rank lists the images of its training batches (tests/interrupts.py)
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +22,7 @@ import torch
 
 import dcluster.train
 from dcluster.cli import main
+from interrupts import interrupt_at, record_orders, signal_self
 
 
 def fail_in_training(*args, **kwargs):
@@ -37,10 +43,18 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--fail-on-rank", type=int)
     parser.add_argument("--save-weights", type=Path)
+    parser.add_argument("--interrupt")
+    parser.add_argument("--signal", default="SIGUSR2", type=lambda name: signal.Signals[name])
+    parser.add_argument("--record-orders", type=Path)
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.fail_on_rank is not None and int(os.environ["RANK"]) == args.fail_on_rank:
         dcluster.train.train_one_epoch = fail_in_training
     if args.save_weights is not None:
         dcluster.train.align_replicas = saving_weights(args.save_weights)
+    rank = int(os.environ.get("RANK", "0"))
+    if args.interrupt and rank == 0:
+        interrupt_at(args.interrupt, signal_self(args.signal))
+    if args.record_orders is not None:
+        record_orders(args.record_orders, rank)
     sys.exit(main(args.argv))

@@ -35,6 +35,11 @@ STOP_TIMEOUT_S = 120
 LOG_TAIL_LINES = 30
 START_MESSAGE_LINES = 30
 
+# A requeued job launched at once can be refused by slurmd ("Job credential revoked": it still
+# holds the revocation of the requeue) and then fails for good; the cluster's credentials
+# expire after 10 s (slurm/local/start.sh), so a released job starts after that.
+REQUEUED_START = "now+15"
+
 T = TypeVar("T")
 
 
@@ -89,6 +94,17 @@ class SlurmCluster:
                 raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n"
                                    f"squeue:\n{queue}\n{self.log_tails()}")
             time.sleep(interval)
+
+    def release_requeued(self, job_id: str) -> None:
+        """Waits for a requeued job to be back in the queue, then shortens the start delay
+        Slurm gives it (about 45 s here) to REQUEUED_START."""
+        def release() -> bool:
+            if self.squeue_states(job_id) != ["PENDING"]:
+                return False
+            return self.command("scontrol", "update", f"JobId={job_id}",
+                                f"StartTime={REQUEUED_START}").returncode == 0
+
+        self.wait_for(release, timeout=90, what=f"job {job_id} to be requeued and released")
 
     def log_tails(self) -> str:
         """The last lines of the daemons' logs, to explain a failure."""

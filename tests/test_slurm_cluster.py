@@ -109,15 +109,7 @@ def test_checkpointable_job_requeues_after_timeout_signal(slurm_cluster: SlurmCl
 
         job._interrupt(timeout=True)  # the timeout signal: rank 0 checkpoints and requeues
 
-        def start_now() -> bool:
-            """Skips the requeued job's start delay, once it is back in the queue."""
-            if slurm_cluster.squeue_states(job.job_id) != ["PENDING"]:
-                return False
-            return slurm_cluster.command("scontrol", "update", f"JobId={job.job_id}",
-                                         "StartTime=now").returncode == 0
-
-        slurm_cluster.wait_for(start_now, timeout=60,
-                               what=f"job {job.job_id} to be requeued and released")
+        slurm_cluster.release_requeued(job.job_id)
         slurm_cluster.wait_for(
             lambda: all((markers / f"restart1-rank{r}").exists() for r in (0, 1)),
             timeout=90, what=f"both ranks of job {job.job_id} to run again")

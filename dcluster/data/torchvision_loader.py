@@ -105,7 +105,11 @@ class TorchvisionPipelines:
         loader = DataLoader(_PositionDataset(self.source, indices, start, transform),
                             batch_size=batch_size, shuffle=False, drop_last=False,
                             num_workers=self.cfg.workers, collate_fn=_collate,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(),
+                            # its own generator: a DataLoader otherwise draws its base seed
+                            # from the global stream, which dropout uses, so a pass restarted
+                            # mid-epoch (resume) would shift the dropout masks that follow
+                            generator=torch.Generator())
         for batch in loader:
             budget.record_all(batch.unreadable)
             if len(batch.indices):

@@ -113,6 +113,9 @@ SelectTypeParameters=CR_CPU_Memory
 DefMemPerCPU=$(( real_mib / cpus ))
 ReturnToService=2
 JobRequeue=1
+# Look at pending jobs every 5 s (default 60 s, backfill 30 s): a requeued job whose start
+# time has come (scontrol update StartTime=...) starts promptly.
+SchedulerParameters=sched_interval=5,bf_interval=5
 # A requeue or cancel sends SIGTERM, which submitit's tasks ignore (they only log it);
 # SIGKILL follows after KillWait, so keep it short for fast requeues in tests.
 KillWait=5

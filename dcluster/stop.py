@@ -1,0 +1,173 @@
+"""Stopping a run cleanly when Slurm says its time is up, or that it is preempted.
+
+A signal can land anywhere: inside a gradient all-reduce, a FAISS call, a checkpoint write.
+So the handler only records it, and the loop acts where every rank can agree on it: between
+the stages of an epoch (one all-reduce of the ranks' flags) and between training iterations
+(the same flags ride on one small all-reduce per iteration, so every rank stops after the
+same iteration and no collective is cut in half). There the loop checkpoints exactly where
+the epoch stands and raises :class:`TrainingStopped`; whoever started the loop decides what
+follows: submitit's requeue (launch/job.py) or an exit code (``dcluster train``).
+
+The same iteration poll carries the decision to write a periodic mid-epoch checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType, TracebackType
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
+
+from dcluster.collectives import Comm
+from dcluster.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+
+# submitit's variable for the signal it treats as "timeout or preemption" (USR2 by default);
+# Slurm sends it --signal's delay before the time limit.
+PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
+
+
+def preempt_signal() -> signal.Signals:
+    name = os.environ.get(PREEMPT_SIGNAL_ENV, "USR2").upper()
+    try:
+        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    except KeyError:
+        raise ValueError(f"{PREEMPT_SIGNAL_ENV}={name!r} is not a signal name") from None
+
+
+class TrainingStopped(Exception):
+    """The run stopped on a signal after committing ``checkpoint``; running the same command
+    (or requeuing the same job) resumes from it."""
+
+    def __init__(self, signum: int, checkpoint: Optional[str], epoch: int, iteration: int) -> None:
+        self.signum = signum
+        self.checkpoint = checkpoint  # on rank 0; the other ranks do not write
+        super().__init__(f"stopped on {signal.Signals(signum).name} in epoch {epoch} after "
+                         f"{iteration} iteration(s); resume from {checkpoint or 'the checkpoint rank 0 wrote'}")
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell reports for a process ended by the signal: a batch script can tell a
+        stop it asked for (128 + USR2 = 140) from a failure."""
+        return 128 + self.signum
+
+
+class StopRequest:
+    """Records the preemption signal and SIGTERM while a run is in progress.
+
+    A context manager: it installs its handlers on entry and puts back the ones it replaced
+    on exit, so that under submitit the job's own handlers (which requeue on rank 0) are in
+    place again when the job hands the stop over to them. Outside the main thread Python
+    allows no handlers; there it records nothing and says so."""
+
+    def __init__(self) -> None:
+        self.signals = (preempt_signal(), signal.SIGTERM)
+        self.signum = 0  # the signal received, 0 for none; SIGTERM wins over the other
+        self._replaced: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is not threading.main_thread():
+            log.debug("not in the main thread: stop signals are not handled")
+            return self
+        for sig in self.signals:
+            self._replaced[sig] = signal.signal(sig, self._record)
+        return self
+
+    def __exit__(self, kind: Optional[type], value: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> None:
+        for sig, handler in self._replaced.items():
+            signal.signal(sig, handler)
+        self._replaced.clear()
+
+    def _record(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signum != signal.SIGTERM:
+            self.signum = signum
+        log.warning("received %s: checkpointing and stopping at the next iteration boundary",
+                    signal.Signals(signum).name)
+
+
+class StopPoints:
+    """Where the loop asks whether to stop or save, and the agreement of all ranks on it.
+
+    The flags travel as [signal number, save due], reduced with max: a signal seen by any rank
+    stops all of them, and SIGTERM (15) outranks USR2 (12) because it means the job is ending
+    rather than being requeued."""
+
+    def __init__(self, request: StopRequest, cfg: CheckpointConfig, comm: Comm) -> None:
+        self.request = request
+        self.comm = comm
+        self.every_iterations = cfg.every_iterations
+        self.every_seconds = cfg.every_minutes * 60.0
+        self._last_save = time.monotonic()
+
+    def agree(self, flags: list[int]) -> tuple[int, int]:
+        """Every rank's [signal, save due] reduced, all ranks present (no join in progress)."""
+        signum, save_due = self.comm.all_reduce_max(np.array(flags, dtype=np.int64))
+        return int(signum), int(save_due)
+
+    def agreed_stop(self) -> int:
+        """At a stage boundary: the signal some rank received, or 0 to go on."""
+        return self.agree([self.request.signum, 0])[0]
+
+    def local_flags(self, iterations: int) -> list[int]:
+        """This rank's [signal, save due] after ``iterations`` iterations of the epoch.
+        The iteration rule is the same on every rank; the clock is rank 0's alone."""
+        due = self.every_iterations > 0 and iterations % self.every_iterations == 0
+        if self.comm.is_main and self.every_seconds > 0:
+            due = due or time.monotonic() - self._last_save >= self.every_seconds
+        return [self.request.signum, int(due)]
+
+    def saved(self) -> None:
+        self._last_save = time.monotonic()
+
+    def iteration_poll(self) -> IterationPoll:
+        return IterationPoll(self.comm, self.comm.device)
+
+
+class IterationPoll(Joinable):
+    """The per-iteration all-reduce of the flags, as a participant of DDP's join context.
+
+    With uneven inputs (a rank whose batches ran out early because a whole batch was
+    unreadable) DDP's join has the finished rank shadow the others' collectives; as a Joinable
+    this poll is shadowed too, by an all-reduce of zeros, so it cannot hang them."""
+
+    def __init__(self, comm: Comm, device: torch.device) -> None:
+        super().__init__()
+        self.comm = comm
+        self.device = device
+
+    def poll(self, flags: list[int]) -> list[int]:
+        if self.comm.world_size == 1:
+            return flags
+        Join.notify_join_context(self)
+        agreed = torch.tensor(flags, dtype=torch.int64, device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        return agreed.tolist()
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        return _ShadowPoll(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self.device
+
+    @property
+    def join_process_group(self) -> Any:
+        return dist.group.WORLD
+
+
+class _ShadowPoll(JoinHook):
+    def __init__(self, poll: IterationPoll) -> None:
+        self.poll = poll
+
+    def main_hook(self) -> None:
+        dist.all_reduce(torch.zeros(2, dtype=torch.int64, device=self.poll.device),
+                        op=dist.ReduceOp.MAX)

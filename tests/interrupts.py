@@ -1,0 +1,96 @@
+"""Test-only patches of one training process: interrupt it with a real signal at a chosen
+point of the epoch loop, and record which images its training passes were given.
+
+Used by tests/rank_main.py (local processes) and by the Slurm tests (inside the submitted
+job), so both interrupt at exactly the same places. The product has no switch for this; the
+patches wrap the functions dcluster/train.py calls.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import dcluster.train
+
+STAGES = ("features", "clustering", "train")
+
+
+def parse_point(text: str) -> tuple[str, int, int]:
+    """'features:N', 'clustering:N' or 'train:E:B' as (stage, N or E, B). N counts this
+    process's feature passes / clusterings from 0; E is the epoch number, and B (from 1) the
+    batch of the training pass started in this process in that epoch."""
+    stage, epoch, *batch = text.split(":")
+    if stage not in STAGES or (stage == "train") != bool(batch):
+        raise ValueError(f"interrupt point {text!r}: want features:E, clustering:E or train:E:B")
+    return stage, int(epoch), int(batch[0]) if batch else 0
+
+
+def interrupt_at(text: str, send: Callable[[], None]) -> None:
+    """Call ``send()`` (which delivers the signal) once, at ``text``'s point (parse_point).
+    On a run that starts fresh, feature pass and clustering N are those of epoch N."""
+    stage, epoch, batch = parse_point(text)
+    calls = {"features": 0, "clustering": 0}
+
+    def counting(name: str, function: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            if stage == name and calls[name] == epoch:
+                send()
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    dcluster.train.extract_features = counting("features", dcluster.train.extract_features)
+    dcluster.train.cluster_shards = counting("clustering", dcluster.train.cluster_shards)
+    if stage == "train":
+        _wrap_train_batches(lambda e, b: e == epoch and b == batch and send())
+
+
+def record_orders(directory: Path, rank: int) -> None:
+    """Append the global indices of every training batch this process is given to
+    ``directory/rank<R>-epoch<E>.txt``, one line per batch."""
+    directory.mkdir(parents=True, exist_ok=True)
+    def note(epoch: int, _: int, indices) -> None:
+        with open(directory / f"rank{rank}-epoch{epoch}.txt", "a") as out:
+            out.write(" ".join(map(str, indices.tolist())) + "\n")
+
+    _wrap_train_batches(lambda e, b: None, note)
+
+
+def _wrap_train_batches(before: Callable[[int, int], object],
+                        after: Callable[[int, int, object], None] = lambda *a: None) -> None:
+    """Wrap the loop's training pass so that each batch it is given passes ``before(epoch,
+    batch number)`` first and ``after(epoch, number, indices)`` once handed over."""
+    train_one_epoch = dcluster.train.train_one_epoch
+
+    def patched(net, pipelines, order, labels, epoch, *args, **kwargs):
+        return train_one_epoch(net, _Watched(pipelines, before, after), order, labels, epoch,
+                               *args, **kwargs)
+
+    dcluster.train.train_one_epoch = patched
+
+
+class _Watched:
+    """A Pipelines whose training batches are watched; everything else is the original's."""
+
+    def __init__(self, pipelines, before, after) -> None:
+        self._pipelines = pipelines
+        self._before = before
+        self._after = after
+
+    def __getattr__(self, name: str):
+        return getattr(self._pipelines, name)
+
+    def train_batches(self, order, targets, epoch: int, batch_size: int,
+                      start_position: int = 0) -> Iterator:
+        number = 0
+        for batch in self._pipelines.train_batches(order, targets, epoch, batch_size,
+                                                   start_position):
+            number += 1
+            self._before(epoch, number)
+            self._after(epoch, number, batch.indices)
+            yield batch
+
+
+def signal_self(signum: int) -> Callable[[], None]:
+    return lambda: os.kill(os.getpid(), signum)
