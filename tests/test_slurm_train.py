@@ -158,18 +158,25 @@ class InterruptedTrainJob(TrainJob):
         return super().__call__()
 
 
+def submit_interrupted(job_yaml: Path, name: str, points: dict[int, str],
+                       *overrides: str) -> tuple[submitit.Job, Path]:
+    """An InterruptedTrainJob submitted as `dcluster submit` would (run directory prepared
+    first, the executor of the config's `slurm:` section); returns it and its orders folder."""
+    overrides = (f"name={name}", *overrides)
+    cfg = load_config(job_yaml, list(overrides))
+    orders = job_yaml.parent / f"orders-{name}"
+    prepare_run_dir(cfg)
+    executor = build_executor(cfg, runs_root(job_yaml) / name / "slurm")
+    return executor.submit(InterruptedTrainJob(str(job_yaml), list(overrides), points,
+                                               str(orders))), orders
+
+
 def test_timeout_signal_mid_epoch_and_mid_clustering_requeues_and_ends_alike(
         slurm_cluster, job_yaml, local_run):
     name = "interrupted"
-    cfg = load_config(job_yaml, [f"name={name}"])
-    orders = job_yaml.parent / "orders-interrupted"
-    orders.mkdir()
-    prepare_run_dir(cfg)  # as `dcluster submit` does, before its logs go in there
-    executor = build_executor(cfg, runs_root(job_yaml) / name / "slurm")
     # restart 0: just before the 5th batch of epoch 1; restart 1 (resumed inside epoch 1):
     # during its first clustering, that of epoch 2
-    job = executor.submit(InterruptedTrainJob(str(job_yaml), [f"name={name}"],
-                                              {0: "train:1:5", 1: "clustering:0"}, str(orders)))
+    job, orders = submit_interrupted(job_yaml, name, {0: "train:1:5", 1: "clustering:0"})
     ckpts = checkpoints(job_yaml, name)
     try:
         slurm_cluster.wait_for(committed(ckpts, 1, 6).exists, timeout=JOB_TIMEOUT_S,
@@ -199,6 +206,27 @@ def test_timeout_signal_mid_epoch_and_mid_clustering_requeues_and_ends_alike(
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string=f"attributes.run_name = '{name}'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def test_requeues_stop_at_the_cap_with_the_checkpoint_kept(slurm_cluster, job_yaml, local_run):
+    """slurm.max_requeues counts timeouts (as submitit does: preemptions are not capped). With
+    a 2-minute limit every signal reads as a timeout to submitit, so with a cap of 0 the
+    first one checkpoints and ends the job instead of requeuing it."""
+    name = "capped"
+    job, _ = submit_interrupted(job_yaml, name, {0: "train:1:5"}, "slurm.max_requeues=0",
+                                "slurm.time_min=2", "slurm.signal_delay_s=5")
+    ckpts = checkpoints(job_yaml, name)
+    try:
+        slurm_cluster.wait_for(lambda: slurm_cluster.squeue_states(job.job_id) == ["FAILED"],
+                               timeout=JOB_TIMEOUT_S, what=f"job {job.job_id} to end, not requeued")
+    finally:
+        cancel(slurm_cluster, job.job_id)
+    latest = load_latest(ckpts)
+    assert latest is not None and latest[1].name == "ckpt_e000001_i0000006.pt"
+    assert latest[0]["in_epoch"]["step"] == 6
+    errors = "".join(p.read_text() for p in (runs_root(job_yaml) / name / "slurm").glob("*_0_log.*"))
+    assert "timed-out too many times" in errors
+    assert "resuming from" not in (runs_root(job_yaml) / name / "train.log").read_text()
 
 
 def test_scancel_leaves_a_checkpoint_a_new_submission_resumes(slurm_cluster, job_yaml, local_run):
