@@ -21,7 +21,7 @@ demo: install
 	$(VENV)/bin/dcluster train configs/demo.yaml data.path=$(DEMO_DATA) $(DEMO_ARGS)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 bench: install
 	$(PY) benchmarks/bench_clustering.py

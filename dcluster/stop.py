@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from dcluster.collectives import Comm
-from dcluster.config import CheckpointConfig
+from dcluster.config import CheckpointConfig, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def preempt_signal() -> signal.Signals:
     try:
         return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
     except KeyError:
-        raise ValueError(f"{PREEMPT_SIGNAL_ENV}={name!r} is not a signal name") from None
+        raise ConfigError(f"environment variable {PREEMPT_SIGNAL_ENV}={name!r}: not a signal "
+                          "name (e.g. USR2)") from None
 
 
 class TrainingStopped(Exception):

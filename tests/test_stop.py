@@ -10,7 +10,7 @@ import torch
 
 import dcluster.stop
 from dcluster.collectives import Comm
-from dcluster.config import CheckpointConfig
+from dcluster.config import CheckpointConfig, ConfigError
 from dcluster.distributed import Env
 from dcluster.stop import StopPoints, StopRequest, TrainingStopped, preempt_signal
 
@@ -27,7 +27,7 @@ def test_preempt_signal_follows_submitits_variable(monkeypatch):
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "SIGTERM")
     assert preempt_signal() == signal.SIGTERM
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "NOPE")
-    with pytest.raises(ValueError, match="NOPE"):
+    with pytest.raises(ConfigError, match="NOPE"):
         preempt_signal()
 
 
