@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Optional
 
@@ -48,11 +49,11 @@ class TrainingStopped(Exception):
     """The run stopped on a signal after committing ``checkpoint``; running the same command
     (or requeuing the same job) resumes from it."""
 
-    def __init__(self, signum: int, checkpoint: Optional[str], epoch: int, iteration: int) -> None:
+    def __init__(self, signum: int, checkpoint: Optional[Path], epoch: int, iteration: int) -> None:
         self.signum = signum
-        self.checkpoint = checkpoint  # on rank 0; the other ranks do not write
+        written = checkpoint or "the checkpoint rank 0 wrote"  # only rank 0 writes
         super().__init__(f"stopped on {signal.Signals(signum).name} in epoch {epoch} after "
-                         f"{iteration} iteration(s); resume from {checkpoint or 'the checkpoint rank 0 wrote'}")
+                         f"{iteration} iteration(s); resume from {written}")
 
     @property
     def exit_code(self) -> int:
@@ -130,7 +131,7 @@ class StopPoints:
         self._last_save = time.monotonic()
 
     def iteration_poll(self) -> IterationPoll:
-        return IterationPoll(self.comm, self.comm.device)
+        return IterationPoll(self.comm)
 
 
 class IterationPoll(Joinable):
@@ -140,10 +141,10 @@ class IterationPoll(Joinable):
     unreadable) DDP's join has the finished rank shadow the others' collectives; as a Joinable
     this poll is shadowed too, by an all-reduce of zeros, so it cannot hang them."""
 
-    def __init__(self, comm: Comm, device: torch.device) -> None:
+    def __init__(self, comm: Comm) -> None:
         super().__init__()
         self.comm = comm
-        self.device = device
+        self.device = comm.device  # where the backend's tensors live (a GPU for NCCL)
 
     def poll(self, flags: list[int]) -> list[int]:
         if self.comm.world_size == 1:

@@ -90,7 +90,8 @@ def train_epochs(cfg: Config, env: Env, comm: Comm,
     stops = StopPoints(stop_request or StopRequest(), cfg.checkpoint, comm)
     show = env.is_main
 
-    def save(epoch: int, step: int = 0, interrupted: Optional[InterruptedEpoch] = None) -> Path:
+    def save(epoch: int, step: int = 0,
+             interrupted: Optional[InterruptedEpoch] = None) -> Optional[Path]:
         """Rank 0 commits the run state as checkpoint (epoch, step); the others wait for it."""
         path = None
         if env.is_main:
@@ -123,7 +124,7 @@ def train_epochs(cfg: Config, env: Env, comm: Comm,
                 if signum:
                     if saved_at != (epoch, 0):
                         last_ckpt = save(epoch)
-                    raise TrainingStopped(signum, str(last_ckpt) if last_ckpt else None, epoch, 0)
+                    raise TrainingStopped(signum, last_ckpt, epoch, 0)
                 record_bad_images(state, pipelines.bad_indices, comm)
                 metrics["time_features"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -170,8 +171,7 @@ def train_epochs(cfg: Config, env: Env, comm: Comm,
                     last_ckpt = save(epoch, where.step, where)
                     saved_at = (epoch, where.step)
                 if pause.signum:
-                    raise TrainingStopped(pause.signum, str(last_ckpt) if last_ckpt else None,
-                                          epoch, done.iterations)
+                    raise TrainingStopped(pause.signum, last_ckpt, epoch, done.iterations)
             align_replicas(model, comm)
             metrics["time_training"] = metrics.get("time_training", 0.0) + time.perf_counter() - t0
             metrics["loss"] = epoch_loss(done, comm)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cloudpickle
@@ -129,14 +129,23 @@ def test_submitted_two_task_run_matches_the_local_run(slurm_cluster, job_yaml, l
 def send_timeout_signal() -> None:
     """From rank 0 inside the job: the signal Slurm sends before the time limit, to every
     task of the job, sent the same way (scancel --signal to the job's steps). Returns once
-    this process's stop request has recorded it, so the interruption lands where asked."""
-    subprocess.run(["scancel", "--signal=USR2", os.environ["SLURM_JOB_ID"]], check=True,
-                   timeout=30)
+    this process's stop request has recorded it, so the interruption lands where asked: the
+    signal's arrival wakes a select on Python's signal wake-up pipe."""
     request = signal.getsignal(signal.SIGUSR2).__self__  # the run's dcluster.stop.StopRequest
-    deadline = time.monotonic() + SIGNAL_SEEN_TIMEOUT_S
-    while not request.signum and time.monotonic() < deadline:
-        time.sleep(0.05)  # interrupted by the signal itself
-    assert request.signum, "the timeout signal never reached rank 0"
+    woken, wake = os.pipe()
+    os.set_blocking(wake, False)
+    previous = signal.set_wakeup_fd(wake)
+    try:
+        subprocess.run(["scancel", "--signal=USR2", os.environ["SLURM_JOB_ID"]], check=True,
+                       timeout=30)
+        while not request.signum:
+            ready, _, _ = select.select([woken], [], [], SIGNAL_SEEN_TIMEOUT_S)
+            assert ready, "the timeout signal never reached rank 0"
+            os.read(woken, 512)
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(woken)
+        os.close(wake)
 
 
 class InterruptedTrainJob(TrainJob):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +75,8 @@ def test_iteration_rule_and_rank_zeros_clock_ask_for_periodic_checkpoints(monkey
 
 
 def test_training_stopped_exits_like_the_signal_would():
-    stopped = TrainingStopped(signal.SIGUSR2, "runs/x/checkpoints/ckpt_e000003_i0000011.pt", 3, 10)
+    stopped = TrainingStopped(signal.SIGUSR2, Path("runs/x/checkpoints/ckpt_e000003_i0000011.pt"), 3,
+                              10)
     assert stopped.exit_code == 140
     assert "SIGUSR2" in str(stopped) and "epoch 3 after 10 iteration(s)" in str(stopped)
     assert "ckpt_e000003_i0000011.pt" in str(stopped)
