@@ -8,7 +8,7 @@ contiguous shard, then every rank runs one clustering step:
 * ours:  ``cluster_shards`` in gather mode: PCA statistics all-reduced, whitening fitted on
   rank 0, 256-d vectors gathered to rank 0, FAISS k-means there, labels broadcast;
 * naive: the raw D-dimensional rows gathered to rank 0, which runs the single-process stage
-  (``cluster_features``) on them, labels broadcast.
+  (``cluster_shards`` with a one-process Comm) on them, labels broadcast.
 
 Rank 0's peak is its resident set's high-water mark during the step (reset through
 /proc/self/clear_refs just before it) minus its resident set before it, when it already holds
@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from dcluster.clustering import cluster_features
 from dcluster.clustering.distributed_stage import cluster_shards
 from dcluster.collectives import Comm
 from dcluster.config import ClusteringConfig, DistributedConfig
@@ -87,7 +86,9 @@ def naive_stage(features: np.ndarray, n: int, cfg: ClusteringConfig, comm: Comm,
     stacked = features if comm.world_size == 1 else comm.gather_rows(features, counts)
     labels = np.empty(n, dtype=np.int64)
     if stacked is not None:
-        labels[:] = cluster_features(stacked, cfg, seed).labels
+        cpu = torch.device("cpu")
+        solo = Comm(Env(rank=0, world_size=1, local_rank=0, device=cpu))
+        labels[:] = cluster_shards(stacked, np.arange(n), n, cfg, solo, seed, cpu).labels
     comm.broadcast(labels)
 
 

@@ -1,10 +1,10 @@
 """Checkpoints that survive a kill at any instant, and the RNG states a resume needs.
 
-A preempted job can die between any two system calls, so a checkpoint is never written in
-place: the bytes go to a temp file that is fsynced and renamed, and only then does a sidecar
-with their sha256 appear, written the same way. The sidecar is the commit marker: a data file
-without one (or whose bytes no longer match it) is skipped on resume, and the previous
-checkpoint is used. Old checkpoints are pruned only after the new one is committed.
+A preempted job can die between any two system calls, so a checkpoint is written atomically
+(dcluster.atomic: a temp file, fsynced and renamed), and only then does a sidecar with its
+sha256 appear, written the same way. The sidecar is the commit marker: a data file without one
+(or whose bytes no longer match it) is skipped on resume, and the previous checkpoint is used.
+Old checkpoints are pruned only after the new one is committed.
 
 One writer per directory is assumed (rank 0): temp files found at the start of a save can only
 come from a killed writer and are removed.
@@ -13,62 +13,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
+from dcluster.atomic import atomic_write, atomic_write_bytes, remove_stale_temps
+from dcluster.errors import UserError
+
 log = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".tmp"
 SIDECAR_SUFFIX = ".sha256"
 SUPERSEDED_SUFFIX = ".superseded"
 _NAME = re.compile(r"^ckpt_e(\d+)_i(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, UserError):
     """A checkpoint file that is incomplete, corrupt or unreadable; the message names it."""
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: without this a power loss can forget the new directory entry."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Give `path` either its old content or the complete new content, never a mix.
-
-    `write` fills a temp file in the same directory (a rename is only atomic within one file
-    system); the temp file is removed if `write` fails.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_stale_temps(directory: Path) -> None:
-    """Remove temp files of a killed writer (safe only while no other writer is active)."""
-    for tmp in directory.glob(f".*{TMP_SUFFIX}"):
-        log.info("removing %s left by an interrupted write", tmp)
-        tmp.unlink(missing_ok=True)
 
 
 def checkpoint_name(epoch: int, iteration: int) -> str:
@@ -113,10 +77,10 @@ def save_checkpoint(directory: Path, state: dict[str, Any], epoch: int, iteratio
     _sidecar(path).unlink(missing_ok=True)
     atomic_write(path, lambda f: torch.save(state, f))
     digest = _sha256(path)
-    atomic_write(_sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    atomic_write_bytes(_sidecar(path), f"{digest}  {path.name}\n".encode())
     _set_aside_newer(directory, (epoch, iteration))
     _prune(directory, keep_last)
-    log.info("saved checkpoint %s", path)
+    log.debug("saved checkpoint %s", path)
     return path
 
 

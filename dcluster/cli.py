@@ -20,12 +20,12 @@ log = logging.getLogger("dcluster")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from dcluster.config import load_config
-    from dcluster.methods import run_method
+    from dcluster.train import train
 
     from dcluster.stop import TrainingStopped
 
     try:
-        result = run_method(load_config(args.config, args.overrides))
+        result = train(load_config(args.config, args.overrides))
     except TrainingStopped as stopped:
         log.warning("%s; run the same command to continue", stopped)
         return stopped.exit_code
@@ -110,13 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from dcluster.errors import USER_ERRORS
+    from dcluster.errors import UserError
 
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except USER_ERRORS as err:
+    except UserError as err:
         print(f"dcluster {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -20,20 +20,29 @@ CHUNK_BYTES = 64 << 20
 
 
 class Comm:
-    """The job's collectives, seen from one rank."""
+    """The job's collectives, seen from one rank. Its place in the job (rank, world size,
+    main or not) is read from its ``env``, never copied, so the two cannot disagree."""
 
     def __init__(self, env: Env) -> None:
-        self.rank = env.rank
-        self.world_size = env.world_size
+        self.env = env
         if env.world_size > 1 and not dist.is_initialized():
             raise RuntimeError(f"world size {env.world_size} but no process group: "
                                "create Comm inside distributed.process_group")
         nccl = env.world_size > 1 and dist.get_backend() == "nccl"
+        # where collectives stage their tensors, not necessarily the rank's own device
         self.device = env.device if nccl else torch.device("cpu")
 
     @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return self.env.is_main
 
     def barrier(self) -> None:
         if self.world_size > 1:

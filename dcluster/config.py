@@ -16,8 +16,11 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from dcluster.errors import UserError
+from dcluster.methods import METHODS
 
-class ConfigError(ValueError):
+
+class ConfigError(ValueError, UserError):
     """A configuration problem, with the offending key and value in the message."""
 
 
@@ -218,7 +221,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "clustering.mode": ("gather", "sharded"),
     "distributed.backend": ("auto", "gloo", "nccl"),
     "progress": ("auto", "always", "never"),
-    "method": ("deepcluster", "mmdc"),
+    "method": tuple(METHODS),
     "mmdc.means": ("onehot", "uniform"),
 }
 

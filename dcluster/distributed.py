@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from dcluster.config import ConfigError, DistributedConfig
+from dcluster.errors import CleanStop, UserError
 
 log = logging.getLogger("dcluster.distributed")
 
@@ -260,14 +261,11 @@ def process_group(env: Env, cfg: DistributedConfig) -> Iterator[None]:
     try:
         yield
     except BaseException as err:
-        from dcluster.errors import USER_ERRORS  # imports the data layer; only needed here
-        from dcluster.stop import TrainingStopped
-
-        if isinstance(err, TrainingStopped):  # every rank stopped together: not a failure
+        if isinstance(err, CleanStop):  # every rank stopped together: not a failure
             dist.destroy_process_group()
             raise
         log.error("rank %d of %d failed: %s: %s", env.rank, env.world_size,
-                  type(err).__name__, err, exc_info=not isinstance(err, USER_ERRORS))
+                  type(err).__name__, err, exc_info=not isinstance(err, UserError))
         raise  # no destroy_process_group: with peers blocked in a collective it could hang
     dist.destroy_process_group()
 

@@ -26,7 +26,12 @@ def assignment_metrics(labels: np.ndarray, previous: Optional[np.ndarray],
 
 
 def format_epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    """The epoch's one INFO line: what each method measured, in a fixed order."""
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m['loss']:.4f}"]
+    if "loss_rotation" in m:
+        parts.append(f"rotation loss {m['loss_rotation']:.4f}")
+    if "moved_fraction" in m:
+        parts.append(f"targets moved {100 * m['moved_fraction']:.1f}%")
     if "objective" in m:
         parts.append(f"objective {m['objective']:.4g}")
     for key, label in (("nmi_prev", "NMI(prev)"), ("nmi_classes", "NMI(classes)"),
@@ -36,6 +41,8 @@ def format_epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
             parts.append(f"{label} {m[key]:.3f}")
     if "n_empty" in m:
         parts.append(f"empty {int(m['n_empty'])} (reseeded {int(m['n_reseeded'])})")
+    if "clusters_empty" in m:
+        parts.append(f"empty {int(m['clusters_empty'])}")
     parts.append(f"time features {m['time_features']:.1f}s clustering {m['time_clustering']:.1f}s "
                  f"training {m['time_training']:.1f}s")
     return " | ".join(parts)

@@ -1,16 +1,23 @@
-"""Which training loop a config asks for (`method: deepcluster | mmdc`); the CLI and the Slurm
-job both start runs through here so that neither can run the wrong method."""
+"""The training methods by name (config key ``method``): the one registry that `dcluster train`,
+the Slurm job (through dcluster.train) and `dcluster eval` use, so that none of them can run
+or rebuild the wrong network.
+
+A method is a module with ``METHOD``, the class the run harness builds (harness.Method), and
+``eval_network(cfg, payload)``, the network `dcluster eval` loads a checkpoint into. Modules
+are imported on use: this registry is read by the config schema, which must stay light.
+"""
 from __future__ import annotations
 
-from dcluster.config import Config
-from dcluster.train import RunResult
+import importlib
+from types import ModuleType
+
+METHODS: dict[str, str] = {
+    "deepcluster": "dcluster.deepcluster",
+    "mmdc": "dcluster.mmdc.method",
+}
 
 
-def run_method(cfg: Config) -> RunResult:
-    if cfg.method == "mmdc":
-        from dcluster.mmdc.train import train_mmdc
-
-        return train_mmdc(cfg)
-    from dcluster.train import train
-
-    return train(cfg)
+def method_module(name: str) -> ModuleType:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+    return importlib.import_module(METHODS[name])

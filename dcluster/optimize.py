@@ -1,11 +1,11 @@
-"""Optimisers, data-parallel replicas, and one epoch of supervised training on the pseudo-labels."""
+"""Optimisers, data-parallel replicas, and the step loop every training pass runs."""
 from __future__ import annotations
 
 import hashlib
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def body_optimizer(model: DeepClusterNet, cfg: OptimConfig, lr: float) -> torch.
     return sgd(params, cfg, lr)
 
 
-def data_parallel(model: DeepClusterNet, env: Env) -> nn.Module:
+def data_parallel(model: nn.Module, env: Env, find_unused_parameters: bool = False) -> nn.Module:
     """What the training steps call: the model itself in a single process, else a DDP replica
     that averages gradients over the ranks.
 
@@ -46,22 +46,24 @@ def data_parallel(model: DeepClusterNet, env: Env) -> nn.Module:
     model per clustering, small next to an epoch.
 
     forward_sync_buffers copies rank 0's BatchNorm running statistics to every rank at each
-    forward (DDP's default, spelled out); :func:`align_replicas` covers the last step's update."""
+    forward (DDP's default, spelled out); :func:`align_replicas` covers the last step's update.
+    ``find_unused_parameters``: for a network whose passes use different heads (MMDC)."""
     if env.world_size == 1:
         return model
     return DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-        forward_sync_buffers=True)
+        forward_sync_buffers=True, find_unused_parameters=find_unused_parameters)
 
 
 @dataclass
 class EpochProgress:
-    """Where one rank stands in an epoch's training pass. Saved for every rank in a mid-epoch
+    """Where one rank stands in a training pass. Saved for every rank in a mid-epoch
     checkpoint, it is what a resumed pass continues from."""
-    position: int = 0  # next position in this rank's slice of the epoch's order
+    position: int = 0  # next position in this rank's slice of the pass's order
     iterations: int = 0  # optimiser steps taken (poll rounds, equal on every rank still training)
-    loss_sum: float = 0.0  # cross-entropy summed over the images trained on
+    loss_sum: float = 0.0  # loss summed over the images trained on
     images: int = 0
+    tallies: dict[str, int] = field(default_factory=dict)  # a method's own counts (MMDC: moved)
 
 
 @dataclass
@@ -71,58 +73,102 @@ class Pause:
     signum: int  # the stop signal, 0 for a periodic checkpoint
 
 
+class Batch(Protocol):
+    indices: torch.Tensor
+    next_position: int  # where a pass resumed after this batch starts
+
+
+# the loss of one batch and the number of images it was computed on
+LossOf = Callable[[Any], tuple[torch.Tensor, int]]
+
+
+@dataclass
+class StepLoop:
+    """The optimisation loop every training pass of every method runs: forward through
+    ``loss_of``, backward, step, a finite-loss check, and after each iteration the poll on
+    which all ranks agree to go on, checkpoint or stop."""
+    device: torch.device
+    progress_mode: str
+    show: bool  # rank 0 draws the progress bar
+    stops: StopPoints
+
+    def run(self, net: nn.Module, batches: Iterable[Batch], total: int, desc: str,
+            loss_of: LossOf, optimizers: Sequence[torch.optim.Optimizer], epoch: int,
+            done: EpochProgress) -> Optional[Pause]:
+        """Train on ``batches`` (those of a pass from ``done.position`` on), updating ``done``.
+
+        Returns None once every rank's batches are done, or the pause the ranks agreed on
+        after the same iteration (a stop signal, a periodic checkpoint); the caller
+        checkpoints ``done`` and calls again with the batches from ``done.position`` on. A
+        stop already requested before the first batch (during the clustering, say) pauses
+        at once.
+
+        Every rank has the same number of batches, but a batch whose images are all
+        unreadable is skipped, so a rank can run out early: DDP's join, with the flag poll as
+        a second joinable, lets it keep answering the others' collectives instead of
+        hanging them."""
+        signum = self.stops.agreed_stop()
+        if signum:
+            return Pause(signum)
+        net.train()
+        poll = self.stops.iteration_poll()
+        flags = [0, 0]
+        ddp = isinstance(net, DistributedDataParallel)
+        own_buffers: list[torch.Tensor] = []
+        with Join([net, poll], divide_by_initial_world_size=True) if ddp else nullcontext():
+            for batch in progress(batches, total, desc, self.progress_mode, self.show):
+                loss, images = loss_of(batch)
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"epoch {epoch}: training loss became {value}; lower "
+                                             f"optim.lr ({optimizers[0].defaults['lr']})")
+                done.position = batch.next_position
+                done.iterations += 1
+                done.loss_sum += value * images
+                done.images += images
+                flags = poll.poll(self.stops.local_flags(done.iterations))
+                if any(flags):
+                    break
+            if ddp:
+                own_buffers = [buffer.detach().clone() for buffer in net.buffers()]
+        # out of the join on every rank: those that ran out early learn the decision too
+        signum, save_due = self.stops.agree(flags)
+        if not (signum or save_due):
+            return None
+        # Leaving DDP's join broadcasts the last joiner's model to every rank, which a pass
+        # that is not paused does only at its end: a rank keeps its own BatchNorm buffers
+        # (which it updates between DDP's synchronisations), so a paused pass goes on, and a
+        # resumed one restarts, exactly as the uninterrupted pass would
+        with torch.no_grad():
+            for buffer, own in zip(net.buffers(), own_buffers):
+                buffer.copy_(own)
+        return Pause(signum)
+
+
 def train_one_epoch(net: nn.Module, pipelines: Pipelines, order: Sequence[int], labels: np.ndarray,
                     epoch: int, batch_size: int, optimizers: Sequence[torch.optim.Optimizer],
-                    device: torch.device, progress_mode: str, show: bool, done: EpochProgress,
-                    stops: StopPoints) -> Optional[Pause]:
-    """Train ``net`` on this rank's ``order`` from ``done.position`` on, updating ``done``.
-
-    Returns None once every rank's order is done, or the pause the ranks agreed on after the
-    same iteration (a stop signal, a periodic checkpoint); the caller checkpoints ``done`` and
-    calls again to go on. A stop already requested before the first batch (during the
-    clustering, say) pauses at once.
-
-    Every rank has the same number of batches, but a batch whose images are all unreadable
-    is skipped, so a rank can run out early: DDP's join, with the flag poll as a second
-    joinable, lets it keep answering the others' collectives instead of hanging them."""
-    signum = stops.agreed_stop()
-    if signum:
-        return Pause(signum)
-    net.train()
+                    steps: StepLoop, done: EpochProgress) -> Optional[Pause]:
+    """DeepCluster's training pass: cross-entropy of ``net`` on the pseudo-labels ``labels``
+    over this rank's ``order``, from ``done.position`` on (see :meth:`StepLoop.run`)."""
     criterion = nn.CrossEntropyLoss()
-    poll = stops.iteration_poll()
-    flags = [0, 0]
+
+    def loss_of(batch) -> tuple[torch.Tensor, int]:
+        images = batch.images.to(steps.device, non_blocking=True)
+        targets = batch.targets.to(steps.device, non_blocking=True)
+        return criterion(net(images), targets), images.shape[0]
+
     batches = pipelines.train_batches(order, labels, epoch, batch_size, done.position)
-    ddp = isinstance(net, DistributedDataParallel)
-    with Join([net, poll], divide_by_initial_world_size=True) if ddp else nullcontext():
-        for batch in progress(batches, num_batches(len(order), batch_size, done.position),
-                              "train", progress_mode, show):
-            images = batch.images.to(device, non_blocking=True)
-            targets = batch.targets.to(device, non_blocking=True)
-            loss = criterion(net(images), targets)
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"epoch {epoch}: training loss became {value}; lower "
-                                         f"optim.lr ({optimizers[0].defaults['lr']})")
-            done.position = batch.next_position
-            done.iterations += 1
-            done.loss_sum += value * images.shape[0]
-            done.images += images.shape[0]
-            flags = poll.poll(stops.local_flags(done.iterations))
-            if any(flags):
-                break
-    # out of the join on every rank: those that ran out early learn the decision too
-    signum, save_due = stops.agree(flags)
-    return Pause(signum) if signum or save_due else None
+    return steps.run(net, batches, num_batches(len(order), batch_size, done.position), "train",
+                     loss_of, optimizers, epoch, done)
 
 
-def epoch_loss(done: EpochProgress, comm: Comm) -> float:
-    """Mean cross-entropy over the epoch's images of all ranks."""
+def pass_loss(done: EpochProgress, comm: Comm) -> float:
+    """Mean loss over the pass's images of all ranks."""
     total, seen = comm.all_reduce_sum(np.array([done.loss_sum, done.images], dtype=np.float64))
     return float(total / max(seen, 1.0))
 

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
 # Keys of a history entry (one dict per epoch); a missing or None value leaves a gap, since
 # NMI with the previous epoch does not exist at the first epoch, nor NMI with the classes of
@@ -55,6 +57,16 @@ def plot_nmi_curves(history: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _plain_log_y_ticks(ax: Axes) -> None:
+    """Label the log y axis with plain numbers, 1 2 5 10 20 50 ... over a few decades and
+    1 10 100 ... over more, instead of matplotlib's 10^k math text: counts read at a glance."""
+    low, high = ax.get_ylim()
+    subs = (1.0, 2.0, 5.0) if np.log10(high / low) <= 3 else (1.0,)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())  # minor ticks stay, unlabelled
+
+
 def plot_cluster_sizes(sizes: np.ndarray, path: Path, epoch: int | None = None) -> Path:
     """Histogram of the number of images per cluster; log-y so that a few huge clusters and
     many tiny ones are both visible."""
@@ -62,6 +74,7 @@ def plot_cluster_sizes(sizes: np.ndarray, path: Path, epoch: int | None = None) 
     fig = Figure(figsize=(7, 4), constrained_layout=True)
     ax = fig.subplots()
     ax.hist(sizes, bins=min(50, max(1, len(np.unique(sizes)))), log=True, color="tab:blue")
+    _plain_log_y_ticks(ax)
     ax.set_xlabel("images per cluster")
     ax.set_ylabel("clusters")
     title = f"k={sizes.size}, empty={int((sizes == 0).sum())}, largest={int(sizes.max(initial=0))}"

@@ -1,147 +1,135 @@
-"""Everything a run carries from one epoch to the next, and its round trip through a
-checkpoint. Restoring all of it (RNG states included) is what makes a resumed run end with
-the same weights as an uninterrupted one."""
+"""What a run carries from one epoch to the next besides a method's own objects, and the
+checkpoint's layout.
+
+A checkpoint is one mapping: the run's own entries (format, what the run is, where it stands,
+its history and MLflow run, the RNG streams) and one entry per stateful object, under the
+name the method gives it (``model``, ``body_optimizer``, ``targets``...), holding that
+object's ``state_dict()``. Writing and restoring go through the same mapping, so there is one
+pack and one unpack for every method (the idiom of SwAV's ``restart_from_checkpoint``).
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Optional, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
 
 import numpy as np
-import torch
 
-from dcluster.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_latest,
-                                 restore_rng_state)
-from dcluster.config import Config
-from dcluster.models import DeepClusterNet
-from dcluster.rundir import RunDir
+from dcluster.checkpoint import CheckpointError
+from dcluster.optimize import EpochProgress
 
-FORMAT_VERSION = 2  # 2 added mid-epoch checkpoints ("in_epoch")
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3  # 2 added mid-epoch checkpoints; 3 names every object's state
+OLD_FORMATS = (1, 2)  # read through upgraded()
+
+
+class Stateful(Protocol):
+    """What the checkpoint holds of an object: torch's modules and optimisers already are."""
+
+    def state_dict(self) -> dict[str, Any]:
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any:
+        ...
+
+
+@dataclass
+class Clusters:
+    """The cluster of every image (by global index; -1 unreadable): DeepCluster's
+    pseudo-labels, MMDC's nearest mixture components. What the epoch report scores and the
+    run directory's assignments/ files hold."""
+    labels: Optional[np.ndarray] = None  # int64 (N,)
+    previous_labels: Optional[np.ndarray] = None
+    n_clusters: int = 0
+    updated_epoch: int = -1  # the epoch that made ``labels``
+
+    def update(self, labels: np.ndarray, n_clusters: int, epoch: int) -> None:
+        self.previous_labels, self.labels = self.labels, labels
+        self.n_clusters, self.updated_epoch = n_clusters, epoch
+
+    def sizes(self) -> np.ndarray:
+        assert self.labels is not None
+        return np.bincount(self.labels[self.labels >= 0], minlength=self.n_clusters)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.labels, "previous_labels": self.previous_labels,
+                "n_clusters": self.n_clusters, "updated_epoch": self.updated_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.labels, self.previous_labels = state["labels"], state["previous_labels"]
+        self.n_clusters, self.updated_epoch = state["n_clusters"], state["updated_epoch"]
 
 
 @dataclass
 class InterruptedEpoch:
-    """An epoch checkpointed part way through its training pass (on a stop signal, or
-    periodically), so that a resume continues it: no second clustering, no image trained on
-    twice or skipped."""
-    step: int  # its checkpoint's place in the epoch: 1 once clustered, 1 + k after k iterations
-    metrics: dict[str, float]  # what the epoch had measured (clustering, times) for its report
-    reclustered: bool  # whether the epoch made new pseudo-labels (for the report)
-    ranks: list[dict[str, Any]]  # per rank: "progress" (EpochProgress fields), "rng" (its streams)
+    """An epoch checkpointed part way through its training passes (on a stop signal, or
+    periodically), so that a resume continues it: nothing computed again, no image trained
+    on twice or skipped. The checkpoint's ``iteration`` says where: 1 + ``offset`` + the
+    iterations of the pass under way (max over ranks)."""
+    stage: int  # the training pass under way (DeepCluster has one, MMDC two)
+    offset: int  # iterations of the epoch's finished passes
+    metrics: dict[str, float]  # what the epoch has measured so far, for its report
+    extra: dict[str, Any]  # the method's own facts about the epoch (DeepCluster: reclustered)
+    ranks: list[dict[str, Any]]  # per rank: "progress" (EpochProgress), "rng", "buffers"
+
+    def progress(self, rank: int) -> EpochProgress:
+        return EpochProgress(**self.ranks[rank]["progress"])
 
 
 @dataclass
-class RunState:
+class RunProgress:
+    """The harness's own part of the run state."""
     next_epoch: int = 0
-    labels: Optional[np.ndarray] = None  # int64 (N,), -1 for unreadable images
-    previous_labels: Optional[np.ndarray] = None
-    n_clusters: int = 0
-    bad_images: dict[int, str] = field(default_factory=dict)  # global index -> reason
     history: list[dict[str, float]] = field(default_factory=list)
+    bad_images: dict[int, str] = field(default_factory=dict)  # global index -> reason
     mlflow_run_id: Optional[str] = None
     in_epoch: Optional[InterruptedEpoch] = None  # set: epoch `next_epoch` is under way
 
 
-def record(state: RunState, config_hash: str, data_fingerprint: str) -> dict[str, Any]:
-    """The checkpoint entries every method writes: what the run is, where it stands, and the
-    RNG streams (captured last, by the caller's pack, after everything else is decided)."""
-    return {
-        "format": FORMAT_VERSION,
-        "config_hash": config_hash,
-        "data_fingerprint": data_fingerprint,
-        "epoch": state.next_epoch,
-        "iteration": state.in_epoch.step if state.in_epoch else 0,
-        "in_epoch": asdict(state.in_epoch) if state.in_epoch else None,
-        "labels": state.labels,
-        "previous_labels": state.previous_labels,
-        "n_clusters": state.n_clusters,
-        "bad_images": dict(state.bad_images),
-        "history": list(state.history),
-        "mlflow_run_id": state.mlflow_run_id,
-    }
-
-
-State = TypeVar("State", bound=RunState)
-
-
-def restored(payload: dict[str, Any], cls: type[State], **extra: Any) -> State:
-    """The inverse of :func:`record`: a ``cls`` state from the payload's common entries, plus
-    ``extra`` fields of a method's own state class."""
-    return cls(next_epoch=payload["epoch"], labels=payload["labels"],
-               previous_labels=payload["previous_labels"], n_clusters=payload["n_clusters"],
-               bad_images=dict(payload["bad_images"]), history=list(payload["history"]),
-               mlflow_run_id=payload["mlflow_run_id"],
-               in_epoch=InterruptedEpoch(**payload["in_epoch"]) if payload.get("in_epoch") else None,
-               **extra)
-
-
-def pack(state: RunState, model: DeepClusterNet, body_opt: torch.optim.Optimizer,
-         head_opt: Optional[torch.optim.Optimizer], config_hash: str,
-         data_fingerprint: str) -> dict[str, Any]:
-    return {
-        **record(state, config_hash, data_fingerprint),
-        "model": model.state_dict(),
-        "body_optimizer": body_opt.state_dict(),
-        "head_optimizer": head_opt.state_dict() if head_opt is not None else None,
-        "rng": capture_rng_state(),
-    }
-
-
-def unpack(payload: dict[str, Any], model: DeepClusterNet, body_opt: torch.optim.Optimizer,
-           make_head_opt, config_hash: str, data_fingerprint: str,
-           source: str) -> tuple[RunState, Optional[torch.optim.Optimizer]]:
-    """Restore model, optimisers and RNG from `payload`; `make_head_opt(head)` builds the head's
-    optimiser so its state can be loaded into it."""
-    check_compatible(payload, config_hash, data_fingerprint, source)
-    head_opt = None
-    if payload["n_clusters"]:
-        head = model.reset_head(payload["n_clusters"], torch.Generator().manual_seed(0))
-        head_opt = make_head_opt(head)
-    model.load_state_dict(payload["model"])
-    body_opt.load_state_dict(payload["body_optimizer"])
-    if head_opt is not None and payload["head_optimizer"] is not None:
-        head_opt.load_state_dict(payload["head_optimizer"])
-    restore_rng_state(payload["rng"])
-    return restored(payload, RunState), head_opt
-
-
-def continue_streams(state: RunState, rank: int, world_size: int, source: str) -> None:
-    """Give this rank back the RNG streams it had when an interrupted epoch was saved (its
-    dropout masks go on where they stopped). Only with as many ranks as wrote it: each rank's
-    position is in its own slice of the epoch's order, and the slices depend on their number."""
-    if state.in_epoch is None:
-        return
-    saved = len(state.in_epoch.ranks)
-    if saved != world_size:
-        raise CheckpointError(
-            f"{source}: saved in the middle of epoch {state.next_epoch} by {saved} rank(s), "
-            f"this run has {world_size}: resume it with {saved}, or pass resume=<an "
-            "epoch-boundary checkpoint (ckpt_e*_i0000000.pt)> to redo that epoch")
-    restore_rng_state(state.in_epoch.ranks[rank]["rng"])
+def upgraded(payload: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of an older format in today's layout (formats 1 and 2 kept the labels
+    and the optimisers' states as top-level entries)."""
+    if payload.get("format") not in OLD_FORMATS:
+        return payload
+    new = dict(payload, format=FORMAT_VERSION)
+    in_epoch = new.get("in_epoch")
+    new["clusters"] = {"labels": new.pop("labels"), "previous_labels": new.pop("previous_labels"),
+                       "n_clusters": new.pop("n_clusters"),
+                       "updated_epoch": new["epoch"] if in_epoch and in_epoch["reclustered"]
+                       else new["epoch"] - 1}
+    if "head_optimizer" in new:
+        new["head"] = {"n_clusters": new["clusters"]["n_clusters"],
+                       "optimizer": new.pop("head_optimizer")}
+    if "assignment" in new:
+        new["targets"] = {"assignment": new.pop("assignment"), "refined": new.pop("refined")}
+    if in_epoch:
+        new["in_epoch"] = {"stage": 0, "offset": 0, "metrics": in_epoch["metrics"],
+                           "extra": {"reclustered": in_epoch["reclustered"]},
+                           "ranks": [dict(rank, buffers=None) for rank in in_epoch["ranks"]]}
+    return new
 
 
 def check_compatible(payload: dict[str, Any], config_hash: str, data_fingerprint: str,
                      source: str) -> None:
     """Refuse a checkpoint of another format, config or file list (named by `source`)."""
-    if payload.get("format") not in READABLE_FORMATS:
+    if payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{source}: checkpoint format {payload.get('format')!r}, "
-                              f"this dcluster reads formats {READABLE_FORMATS}")
+                              f"this dcluster reads formats {(*OLD_FORMATS, FORMAT_VERSION)}")
     if payload["config_hash"] != config_hash:
-        raise CheckpointError(f"{source}: written under another config (hash {payload['config_hash']}, "
-                         f"now {config_hash}); resume with the run's own config.yaml")
+        raise CheckpointError(f"{source}: written under another config (hash "
+                              f"{payload['config_hash']}, now {config_hash}); resume with the "
+                              "run's own config.yaml")
     if payload["data_fingerprint"] != data_fingerprint:
-        raise CheckpointError(f"{source}: the image folder's file list changed since this checkpoint "
-                         "was written, so global indices (and the saved pseudo-labels) no "
-                         "longer name the same images; restore the folder or start a new run")
+        raise CheckpointError(f"{source}: the image folder's file list changed since this "
+                              "checkpoint was written, so global indices (and the saved "
+                              "pseudo-labels) no longer name the same images; restore the "
+                              "folder or start a new run")
 
 
-def find_resume_checkpoint(cfg: Config, run: RunDir) -> Optional[tuple[dict[str, Any], Path]]:
-    """The checkpoint a run continues from, with its path: None for resume=never or when none
-    is saved yet (resume=auto), else the newest valid one (auto) or the named one."""
-    if cfg.resume == "never":
-        return None
-    if cfg.resume == "auto":
-        return load_latest(run.checkpoints)
-    path = Path(cfg.resume)
-    return load_checkpoint(path), path
+def restore_objects(payload: dict[str, Any], objects: dict[str, Stateful], source: str) -> None:
+    """Load every named object's state, in the mapping's order (a method lists first what
+    shapes the others: DeepCluster's head before the model that holds it)."""
+    missing = [name for name in objects if name not in payload]
+    if missing:
+        raise CheckpointError(f"{source}: holds no {', '.join(missing)} (a checkpoint of "
+                              "another method?)")
+    for name, obj in objects.items():
+        obj.load_state_dict(payload[name])

@@ -14,21 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
-from dcluster.checkpoint import atomic_write, remove_stale_temps
+from dcluster.atomic import atomic_write, atomic_write_bytes, remove_stale_temps
 from dcluster.config import Config, flatten, from_yaml_file, result_differences, to_yaml
+from dcluster.errors import UserError
 from dcluster.logs import LOG_FORMAT
 
 log = logging.getLogger(__name__)
 
 
-class RunDirError(RuntimeError):
+class RunDirError(RuntimeError, UserError):
     """The run directory holds something this run must not reuse; the message says what."""
 
 
 @dataclass(frozen=True)
 class RunDir:
     root: Path
-    resumed: bool  # True when the directory already held this run (same config)
 
     @property
     def config_path(self) -> Path:
@@ -55,7 +55,7 @@ def prepare_run_dir(cfg: Config) -> RunDir:
     """Create the run directory, or reuse it for a resume of the same run; see the module doc.
 
     Only rank 0 should call this (it may rename directories); other ranks build
-    ``RunDir(root, resumed)`` from the path once rank 0 is done.
+    ``RunDir(root)`` from the path once rank 0 is done.
     """
     root = (Path(cfg.runs_root) / cfg.name).resolve()
     resumed = False
@@ -67,11 +67,11 @@ def prepare_run_dir(cfg: Config) -> RunDir:
             _move_aside(root, problem)
         else:
             resumed = True
-    run_dir = RunDir(root, resumed)
+    run_dir = RunDir(root)
     root.mkdir(parents=True, exist_ok=True)
     # config.yaml first: it is what marks a directory as holding a run, so a kill before the
     # sub-directories exist leaves a directory that is recognised on the next start.
-    atomic_write(run_dir.config_path, lambda f: f.write(to_yaml(cfg).encode()))
+    atomic_write_bytes(run_dir.config_path, to_yaml(cfg).encode())
     for sub in (run_dir.checkpoints, run_dir.assignments, run_dir.plots):
         sub.mkdir(exist_ok=True)
     log.info("%s run directory %s", "resuming in" if resumed else "created", root)

@@ -28,6 +28,7 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from dcluster.collectives import Comm
 from dcluster.config import CheckpointConfig, ConfigError
+from dcluster.errors import CleanStop
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def preempt_signal() -> signal.Signals:
                           "name (e.g. USR2)") from None
 
 
-class TrainingStopped(Exception):
+class TrainingStopped(CleanStop):
     """The run stopped on a signal after committing ``checkpoint``; running the same command
     (or requeuing the same job) resumes from it."""
 
@@ -114,6 +115,10 @@ class StopPoints:
         """Every rank's [signal, save due] reduced, all ranks present (no join in progress)."""
         signum, save_due = self.comm.all_reduce_max(np.array(flags, dtype=np.int64))
         return int(signum), int(save_due)
+
+    def requested(self) -> bool:
+        """Whether this rank has received a stop signal (a pass may cut itself short)."""
+        return bool(self.request.signum)
 
     def agreed_stop(self) -> int:
         """At a stage boundary: the signal some rank received, or 0 to go on."""

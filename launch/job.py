@@ -29,12 +29,12 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> Any:
         from dcluster.logs import configure_logging
-        from dcluster.methods import run_method
+        from dcluster.train import train
         from dcluster.stop import TrainingStopped, preempt_signal
 
         configure_logging()
         try:
-            return run_method(load_config(self.config_path, self.overrides))
+            return train(load_config(self.config_path, self.overrides))
         except TrainingStopped as stopped:
             if stopped.signum != preempt_signal():
                 raise  # SIGTERM: the job is being cancelled (or Slurm requeues it itself)

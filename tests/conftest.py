@@ -1,15 +1,16 @@
-"""Shared fixtures: the demo digits written once per session, and a small demo config."""
+"""Shared fixtures: the demo digits written once per session, a small demo config, and (the
+plugin reference_runs.py) the uninterrupted reference runs."""
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from dcluster.config import Config, load_config
+from dcluster.config import Config
 from dcluster.data.demo import make_demo_dataset
-from dcluster.logs import configure_logging
+from helpers import small_demo
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-pytest_plugins = ["slurm_cluster"]  # the real local Slurm cluster fixture (tests/slurm_cluster.py)
+# the real local Slurm cluster fixture (tests/slurm_cluster.py), the shared reference runs
+pytest_plugins = ["slurm_cluster", "reference_runs"]
 
 
 @pytest.fixture(scope="session")
@@ -19,16 +20,8 @@ def demo_digits(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def small_demo_config(demo_digits, tmp_path) -> Callable[..., Config]:
-    """configs/demo.yaml shrunk so that an epoch takes about a second on 2 cores."""
-    configure_logging()
-
-    def make(*overrides: str) -> Config:
-        return load_config(CONFIGS / "demo.yaml", [
-            f"data.path={demo_digits}", f"runs_root={tmp_path / 'runs'}", "model.width=8",
-            "model.fc_dim=64", "clustering.k=10", "clustering.pca_dim=16", "epochs=2",
-            "progress=never", *overrides])
-
-    return make
+    """small_demo in this test's own runs_root."""
+    return lambda *overrides: small_demo(demo_digits, tmp_path / "runs", *overrides)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@ point of the epoch loop, and record which images its training passes were given.
 
 Used by tests/rank_main.py (local processes) and by the Slurm tests (inside the submitted
 job), so both interrupt at exactly the same places. The product has no switch for this; the
-patches wrap the functions dcluster/train.py calls.
+patches wrap the functions the DeepCluster epoch (dcluster/deepcluster.py) calls, and the
+pipelines the harness builds (training batches, for every method).
 """
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-import dcluster.train
+import dcluster.deepcluster
+import dcluster.harness
 
 STAGES = ("features", "clustering", "train")
 
 
 def parse_point(text: str) -> tuple[str, int, int]:
     """'features:N', 'clustering:N' or 'train:E:B' as (stage, N or E, B). N counts this
-    process's feature passes / clusterings from 0; E is the epoch number, and B (from 1) the
-    batch of the training pass started in this process in that epoch."""
+    process's DeepCluster feature passes / clusterings from 0; E is the epoch number, and B
+    (from 1) the training batch this process was given in that epoch (counted over all the
+    epoch's training passes: MMDC has two)."""
     stage, epoch, *batch = text.split(":")
     if stage not in STAGES or (stage == "train") != bool(batch):
         raise ValueError(f"interrupt point {text!r}: want features:E, clustering:E or train:E:B")
@@ -40,34 +43,51 @@ def interrupt_at(text: str, send: Callable[[], None]) -> None:
             return function(*args, **kwargs)
         return wrapper
 
-    dcluster.train.extract_features = counting("features", dcluster.train.extract_features)
-    dcluster.train.cluster_shards = counting("clustering", dcluster.train.cluster_shards)
+    method = dcluster.deepcluster
+    method.extract_features = counting("features", method.extract_features)
+    method.cluster_shards = counting("clustering", method.cluster_shards)
     if stage == "train":
         _wrap_train_batches(lambda e, b: e == epoch and b == batch and send())
 
 
 def record_orders(directory: Path, rank: int) -> None:
     """Append the global indices of every training batch this process is given to
-    ``directory/rank<R>-epoch<E>.txt``, one line per batch."""
+    ``directory/rank<R>-epoch<E>.txt``, one line per batch, and a line to
+    ``directory/clusterings-rank<R>.txt`` for every DeepCluster clustering it runs."""
     directory.mkdir(parents=True, exist_ok=True)
     def note(epoch: int, _: int, indices) -> None:
         with open(directory / f"rank{rank}-epoch{epoch}.txt", "a") as out:
             out.write(" ".join(map(str, indices.tolist())) + "\n")
 
     _wrap_train_batches(lambda e, b: None, note)
+    cluster_shards = dcluster.deepcluster.cluster_shards
+
+    def noting_clustering(*args, **kwargs):
+        result = cluster_shards(*args, **kwargs)
+        with open(directory / f"clusterings-rank{rank}.txt", "a") as out:
+            out.write(f"{result.backend}\n")
+        return result
+
+    dcluster.deepcluster.cluster_shards = noting_clustering
+
+
+def clusterings(directory: Path, rank: int = 0) -> int:
+    """How many clusterings the processes recording into ``directory`` have run."""
+    path = directory / f"clusterings-rank{rank}.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def _wrap_train_batches(before: Callable[[int, int], object],
                         after: Callable[[int, int, object], None] = lambda *a: None) -> None:
-    """Wrap the loop's training pass so that each batch it is given passes ``before(epoch,
-    batch number)`` first and ``after(epoch, number, indices)`` once handed over."""
-    train_one_epoch = dcluster.train.train_one_epoch
+    """Wrap the pipelines the harness builds so that each training batch passes
+    ``before(epoch, batch number)`` first and ``after(epoch, number, indices)`` once handed
+    over."""
+    build_pipelines = dcluster.harness.build_pipelines
 
-    def patched(net, pipelines, order, labels, epoch, *args, **kwargs):
-        return train_one_epoch(net, _Watched(pipelines, before, after), order, labels, epoch,
-                               *args, **kwargs)
+    def patched(*args, **kwargs):
+        return _Watched(build_pipelines(*args, **kwargs), before, after)
 
-    dcluster.train.train_one_epoch = patched
+    dcluster.harness.build_pipelines = patched
 
 
 class _Watched:
@@ -77,16 +97,16 @@ class _Watched:
         self._pipelines = pipelines
         self._before = before
         self._after = after
+        self._numbers: dict[int, int] = {}  # epoch -> training batches given so far
 
     def __getattr__(self, name: str):
         return getattr(self._pipelines, name)
 
     def train_batches(self, order, targets, epoch: int, batch_size: int,
                       start_position: int = 0) -> Iterator:
-        number = 0
         for batch in self._pipelines.train_batches(order, targets, epoch, batch_size,
                                                    start_position):
-            number += 1
+            number = self._numbers[epoch] = self._numbers.get(epoch, 0) + 1
             self._before(epoch, number)
             self._after(epoch, number, batch.indices)
             yield batch

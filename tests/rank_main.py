@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-import dcluster.train
+import dcluster.deepcluster
+import dcluster.mmdc.method
 from dcluster.cli import main
 from interrupts import interrupt_at, record_orders, signal_self
 
@@ -29,9 +30,7 @@ def fail_in_training(*args, **kwargs):
     raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
 
 
-def saving_weights(directory: Path):
-    align = dcluster.train.align_replicas
-
+def saving_weights(directory: Path, align):
     def align_then_save(model, comm) -> None:
         align(model, comm)
         torch.save(model.state_dict(), directory / f"rank{comm.rank}.pt")
@@ -49,9 +48,10 @@ if __name__ == "__main__":
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.fail_on_rank is not None and int(os.environ["RANK"]) == args.fail_on_rank:
-        dcluster.train.train_one_epoch = fail_in_training
+        dcluster.deepcluster.train_one_epoch = fail_in_training
     if args.save_weights is not None:
-        dcluster.train.align_replicas = saving_weights(args.save_weights)
+        for method in (dcluster.deepcluster, dcluster.mmdc.method):
+            method.align_replicas = saving_weights(args.save_weights, method.align_replicas)
     rank = int(os.environ.get("RANK", "0"))
     if args.interrupt and rank == 0:
         interrupt_at(args.interrupt, signal_self(args.signal))

@@ -13,13 +13,12 @@ from dcluster.config import ConfigError, load_config
 from dcluster.evaluation.cli import add_parser
 from dcluster.evaluation.protocols import evaluate
 from dcluster.logs import configure_logging
-from dcluster.mmdc.train import train_mmdc
 from dcluster.train import train
 from dcluster.tracking import tracking_uri
+from helpers import TINY_MMDC
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-TINY = ["model.width=4", "model.fc_dim=16", "data.crop_size=16", "data.resize_size=16",
-        "optim.batch_size=128", "progress=never", "eval.batch_size=128", "tracking.plots=false"]
+TINY = [*TINY_MMDC, "optim.batch_size=128", "eval.batch_size=128", "tracking.plots=false"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def runs(digits_subset, tmp_path_factory) -> Path:
 def mmdc_run(digits_subset, runs):
     """One MMDC epoch, tracked in MLflow."""
     configure_logging()
-    return train_mmdc(load_config(CONFIGS / "mmdc_demo.yaml", [
+    return train(load_config(CONFIGS / "mmdc_demo.yaml", [
         f"data.path={digits_subset}", f"runs_root={runs}", "epochs=1", "mmdc.refine_epochs=0",
         *TINY]))
 

@@ -1,18 +1,14 @@
 """MMDC end to end on the demo digits: it trains, checkpoints, and a run killed before its
 refinement stage resumes to the same weights and targets as an uninterrupted one."""
-from pathlib import Path
-
 import numpy as np
 import pytest
-import torch
 
 from dcluster.checkpoint import load_checkpoint
 from dcluster.config import load_config
 from dcluster.logs import configure_logging
-from dcluster.mmdc import train as mmdc_train
-from dcluster.mmdc.train import lr_at, train_mmdc
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+from dcluster.mmdc.method import MMDC, lr_at
+from dcluster.train import train
+from helpers import CONFIGS, TINY_MMDC, assert_same_weights
 
 
 @pytest.fixture
@@ -23,10 +19,9 @@ def tiny_mmdc(digits_subset, tmp_path):
 
     def make(*overrides: str):
         return load_config(CONFIGS / "mmdc_demo.yaml", [
-            f"data.path={digits_subset}", f"runs_root={tmp_path / 'runs'}", "model.width=4",
-            "model.fc_dim=16", "data.crop_size=16", "data.resize_size=16", "optim.batch_size=128",
-            "epochs=1", "mmdc.refine_epochs=1", "mmdc.rotation=true",
-            "progress=never", "tracking.enabled=false", "tracking.plots=false", *overrides])
+            f"data.path={digits_subset}", f"runs_root={tmp_path / 'runs'}", *TINY_MMDC,
+            "optim.batch_size=128", "epochs=1", "mmdc.refine_epochs=1", "mmdc.rotation=true",
+            "tracking.enabled=false", "tracking.plots=false", *overrides])
 
     return make
 
@@ -42,30 +37,29 @@ def test_paper_preset_has_the_papers_hyperparameters(digits_subset):
 
 
 def test_trains_checkpoints_and_resumes_exactly_into_refinement(tiny_mmdc, monkeypatch):
-    straight = train_mmdc(tiny_mmdc("name=straight"))
+    straight = train(tiny_mmdc("name=straight"))
     assert [h["epoch"] for h in straight.history] == [0.0, 1.0]
     main, refine = straight.history
     assert main["moved_fraction"] > 0 and refine["moved_fraction"] == 0  # Hungarian off
     assert all(np.isfinite(h["loss"]) and np.isfinite(h["loss_rotation"])
                for h in straight.history)
     payload = load_checkpoint(straight.checkpoint)
-    assert np.array_equal(np.sort(payload["assignment"]), np.arange(400))  # a permutation
-    assert payload["refined"].min() >= 0 and payload["labels"].max() < 10
+    targets, clusters = payload["targets"], payload["clusters"]
+    assert np.array_equal(np.sort(targets["assignment"]), np.arange(400))  # a permutation
+    assert targets["refined"].min() >= 0 and clusters["labels"].max() < 10
     labels = np.load(straight.run_dir / "assignments" / "epoch_000001.npy")
-    assert np.array_equal(labels, payload["labels"])
+    assert np.array_equal(labels, clusters["labels"])
 
     # the same run, killed when its refinement stage begins, then started again
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(mmdc_train, "refine_targets", killed)
+        m.setattr(MMDC, "refine", killed)
         with pytest.raises(KeyboardInterrupt):
-            train_mmdc(tiny_mmdc("name=resumed"))
-    resumed = train_mmdc(tiny_mmdc("name=resumed"))
+            train(tiny_mmdc("name=resumed"))
+    resumed = train(tiny_mmdc("name=resumed"))
     after = load_checkpoint(resumed.checkpoint)
-    different = [k for k in payload["model"] if not torch.equal(payload["model"][k],
-                                                                  after["model"][k])]
-    assert not different, f"weights differ after resume: {different}"
-    for key in ("assignment", "refined", "labels"):
-        assert np.array_equal(payload[key], after[key]), key
+    assert_same_weights(payload["model"], after["model"], "the run that was not killed")
+    for part, key in (("targets", "assignment"), ("targets", "refined"), ("clusters", "labels")):
+        assert np.array_equal(payload[part][key], after[part][key]), key
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]

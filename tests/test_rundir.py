@@ -22,7 +22,7 @@ def _cfg(tmp_path: Path, **changes) -> Config:
 def test_new_run_creates_the_layout_and_config(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     run_dir = prepare_run_dir(cfg)
-    assert run_dir.root == (tmp_path / "runs" / "exp").resolve() and not run_dir.resumed
+    assert run_dir.root == (tmp_path / "runs" / "exp").resolve()
     for sub in (run_dir.checkpoints, run_dir.assignments, run_dir.plots):
         assert sub.is_dir()
     assert from_yaml_file(run_dir.config_path) == cfg
@@ -32,7 +32,7 @@ def test_same_config_resumes_and_takes_new_execution_keys(tmp_path: Path) -> Non
     first = prepare_run_dir(_cfg(tmp_path))
     (first.checkpoints / "marker").write_text("kept")
     again = prepare_run_dir(_cfg(tmp_path, epochs=900))
-    assert again.resumed and again.root == first.root
+    assert again.root == first.root
     assert (again.checkpoints / "marker").read_text() == "kept"
     assert from_yaml_file(again.config_path).epochs == 900
 
@@ -56,7 +56,7 @@ def test_overwrite_moves_the_old_run_aside(tmp_path: Path) -> None:
     assert len(moved) == 1
     assert (moved[0] / "checkpoints" / "ckpt").read_text() == "old run"
     assert from_yaml_file(moved[0] / "config.yaml").clustering.k == 100
-    assert not new.resumed and not (new.checkpoints / "ckpt").exists()
+    assert not (new.checkpoints / "ckpt").exists()
     assert from_yaml_file(new.config_path).clustering.k == 200
 
 
@@ -65,7 +65,7 @@ def test_resume_never_refuses_an_existing_run_unless_overwrite(tmp_path: Path) -
     with pytest.raises(RunDirError, match="resume=auto.*overwrite=true"):
         prepare_run_dir(_cfg(tmp_path, resume="never"))
     new = prepare_run_dir(_cfg(tmp_path, resume="never", overwrite=True))
-    assert not new.resumed
+    assert not (new.checkpoints / "marker").exists()
     assert any(p.name.startswith("exp.old-") for p in (tmp_path / "runs").iterdir())
 
 

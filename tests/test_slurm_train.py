@@ -1,7 +1,8 @@
-"""DeepCluster on the real local Slurm cluster, through the launcher: a 2-task `dcluster submit`
-run ends with the weights of the same run made locally with two processes, and so does a run
-interrupted by the timeout signal (mid-epoch, then mid-clustering: it checkpoints, requeues
-itself and resumes) and a run cancelled with scancel and submitted again.
+"""DeepCluster and MMDC on the real local Slurm cluster, through the launcher: a 2-task
+`dcluster submit` run ends with the weights of the same run made locally with two processes
+(the session's reference runs, tests/reference_runs.py), and so does a run interrupted by the
+timeout signal (mid-epoch, then mid-clustering: it checkpoints, requeues itself and resumes)
+and a run cancelled with scancel and submitted again.
 
 Jobs are observed through the files they write and squeue (there is no accounting store, so
 sacct and submitit's job states are of no use here); every wait is bounded.
@@ -26,10 +27,13 @@ import interrupts
 from dcluster.checkpoint import load_checkpoint, load_latest
 from dcluster.config import load_config, to_yaml
 from dcluster.rundir import prepare_run_dir
-from interrupts import interrupt_at, record_orders
+from helpers import SMALL_DEMO, TINY_MMDC, assert_same_weights
+from interrupts import clusterings, interrupt_at, record_orders
 from launch.job import TrainJob
 from launch.submit import build_executor
-from ranks import REPO, describe, free_port, rank_command, run_ranks, torchrun_env
+from ranks import REPO
+from reference_runs import (EPOCHS, MMDC_BATCH, MMDC_EPOCHS, MMDC_OPTIMIZERS, MMDC_REFINE, Run,
+                            assert_same_run)
 from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.slurm
@@ -39,7 +43,6 @@ pytestmark = pytest.mark.slurm
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 cloudpickle.register_pickle_by_value(interrupts)
 
-EPOCHS = 3
 JOB_TIMEOUT_S = 240  # one job's run on the 2-CPU node, start-up included
 SIGNAL_SEEN_TIMEOUT_S = 60
 
@@ -47,16 +50,31 @@ SIGNAL_SEEN_TIMEOUT_S = 60
 @pytest.fixture(scope="module")
 def job_yaml(digits_subset, tmp_path_factory) -> Path:
     """The demo config, shrunk, with its `slurm:` section for the local cluster: 2 CPU tasks."""
-    root = tmp_path_factory.mktemp("slurm_train")
-    cfg = load_config(REPO / "configs" / "demo.yaml", [
-        f"data.path={digits_subset}", f"runs_root={root / 'runs'}", f"epochs={EPOCHS}",
-        "model.width=8", "model.fc_dim=64", "clustering.k=10", "clustering.pca_dim=16",
-        "progress=never", "threads=1", "eval.class_kmeans=false", "tracking.plots=false",
-        "distributed.timeout_s=120", "slurm.partition=debug", "slurm.tasks_per_node=2",
-        "slurm.cpus_per_task=1", "slurm.mem_gb=1", "slurm.time_min=10"])
+    return write_job_yaml(tmp_path_factory.mktemp("slurm_train"), "demo.yaml", [
+        f"data.path={digits_subset}", f"epochs={EPOCHS}", *SMALL_DEMO, "eval.class_kmeans=false"])
+
+
+SLURM_JOB = ("threads=1", "tracking.plots=false", "distributed.timeout_s=120",
+             "slurm.partition=debug", "slurm.tasks_per_node=2", "slurm.cpus_per_task=1",
+             "slurm.mem_gb=1", "slurm.time_min=10")
+
+
+def write_job_yaml(root: Path, preset: str, overrides: list[str]) -> Path:
+    """A preset with ``overrides`` and the `slurm:` section for the local cluster (2 CPU
+    tasks) as one YAML file, with runs_root beside it."""
+    cfg = load_config(REPO / "configs" / preset, [*overrides, f"runs_root={root / 'runs'}",
+                                                  *SLURM_JOB])
     path = root / "job.yaml"
     path.write_text(to_yaml(cfg))
     return path
+
+
+@pytest.fixture(scope="module")
+def mmdc_job_yaml(digits_subset, tmp_path_factory) -> Path:
+    """The MMDC reference run's config (reference_runs.mmdc_train_args) for the cluster."""
+    return write_job_yaml(tmp_path_factory.mktemp("slurm_mmdc"), "mmdc_demo.yaml", [
+        f"data.path={digits_subset}", f"epochs={MMDC_EPOCHS}", f"mmdc.refine_epochs={MMDC_REFINE}",
+        "mmdc.rotation=true", f"optim.batch_size={MMDC_BATCH}", *TINY_MMDC])
 
 
 def runs_root(job_yaml: Path) -> Path:
@@ -67,27 +85,15 @@ def checkpoints(job_yaml: Path, name: str) -> Path:
     return runs_root(job_yaml) / name / "checkpoints"
 
 
-def final_weights(job_yaml: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_checkpoint(checkpoints(job_yaml, name) / f"ckpt_e{EPOCHS:06d}_i0000000.pt")["model"]
+def final_weights(job_yaml: Path, name: str, epochs: int = EPOCHS) -> dict[str, torch.Tensor]:
+    return load_checkpoint(checkpoints(job_yaml, name) / f"ckpt_e{epochs:06d}_i0000000.pt")["model"]
 
 
 @pytest.fixture(scope="module")
-def local_run(job_yaml) -> tuple[dict[str, torch.Tensor], Path]:
+def local_run(pair_reference) -> tuple[dict[str, torch.Tensor], Path]:
     """The same run with two local processes (torchrun's variables, gloo): its final weights,
     and the training orders each rank was given, epoch by epoch."""
-    orders = job_yaml.parent / "orders-local"
-    orders.mkdir()
-    port = free_port()
-    outcomes = run_ranks(
-        [rank_command("--record-orders", str(orders), "train", str(job_yaml), "name=local")] * 2,
-        [torchrun_env(r, 2, "127.0.0.1", port) for r in range(2)], job_yaml.parent / "local")
-    assert [o.returncode for o in outcomes] == [0, 0], describe(outcomes)
-    return final_weights(job_yaml, "local"), orders
-
-
-def assert_same_weights(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
-    differing = [name for name in expected if not torch.equal(expected[name], actual[name])]
-    assert not differing, f"tensors differ from the local run: {differing}"
+    return pair_reference.final()["model"], pair_reference.orders
 
 
 def submit(job_yaml: Path, name: str) -> str:
@@ -210,7 +216,7 @@ def test_timeout_signal_mid_epoch_and_mid_clustering_requeues_and_ends_alike(
     assert log.count("received SIGUSR2") >= 2
     assert "inside epoch 1, after its iteration 5" in log
     assert "inside epoch 2, after its clustering" in log
-    assert log.count("clustering: faiss") == EPOCHS  # epoch 2 was not clustered twice
+    assert clusterings(orders) == EPOCHS  # epoch 2 was not clustered twice
     client = MlflowClient(f"sqlite:///{runs_root(job_yaml) / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string=f"attributes.run_name = '{name}'")
@@ -232,7 +238,7 @@ def test_requeues_stop_at_the_cap_with_the_checkpoint_kept(slurm_cluster, job_ya
         cancel(slurm_cluster, job.job_id)
     latest = load_latest(ckpts)
     assert latest is not None and latest[1].name == "ckpt_e000001_i0000006.pt"
-    assert latest[0]["in_epoch"]["step"] == 6
+    assert latest[0]["iteration"] == 6
     errors = "".join(p.read_text() for p in (runs_root(job_yaml) / name / "slurm").glob("*_0_log.*"))
     assert "timed-out too many times" in errors
     assert "resuming from" not in (runs_root(job_yaml) / name / "train.log").read_text()
@@ -293,3 +299,25 @@ def test_sbatch_template_forwards_the_timeout_signal_and_requeues(slurm_cluster,
     assert_same_weights(local_run[0], final_weights(job_yaml, name))
     log = (runs_root(job_yaml) / name / "train.log").read_text()
     assert "received SIGUSR2" in log and "resuming from" in log
+
+
+def test_mmdc_timeout_signal_mid_epoch_requeues_and_ends_like_the_local_run(
+        slurm_cluster, mmdc_job_yaml, mmdc_pair_reference):
+    """MMDC under `dcluster submit` stops, requeues and resumes as DeepCluster does: the
+    signal lands before the 9th training batch of epoch 1 (the rotation pass's 2nd, after the
+    7 of the clustering pass), so the checkpoint is the one after 7 + 2 iterations."""
+    name = "mmdc"
+    job, orders = submit_interrupted(mmdc_job_yaml, name, {0: "train:1:9"})
+    ckpts = checkpoints(mmdc_job_yaml, name)
+    epochs = MMDC_EPOCHS + MMDC_REFINE
+    try:
+        slurm_cluster.wait_for(committed(ckpts, 1, 10).exists, timeout=JOB_TIMEOUT_S,
+                               what="the checkpoint after iteration 2 of epoch 1's rotation pass")
+        slurm_cluster.release_requeued(job.job_id)
+        wait_completed(slurm_cluster, job.job_id, committed(ckpts, epochs, 0))
+    finally:
+        cancel(slurm_cluster, job.job_id)
+    assert_same_run(mmdc_pair_reference, Run(runs_root(mmdc_job_yaml) / name, orders, epochs),
+                    MMDC_OPTIMIZERS)
+    log = (runs_root(mmdc_job_yaml) / name / "train.log").read_text()
+    assert "received SIGUSR2" in log and "inside epoch 1, after its iteration 9" in log

@@ -10,162 +10,24 @@ two), so most of each run is the interpreter's start-up.
 """
 from __future__ import annotations
 
-import math
-import os
 import shutil
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from dcluster.checkpoint import checkpoint_name, load_checkpoint
-from ranks import RankOutcome, describe, free_port, rank_command, run_ranks, torchrun_env
+from helpers import assert_same_weights
+from ranks import RankOutcome, describe
+from reference_runs import (BATCH, BATCHES, EPOCHS, IMAGES, RANK_BATCHES, Run, assert_same_run,
+                            comparable, interrupted_command, new_dir, orders_of, recording,
+                            run_pair, run_single, train_args)
 
-EPOCHS = 3
-BATCH = 16
-IMAGES = 400  # the digits_subset fixture
-BATCHES = math.ceil(IMAGES / BATCH)  # training iterations per epoch in one process
-RANK_BATCHES = math.ceil(IMAGES // 2 / BATCH)  # ... and on each of two ranks
 EVERY = 5  # checkpoint.every_iterations of the periodic run
-CLUSTERING_LINE = "dcluster.train: clustering:"
-# what places a process in a job (dcluster/distributed.py): a single process must see none
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def train_args(data: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    """`dcluster train` of the small demo (tracking off unless ``extra`` turns it on). Every
-    run of this module computes the same thing: name, keep_last and every_iterations only
-    change where it lands and what it saves."""
-    return ["train", "configs/demo.yaml", f"name={name}", f"data.path={data}",
-            f"runs_root={runs}", f"epochs={EPOCHS}", "model.width=8", "model.fc_dim=64",
-            "clustering.k=10", "clustering.pca_dim=16", "progress=never",
-            "tracking.enabled=false", "eval.class_kmeans=false", "threads=1",
-            "distributed.timeout_s=60", "checkpoint.keep_last=100", *extra]
-
-
-def single_env(**extra: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           if key not in LAUNCH_VARS and not key.startswith(("SLURM_", "SUBMITIT_"))}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
-
-
-def run_single(command: list[str], logs: Path, **env: str) -> RankOutcome:
-    """One process from the repository root, waited for (killed on timeout)."""
-    [outcome] = run_ranks([command], [single_env(**env)], logs)
-    return outcome
-
-
-def run_pair(patches: list[str], args: list[str], logs: Path) -> list[RankOutcome]:
-    """Two gloo ranks of `rank_main.py PATCHES ARGS` with torchrun's variables."""
-    port = free_port()
-    return run_ranks([rank_command(*patches, *args)] * 2,
-                     [torchrun_env(r, 2, "127.0.0.1", port) for r in range(2)], logs)
-
-
-def interrupted_command(point: str, signame: str, orders: Path, args: list[str]) -> list[str]:
-    return rank_command("--interrupt", point, "--signal", signame, "--record-orders", str(orders),
-                        *args)
-
-
-def recording(orders: Path, args: list[str]) -> list[str]:
-    return rank_command("--record-orders", str(orders), *args)
-
-
-def new_dir(path: Path) -> Path:
-    path.mkdir(parents=True)
-    return path
-
-
-@dataclass
-class Run:
-    """What a finished run left: its directory and the training orders its processes recorded."""
-    root: Path
-    orders: Path
-    outputs: list[str] = field(default_factory=list)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    def checkpoint(self, epoch: int, step: int = 0) -> Path:
-        return self.checkpoints / checkpoint_name(epoch, step)
-
-    def final(self) -> dict:
-        return load_checkpoint(self.checkpoint(EPOCHS))
-
-    def checkpoint_names(self) -> list[str]:
-        return sorted(p.name for p in self.checkpoints.glob("ckpt_*.pt"))
-
-
-# ---------------------------------------------------------------------------- comparisons
-
-def assert_same_weights(expected: dict, got: dict) -> None:
-    assert expected.keys() == got.keys()
-    differing = [k for k in expected if not torch.equal(expected[k], got[k])]  # BN buffers too
-    assert not differing, f"tensors differ from the uninterrupted run: {differing}"
-
-
-def comparable(history: list[dict]) -> list[dict]:
-    """An epoch record without its wall times; NaN as a string so that it equals itself."""
-    return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v
-             for k, v in record.items() if not k.startswith("time_")} for record in history]
-
-
-def orders_of(directory: Path) -> dict[str, list[str]]:
-    return {p.name: p.read_text().splitlines() for p in sorted(directory.glob("rank*-epoch*.txt"))}
-
-
-def assert_same_run(reference: Run, run: Run) -> None:
-    """Same final weights and optimiser momentum, same epoch records (loss, objective, NMI,
-    ...), same pseudo-labels, and every rank trained on the same batches in the same order in
-    every epoch: nothing skipped, nothing repeated across the stop."""
-    expected, got = reference.final(), run.final()
-    assert_same_weights(expected["model"], got["model"])
-    for key in ("body_optimizer", "head_optimizer"):
-        for slot, state in expected[key]["state"].items():
-            assert torch.equal(state["momentum_buffer"], got[key]["state"][slot]["momentum_buffer"]), key
-    assert comparable(got["history"]) == comparable(expected["history"])
-    assert np.array_equal(got["labels"], expected["labels"])
-    for epoch in range(EPOCHS):
-        name = f"epoch_{epoch:06d}.npy"
-        assert np.array_equal(np.load(run.root / "assignments" / name),
-                              np.load(reference.root / "assignments" / name)), name
-    want, have = orders_of(reference.orders), orders_of(run.orders)
-    assert want and have.keys() == want.keys()
-    for name in want:
-        assert have[name] == want[name], f"{name}: the training order differs"
-
-
-# ------------------------------------------------------------------- uninterrupted references
-
-@pytest.fixture(scope="module")
-def reference(digits_subset, tmp_path_factory) -> Run:
-    """The run never stopped, one process."""
-    tmp = tmp_path_factory.mktemp("reference")
-    orders = new_dir(tmp / "orders")
-    outcome = run_single(recording(orders, train_args(digits_subset, tmp / "runs", "reference")),
-                         tmp / "logs")
-    assert outcome.returncode == 0, outcome.output[-4000:]
-    run = Run(tmp / "runs" / "reference", orders, [outcome.output])
-    assert run.checkpoint_names() == [checkpoint_name(e, 0) for e in range(1, EPOCHS + 1)]
-    assert [len(lines) for lines in orders_of(orders).values()] == [BATCHES] * EPOCHS
-    return run
-
-
-@pytest.fixture(scope="module")
-def pair_reference(digits_subset, tmp_path_factory) -> Run:
-    """The run never stopped, two ranks."""
-    tmp = tmp_path_factory.mktemp("pair_reference")
-    orders = new_dir(tmp / "orders")
-    outcomes = run_pair(["--record-orders", str(orders)],
-                        train_args(digits_subset, tmp / "runs", "pair_reference"), tmp / "logs")
-    assert [o.returncode for o in outcomes] == [0, 0], describe(outcomes)
-    return Run(tmp / "runs" / "pair_reference", orders, [o.output for o in outcomes])
 
 
 # ------------------------------------------------------------------------ one process
@@ -216,7 +78,7 @@ def test_a_stopped_run_checkpoints_where_it_stood_and_resumes_to_the_uninterrupt
             f"resume from {expected}") in stopped.output, stopped.output[-4000:]
     # the newest checkpoint is the one named; nothing was written after it
     assert run.checkpoint_names()[-1] == expected.name, run.checkpoint_names()
-    assert stopped.output.count(CLUSTERING_LINE) == case.clusterings_before
+    assert run.clusterings() == case.clusterings_before
 
     payload = load_checkpoint(expected)
     assert (payload["epoch"], payload["iteration"]) == (epoch, step)
@@ -225,7 +87,7 @@ def test_a_stopped_run_checkpoints_where_it_stood_and_resumes_to_the_uninterrupt
         assert payload["in_epoch"] is None
     else:
         in_epoch = payload["in_epoch"]
-        assert in_epoch["step"] == step and in_epoch["reclustered"] is True
+        assert in_epoch["stage"] == 0 and in_epoch["extra"]["reclustered"] is True
         # the epoch's clustering measurements wait in the checkpoint for its report
         assert {"objective", "n_clusters", "time_clustering"} <= in_epoch["metrics"].keys()
         [rank] = in_epoch["ranks"]
@@ -234,14 +96,15 @@ def test_a_stopped_run_checkpoints_where_it_stood_and_resumes_to_the_uninterrupt
         assert progress["iterations"] == iterations and progress["images"] == case.position
         assert (progress["loss_sum"] > 0) == (iterations > 0)
         assert {"python", "numpy", "torch"} <= rank["rng"].keys()
-        assert payload["labels"].shape == (IMAGES,) and payload["labels"].min() >= 0
+        labels = payload["clusters"]["labels"]
+        assert labels.shape == (IMAGES,) and labels.min() >= 0
 
     resumed = run_single(recording(run.orders, args), tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert f"resuming from {expected} {case.resume_log}" in resumed.output, resumed.output[-4000:]
     # each epoch clustered exactly once, across both processes: a resume inside an epoch
     # does not cluster it again
-    assert resumed.output.count(CLUSTERING_LINE) == EPOCHS - case.clusterings_before
+    assert run.clusterings() == EPOCHS
     assert_same_run(reference, run)
 
 
@@ -255,7 +118,7 @@ def periodic(digits_subset, tmp_path_factory) -> Run:
                                                       f"checkpoint.every_iterations={EVERY}")),
                          tmp / "logs")
     assert outcome.returncode == 0, outcome.output[-4000:]
-    return Run(tmp / "runs" / "periodic", orders, [outcome.output])
+    return Run(tmp / "runs" / "periodic", orders, outputs=[outcome.output])
 
 
 def test_periodic_mid_epoch_checkpoints_are_written_without_changing_the_run(periodic,
@@ -294,7 +157,7 @@ def test_resuming_from_a_named_periodic_checkpoint_ends_like_the_uninterrupted_r
     assert outcome.returncode == 0, outcome.output[-4000:]
     assert (f"resuming from {start.resolve()} inside epoch 1, after its iteration {step - 1}"
             in outcome.output), outcome.output[-4000:]
-    assert outcome.output.count(CLUSTERING_LINE) == EPOCHS - 2
+    assert run.clusterings() == EPOCHS - 2
     # the checkpoints of the abandoned timeline are renamed, not deleted
     assert run.checkpoints.joinpath(checkpoint_name(EPOCHS, 0) + ".superseded").is_file()
     assert_same_weights(reference.final()["model"], run.final()["model"])
@@ -372,15 +235,16 @@ def test_a_two_rank_mid_epoch_checkpoint_refuses_to_resume_in_one_process(
     assert [o.returncode for o in outcomes] == [140, 140], describe(outcomes)
     runs = tmp_path / "runs"
     shutil.copytree(pristine, runs)
-    run = Run(runs / "pair_stopped", tmp_path)
+    run = Run(runs / "pair_stopped", new_dir(tmp_path / "orders"))
     before = run.checkpoint_names()
-    outcome = run_single(rank_command(*train_args(digits_subset, runs, "pair_stopped",
-                                                  "tracking.enabled=true")), tmp_path / "logs")
+    outcome = run_single(recording(run.orders, train_args(digits_subset, runs, "pair_stopped",
+                                                          "tracking.enabled=true")),
+                         tmp_path / "logs")
     assert outcome.returncode == 2, outcome.output[-4000:]
     checkpoint = run.checkpoint(1, PAIR_STEP).resolve()
     assert (f"dcluster train: error: {checkpoint}: saved in the middle of epoch 1 by 2 rank(s), "
             "this run has 1: resume it with 2") in outcome.output, outcome.output[-4000:]
     assert "Traceback" not in outcome.output
     # it failed before doing any work, and wrote nothing
-    assert CLUSTERING_LINE not in outcome.output
+    assert run.clusterings() == 0 and not orders_of(run.orders)
     assert run.checkpoint_names() == before

@@ -25,8 +25,9 @@ from dcluster.config import CheckpointConfig, DataConfig, ModelConfig, OptimConf
 from dcluster.data import build_pipelines, open_source
 from dcluster.distributed import Env
 from dcluster.models import build_model
-from dcluster.optimize import EpochProgress, data_parallel, sgd, train_one_epoch
+from dcluster.optimize import EpochProgress, StepLoop, data_parallel, sgd, train_one_epoch
 from dcluster.stop import StopPoints, StopRequest
+from helpers import assert_same_weights
 from images import write_photo, write_zero_byte
 from ranks import spawn_ranks
 
@@ -89,7 +90,7 @@ def train_pass(images: Path, out: Path, every_iterations: int, stop_at: Optional
         loader = SignalAtBatch(pipelines, stop_at if comm.rank == 0 else None)
         while True:
             pause = train_one_epoch(net, loader, ORDERS[comm.rank], labels, 0, BATCH, optimizers,
-                                    env.device, "never", False, done, stops)
+                                    StepLoop(env.device, "never", False, stops), done)
             pauses.append(pause.signum if pause else None)
             if pause is None or pause.signum:
                 break
@@ -124,6 +125,4 @@ def test_a_periodic_pause_with_a_finished_rank_continues_to_the_same_weights(fol
     assert [r["pauses"] for r in paused] == [[0, None], [0, None]]
     for rank in range(2):
         assert paused[rank] | {"pauses": None} == straight[rank] | {"pauses": None}
-    differing = [k for k in straight_weights if not torch.equal(straight_weights[k],
-                                                                paused_weights[k])]
-    assert not differing, differing
+    assert_same_weights(straight_weights, paused_weights, "the pass that was not paused")

@@ -3,22 +3,25 @@ MLflow records; and a resumed run that ends with the same weights as an uninterr
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from mlflow import MlflowClient
 
 from dcluster.checkpoint import load_checkpoint
 from dcluster.cli import main
 from dcluster.train import train
+from helpers import SMALL_DEMO, assert_same_weights, small_demo
 
 
 def final_weights(result) -> dict[str, torch.Tensor]:
     return load_checkpoint(result.checkpoint)["model"]
 
 
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"tensors differ after resume: {different}"
+@pytest.fixture(scope="module")
+def straight(demo_digits, tmp_path_factory):
+    """The 3-epoch run never interrupted, that the resumed runs are compared with."""
+    return train(small_demo(demo_digits, tmp_path_factory.mktemp("straight"), "name=straight",
+                            "epochs=3"))
 
 
 def test_two_epochs_end_to_end(small_demo_config):
@@ -34,7 +37,7 @@ def test_two_epochs_end_to_end(small_demo_config):
     labels = np.load(run / "assignments" / "epoch_000001.npy")
     assert labels.shape == (1797,) and labels.min() >= 0 and labels.max() < 10
     payload = load_checkpoint(result.checkpoint)
-    assert payload["epoch"] == 2 and np.array_equal(payload["labels"], labels)
+    assert payload["epoch"] == 2 and np.array_equal(payload["clusters"]["labels"], labels)
     mlflow_run = MlflowClient(result.mlflow_uri).get_run(result.mlflow_run_id)
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.params["clustering.k"] == "10"
@@ -42,8 +45,7 @@ def test_two_epochs_end_to_end(small_demo_config):
     assert (run / "plots" / "nmi_curves.png").stat().st_size > 0
 
 
-def test_resume_reproduces_the_uninterrupted_run(small_demo_config):
-    straight = train(small_demo_config("name=straight", "epochs=3"))
+def test_resume_reproduces_the_uninterrupted_run(small_demo_config, straight):
     # the same run, stopped after 2 epochs and continued by a second `train` call
     train(small_demo_config("name=resumed", "epochs=2"))
     resumed = train(small_demo_config("name=resumed", "epochs=3"))
@@ -55,8 +57,7 @@ def test_resume_reproduces_the_uninterrupted_run(small_demo_config):
     assert sorted(m.step for m in losses) == [0, 1, 2]  # one MLflow run across both sessions
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_still_matches(small_demo_config):
-    straight = train(small_demo_config("name=straight", "epochs=3"))
+def test_corrupt_newest_checkpoint_falls_back_and_still_matches(small_demo_config, straight):
     interrupted = train(small_demo_config("name=broken", "epochs=2"))
     newest = interrupted.checkpoint
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
@@ -75,8 +76,7 @@ def test_cli_reports_a_bad_key_without_traceback(demo_digits, tmp_path, capsys):
 def test_cli_refuses_a_run_dir_of_another_config(small_demo_config, demo_digits, tmp_path, capsys):
     train(small_demo_config("epochs=1"))
     code = main(["train", "configs/demo.yaml", f"data.path={demo_digits}",
-                 f"runs_root={tmp_path / 'runs'}", "clustering.k=12", "model.width=8",
-                 "model.fc_dim=64", "clustering.pca_dim=16", "epochs=1"])
+                 f"runs_root={tmp_path / 'runs'}", *SMALL_DEMO, "clustering.k=12", "epochs=1"])
     err = capsys.readouterr().err
     assert code == 2 and "clustering.k: 10 -> 12" in err
 

@@ -18,7 +18,6 @@ With one process every collective is the identity and this is the single-machine
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,12 +44,12 @@ class StageResult:
     """The same on every rank."""
     labels: np.ndarray  # int64 (N,), -1 for images without features (unreadable)
     n_clusters: int
-    objective: float  # k-means loss (sum of squared distances), nan for PIC
+    # k-means, both modes: the sum over all points of the squared distance of the final
+    # assignment to the final centroids; nan for PIC
+    objective: float
     n_empty: int
     n_reseeded: int
     backend: str
-    pca_seconds: float
-    cluster_seconds: float
 
 
 @dataclass
@@ -96,8 +95,8 @@ def fit_shared_transform(x: np.ndarray, layout: RowLayout, cfg: ClusteringConfig
 
 def reduce_rows(x: np.ndarray, transform: PCATransform, cfg: ClusteringConfig,
                 out: Optional[np.ndarray] = None) -> np.ndarray:
-    """``x`` projected, whitened and L2-normalised as ``reduce_features`` does, into ``out``
-    if given."""
+    """``x`` projected by ``transform`` (and whitened, if it whitens), then L2-normalised if
+    ``cfg.l2_normalize``; into ``out`` if given."""
     reduced = transform.apply(x, chunk_rows=CHUNK_ROWS, out=out)
     return l2_normalize(reduced) if cfg.l2_normalize else reduced
 
@@ -133,9 +132,9 @@ def gather_reduced(features: np.ndarray, indices: np.ndarray, n_images: int,
     stacked = comm.gather_rows(reduced, layout.counts, stacked)
     if stacked is None:
         return None
-    log.info("gathered %d x %d vectors on rank 0 (%.1f MB, %.1f MB of them from other ranks)",
-             *stacked.shape, stacked.nbytes / 1e6,
-             (layout.total - layout.counts[0]) * stacked.shape[1] * 4 / 1e6)
+    log.debug("gathered %d x %d vectors on rank 0 (%.1f MB, %.1f MB of them from other ranks)",
+              *stacked.shape, stacked.nbytes / 1e6,
+              (layout.total - layout.counts[0]) * stacked.shape[1] * 4 / 1e6)
     return stacked, present
 
 
@@ -190,19 +189,16 @@ def cluster_shards(features: np.ndarray, indices: np.ndarray, n_images: int,
     """Pseudo-labels of all N images from every rank's features of its shard (rows of
     ``features`` belong to the global ``indices``); call on every rank. ``device`` is this
     rank's device (sharded mode assigns on it)."""
-    start = time.perf_counter()
     if cfg.mode == "sharded":
         layout = row_layout(features, comm)
         x = rows_of(features, layout)
         reduced = reduce_rows(x, fit_shared_transform(x, layout, cfg, comm), cfg)
-        pca_seconds = time.perf_counter() - start
         km = sharded_kmeans(reduced, cfg.k, seed=seed, niter=cfg.niter, comm=comm,
                             gpu=own_gpu(device, cfg.device))
         labels = spread_labels(km.labels, indices, n_images, comm)
         summary = (cfg.k, km.objective, km.n_empty, km.n_reseeded, km.backend)
     else:
         gathered = gather_reduced(features, indices, n_images, cfg, comm)
-        pca_seconds = time.perf_counter() - start
         labels = np.empty(n_images, dtype=np.int64)
         summary = None
         if gathered is not None:
@@ -216,6 +212,4 @@ def cluster_shards(features: np.ndarray, indices: np.ndarray, n_images: int,
         summary = comm.broadcast_object(summary)
     n_clusters, objective, n_empty, n_reseeded, backend = summary
     return StageResult(labels=labels, n_clusters=n_clusters, objective=objective,
-                       n_empty=n_empty, n_reseeded=n_reseeded, backend=backend,
-                       pca_seconds=pca_seconds,
-                       cluster_seconds=time.perf_counter() - start - pca_seconds)
+                       n_empty=n_empty, n_reseeded=n_reseeded, backend=backend)

@@ -72,8 +72,10 @@ def as_points(x: np.ndarray) -> np.ndarray:
 @dataclass
 class KMeansResult:
     labels: np.ndarray  # int64 (N,): nearest final centroid of every point
-    objective: float  # FAISS's loss (sum of squared distances) at its last iteration
-    mean_sq_distance: float  # mean squared distance of the points to their final centroid
+    # sum over all points of the squared distance to their final centroid (that of their
+    # label), as sharded k-means reports it; not FAISS's last loss, which is that of the
+    # centroids before their last update, and of its training sample when FAISS subsamples
+    objective: float
     sizes: np.ndarray  # int64 (k,)
     n_empty: int  # clusters no point is assigned to in the final assignment
     n_reseeded: int  # empty clusters FAISS re-seeded by splitting, over all iterations
@@ -109,8 +111,8 @@ def run_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
     if init is not None:
         faiss.copy_array_to_vector(as_points(init).ravel(), clus.centroids)
     index = flat_l2_index(d, ngpu)
-    log.info("k-means on %s: %d points x %d dims, k=%d, %d iterations",
-             backend_name(ngpu), n, d, k, niter)
+    log.debug("k-means on %s: %d points x %d dims, k=%d, %d iterations",
+              backend_name(ngpu), n, d, k, niter)
     clus.train(x, index)
     distances, assign = index.search(x, 1)  # the index holds the final centroids
     stats = clus.iteration_stats
@@ -119,8 +121,7 @@ def run_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
     sizes = np.bincount(labels, minlength=k)
     return KMeansResult(
         labels=labels,
-        objective=float(stats[-1].obj),
-        mean_sq_distance=float(distances.mean(dtype=np.float64)),
+        objective=float(distances.sum(dtype=np.float64)),
         sizes=sizes,
         n_empty=int((sizes == 0).sum()),
         n_reseeded=int(sum(s.nsplit for s in stats)),

@@ -39,7 +39,7 @@ CHUNK_ROWS = 16384
 @dataclass
 class ShardedKMeansResult:
     labels: np.ndarray  # int64 (n_local,): nearest final centroid of this rank's points
-    objective: float  # sum over ALL ranks' points of the squared distance to their centroid
+    objective: float  # sum over ALL ranks' points of the squared distance to their final centroid
     sizes: np.ndarray  # int64 (k,), over all ranks
     n_empty: int  # clusters no point is assigned to in the final assignment
     n_reseeded: int  # empty clusters re-seeded by splitting, over all iterations
@@ -79,7 +79,7 @@ def sharded_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int, comm: Comm,
     centroids = initial_centroids(x, offset, total, k, rng, comm)
     index = assignment_index(d, gpu)
     backend = f"sharded faiss-{'gpu' if gpu is not None else 'cpu'} over {comm.world_size} rank(s)"
-    log.info("k-means (%s): %d points x %d dims, k=%d, %d iterations", backend, total, d, k, niter)
+    log.debug("k-means (%s): %d points x %d dims, k=%d, %d iterations", backend, total, d, k, niter)
     n_reseeded = 0
     for iteration in range(niter):
         totals = comm.all_reduce_sum(cluster_sums(x, centroids, index))

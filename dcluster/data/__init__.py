@@ -12,11 +12,25 @@ from dcluster.config import ConfigError, DataConfig
 from dcluster.data.badfiles import TooManyBadImagesError
 from dcluster.data.decode import BadImageError, decode_rgb
 from dcluster.data.pipelines import FeatureBatch, Pipelines, TrainBatch, num_batches
-from dcluster.data.shards import TarShardSource
-from dcluster.data.source import DataSourceError, FolderSource, ImageSource, open_source
+from dcluster.data.shards import TarShardSource, is_shard_dir
+from dcluster.data.source import DataSourceError, FolderSource, ImageSource
 from dcluster.data.torchvision_loader import TorchvisionPipelines
 
 log = logging.getLogger("dcluster.data")
+
+
+def open_source(data_cfg: DataConfig) -> ImageSource:
+    """The source ``data.source`` names; ``auto`` takes a folder holding ``.tar`` files at its
+    top level for tar shards and anything else for an image folder tree. Here rather than in
+    source.py, which shards.py builds on: the factory needs both kinds."""
+    kind = data_cfg.source
+    if kind == "auto":
+        kind = "shards" if is_shard_dir(data_cfg.path) else "folder"
+    if kind == "shards":
+        return TarShardSource(data_cfg.path)
+    if kind == "folder":
+        return FolderSource(data_cfg.path)
+    raise ValueError(f"unknown data.source {data_cfg.source!r}; available: auto, folder, shards")
 
 
 def _dali(source: ImageSource, data_cfg: DataConfig, seed: int) -> Pipelines:

@@ -12,6 +12,7 @@ import math
 from typing import TYPE_CHECKING, Callable, NamedTuple, TypeVar, Union
 
 from dcluster.data.decode import BadImageError
+from dcluster.errors import UserError
 
 if TYPE_CHECKING:
     from dcluster.data.source import ImageSource
@@ -22,7 +23,7 @@ T = TypeVar("T")
 _NAMED_IN_ERROR = 20
 
 
-class TooManyBadImagesError(RuntimeError):
+class TooManyBadImagesError(RuntimeError, UserError):
     """More images of one pass could not be read than ``data.max_bad_fraction`` allows."""
 
 

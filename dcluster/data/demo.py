@@ -2,32 +2,27 @@
 
 It needs no download, yet goes through exactly the path a real dataset takes (folder scan,
 JPEG decode, crops), and its ten classes let the demo score the clusters. Every file is
-written to a temporary name and renamed, so an interrupted run leaves only whole images and
-re-running completes it; ``manifest.json``, written last, marks a finished dataset.
+written atomically (a hidden temporary name, then a rename), so an interrupted run leaves only
+whole images and re-running completes it; ``manifest.json``, written last, marks a finished
+dataset.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from dcluster.atomic import atomic_write_bytes
 
 log = logging.getLogger("dcluster.data")
 
 MANIFEST = "manifest.json"
 _DIGITS = 10
 _JPEG_QUALITY = 95
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    # Hidden temporary name: an image folder scan never picks up a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _encode(pixels: np.ndarray, size: int) -> bytes:
@@ -73,9 +68,9 @@ def make_demo_dataset(out_dir: str | Path, size: int = 32) -> Path:
         if path.exists():
             continue
         path.parent.mkdir(exist_ok=True)
-        _write_atomically(path, _encode(pixels, size))
+        atomic_write_bytes(path, _encode(pixels, size))
         written += 1
     if not (out / MANIFEST).exists():
-        _write_atomically(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+        atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode())
     log.info("demo dataset %s: %d images, %d written now", out, len(digits.target), written)
     return out

@@ -29,15 +29,16 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from dcluster.atomic import atomic_write, atomic_write_bytes, remove_stale_temps
 from dcluster.data.badfiles import Unreadable, load_or_unreadable
 from dcluster.data.decode import BadImageError, decode_rgb
-from dcluster.data.shards import CLASSES, build_index, write_atomically, write_index
+from dcluster.data.shards import CLASSES, build_index, write_index
 from dcluster.data.source import DataSourceError, FolderSource, ImageSource
 
 log = logging.getLogger("dcluster.data")
@@ -163,8 +164,8 @@ class _Plan:
         return manifest["shards"]
 
     def _save(self, shards: dict[str, dict]) -> None:
-        write_atomically(self.out / MANIFEST,
-                         json.dumps({**self.header, "shards": shards}, indent=1).encode())
+        atomic_write_bytes(self.out / MANIFEST,
+                           json.dumps({**self.header, "shards": shards}, indent=1).encode())
 
     def shard_name(self, number: int) -> str:
         return f"shard-{number:06d}.tar"
@@ -189,29 +190,28 @@ class _Plan:
 def _write_shard(plan: _Plan, number: int, readers: ThreadPoolExecutor,
                  bar: Optional[tqdm]) -> None:
     source, positions = plan.source, plan.positions(number)
-    final = plan.out / plan.shard_name(number)
-    tmp = final.with_name(f".{final.name}.tmp")
     rejects: list[Unreadable] = []
-    images = 0
-    results = readers.map(lambda i: load_or_unreadable(source, i, _verified), positions)
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for position, result in zip(positions, results):
-            if isinstance(result, Unreadable):
-                rejects.append(result)
-            else:
-                key = f"{position:0{plan.key_width}d}"
-                _add(tar, f"{key}.{result.ext}", result.data)
-                meta: dict[str, Union[str, int]] = {"path": source.describe(position)}
-                if source.targets is not None:
-                    target = int(source.targets[position])
-                    _add(tar, f"{key}.cls", str(target).encode())
-                    meta["class"] = source.class_names[target]
-                _add(tar, f"{key}.json", json.dumps(meta).encode())
-                images += 1
-            if bar is not None:
-                bar.update()
-    os.replace(tmp, final)
-    plan.record(number, images, rejects)
+
+    def fill(f: BinaryIO) -> None:
+        results = readers.map(lambda i: load_or_unreadable(source, i, _verified), positions)
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for position, result in zip(positions, results):
+                if isinstance(result, Unreadable):
+                    rejects.append(result)
+                else:
+                    key = f"{position:0{plan.key_width}d}"
+                    _add(tar, f"{key}.{result.ext}", result.data)
+                    meta: dict[str, Union[str, int]] = {"path": source.describe(position)}
+                    if source.targets is not None:
+                        target = int(source.targets[position])
+                        _add(tar, f"{key}.cls", str(target).encode())
+                        meta["class"] = source.class_names[target]
+                    _add(tar, f"{key}.json", json.dumps(meta).encode())
+                if bar is not None:
+                    bar.update()
+
+    atomic_write(plan.out / plan.shard_name(number), fill)
+    plan.record(number, len(positions) - len(rejects), rejects)
     for bad in rejects:
         log.warning("rejected %s: %s", bad.path, bad.reason)
 
@@ -228,6 +228,7 @@ def prepare_shards(src: str | Path, out: str | Path, shard_size: int, workers: i
     source = open_input(src)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # of a shard or manifest whose writer was killed
     plan = _Plan(source, out, shard_size)
     todo = [n for n in range(plan.count) if not plan.is_done(n)]
     log.info("prepare-shards %s -> %s: %d images in %d shards, %d to write", src, out,
@@ -254,11 +255,11 @@ def _finish(plan: _Plan, written_now: int) -> PrepareResult:
     """Classes, the rejects report and the index: rewritten from the manifest each time, so a
     run interrupted while writing them is completed by the next."""
     if plan.source.class_names is not None:
-        write_atomically(plan.out / CLASSES,
-                         "".join(f"{n}\n" for n in plan.source.class_names).encode())
+        atomic_write_bytes(plan.out / CLASSES,
+                           "".join(f"{n}\n" for n in plan.source.class_names).encode())
     rejects = [row for n in range(plan.count) for row in plan.done[plan.shard_name(n)]["rejects"]]
-    write_atomically(plan.out / REJECTS,
-                     "".join(f"{path}\t{reason}\n" for path, reason in rejects).encode())
+    atomic_write_bytes(plan.out / REJECTS,
+                       "".join(f"{path}\t{reason}\n" for path, reason in rejects).encode())
     table, meta = build_index(plan.out)
     write_index(plan.out, table, meta)
     images = sum(record["images"] for record in plan.done.values())

@@ -16,7 +16,6 @@ index, and re-indexing silently would renumber the images under a run's saved la
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from dcluster.atomic import atomic_write, atomic_write_bytes
 from dcluster.data.source import IMAGE_EXTENSIONS, DataSourceError
 
 log = logging.getLogger("dcluster.data")
@@ -111,20 +111,10 @@ def build_index(root: Path) -> tuple[np.ndarray, dict]:
     return table, meta
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Through a hidden temporary name and a rename, so that a reader (or a run interrupted
-    here) sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_index(root: Path, table: np.ndarray, meta: dict) -> None:
     """Rows first, metadata last: the metadata's presence marks a complete index."""
-    rows = io.BytesIO()
-    np.save(rows, table)
-    write_atomically(root / INDEX_ROWS, rows.getvalue())
-    write_atomically(root / INDEX_META, json.dumps(meta, indent=1).encode())
+    atomic_write(root / INDEX_ROWS, lambda f: np.save(f, table))
+    atomic_write_bytes(root / INDEX_META, json.dumps(meta, indent=1).encode())
 
 
 def _check_tar_header(path: Path, header: bytes, name: bytes, size: int) -> bool:

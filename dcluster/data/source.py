@@ -1,5 +1,5 @@
 """Where image bytes live: a folder tree scanned once into a sorted list of files, or tar
-shards (``shards.py``); ``open_source`` picks one.
+shards (``shards.py``, built on this module); ``dcluster.data.open_source`` picks one.
 
 The position of a file in that sorted list is its global index, the only name later stages
 use for an image. Sorting by relative path makes the index independent of the file system's
@@ -15,14 +15,14 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from dcluster.config import DataConfig
+from dcluster.errors import UserError
 
 log = logging.getLogger("dcluster.data")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 
 
-class DataSourceError(ValueError):
+class DataSourceError(ValueError, UserError):
     """The image folder cannot serve as a data source (empty, missing, ambiguous layout)."""
 
 
@@ -130,18 +130,3 @@ class FolderSource:
         for path in self.relpaths:
             digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
         return digest.hexdigest()[:16]
-
-
-def open_source(data_cfg: DataConfig) -> ImageSource:
-    """The source ``data.source`` names; ``auto`` takes a folder holding ``.tar`` files at its
-    top level for tar shards and anything else for an image folder tree."""
-    from dcluster.data.shards import TarShardSource, is_shard_dir  # shards imports this module
-
-    kind = data_cfg.source
-    if kind == "auto":
-        kind = "shards" if is_shard_dir(data_cfg.path) else "folder"
-    if kind == "shards":
-        return TarShardSource(data_cfg.path)
-    if kind == "folder":
-        return FolderSource(data_cfg.path)
-    raise ValueError(f"unknown data.source {data_cfg.source!r}; available: auto, folder, shards")

@@ -1,5 +1,6 @@
-"""The network an evaluation reads: rebuilt from the run's config, with the weights of a
-checkpoint, or as initialised (the random-init baseline), frozen."""
+"""The network an evaluation reads: rebuilt from the run's config by its method (the registry,
+dcluster/methods.py), with the weights of a checkpoint, or as initialised (the random-init
+baseline), frozen."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,9 +11,8 @@ import torch
 from torch import nn
 
 from dcluster.config import Config
-from dcluster.mmdc.model import build_mmdc_model
-from dcluster.mmdc.targets import mixture_means
-from dcluster.models import DeepClusterNet, build_model
+from dcluster.methods import method_module
+from dcluster.models import DeepClusterNet
 from dcluster.seeding import seed_everything
 
 
@@ -29,14 +29,7 @@ def load_network(cfg: Config, payload: Optional[dict[str, Any]], device: torch.d
     """The network of ``cfg.method`` with ``payload["model"]`` loaded; without a payload, as
     initialised from cfg.seed."""
     seed_everything(cfg.seed)
-    if cfg.method == "mmdc":
-        mmdc = build_mmdc_model(cfg)
-        net = Network(mmdc, mmdc.backbone, embed=mmdc.embed, means=mixture_means(cfg.mmdc, cfg.seed))
-    else:
-        model = build_model(cfg.model, cfg.data.crop_size)
-        if payload is not None and payload.get("n_clusters"):
-            model.reset_head(payload["n_clusters"], torch.Generator())  # to load its weights
-        net = Network(model, model)
+    net = method_module(cfg.method).eval_network(cfg, payload)
     if payload is not None:
         net.module.load_state_dict(payload["model"])
     net.module.to(device).eval()

@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from dcluster.checkpoint import atomic_write
+from dcluster.atomic import atomic_write_bytes
 from dcluster.evaluation.target import EvalTarget
 from dcluster.tracking import experiment_id, tracking_uri
 
@@ -55,8 +55,7 @@ def format_table(result: EvalResult) -> str:
 
 def write_json(result: EvalResult, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result.as_dict(), indent=2) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_bytes(path, (json.dumps(result.as_dict(), indent=2) + "\n").encode())
     return path
 
 

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 from dcluster.checkpoint import CheckpointError, load_checkpoint, load_latest
 from dcluster.config import Config, ConfigError, load_config
+from dcluster.run_state import upgraded
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
@@ -67,4 +68,4 @@ def resolve_target(target: str | Path, overrides: Sequence[str] = ()) -> EvalTar
                           "of this checkpoint are unknown (is it inside a run directory?)")
     # the store and run directory are where the run is now, wherever it was trained from
     cfg = load_config(config, [f"runs_root={run_dir.parent}", *overrides])
-    return EvalTarget(cfg, payload, checkpoint, run_dir)
+    return EvalTarget(cfg, upgraded(payload), checkpoint, run_dir)

@@ -12,9 +12,13 @@ targets move as little as the new partition allows.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
+
+from dcluster.collectives import Comm
 
 
 def best_permutation(embeddings: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -43,3 +47,13 @@ def match_labels(new: np.ndarray, previous: np.ndarray, k: int) -> np.ndarray:
     mapping = np.empty(k, dtype=np.int64)
     mapping[rows] = cols
     return mapping[new]
+
+
+def merge_owned(values: np.ndarray, owned: Sequence[np.ndarray], comm: Comm) -> np.ndarray:
+    """Every rank's ``values`` (int64 (N,), in place) made equal: rank r alone has changed the
+    entries ``owned[r]`` (disjoint across ranks, as the images of the ranks' slices of one
+    permutation are), and each rank sends its own entries to all others."""
+    for rank, indices in enumerate(owned):
+        part = comm.broadcast(np.ascontiguousarray(values[indices]), src=rank)
+        values[indices] = part
+    return values

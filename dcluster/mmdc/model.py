@@ -30,6 +30,14 @@ class MMDCNet(nn.Module):
                 self.rotation.weight.normal_(0.0, 0.01, generator=generator)
                 self.rotation.bias.zero_()
 
+    def forward(self, x: torch.Tensor, task: str = "embed") -> torch.Tensor:
+        """Through forward, so that a DDP replica synchronises the gradients of either task."""
+        if task == "embed":
+            return self.embed(x)
+        if task == "rotation":
+            return self.rotation_logits(x)
+        raise ValueError(f"unknown MMDC task {task!r}: expected embed or rotation")
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """L2-normalised embeddings: points on the unit sphere of R^d."""
         return F.normalize(self.backbone(x), dim=1)

@@ -8,6 +8,9 @@ floats) and makes it identical on every rank and after every resume without bein
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Optional
+
 import numpy as np
 
 from dcluster.config import MMDCConfig
@@ -62,3 +65,17 @@ class TargetBank:
                           for i in ids]) if len(ids) else np.empty((0, d))
         u = centres + self.sigma * noise
         return (u / np.linalg.norm(u, axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class Targets:
+    """What training changes of the targets, and so what the checkpoint holds of them: the
+    points themselves are a function of (seed, mmdc.*, number of images) (TargetBank)."""
+    assignment: np.ndarray  # int64 (N,): target id of each image, a permutation of 0..N-1
+    refined: Optional[np.ndarray] = None  # int64 (N,): component pulled to, refinement stage
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"assignment": self.assignment, "refined": self.refined}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.assignment, self.refined = state["assignment"], state["refined"]

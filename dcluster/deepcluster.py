@@ -1,0 +1,170 @@
+"""DeepCluster (Caron et al., ECCV 2018, section 3) on the run harness. One epoch, top to bottom:
+
+    features of my shard -> PCA/whiten/L2 + k-means across ranks -> fresh head
+    -> balanced order, my slice -> train (DDP) -> (the harness:) report -> checkpoint
+
+Each step lives in its own module; this one wires them together. The same code runs for one
+process and for many: with one, every collective is the identity (dcluster/collectives.py).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcluster.clustering.distributed_stage import (cluster_shards, global_mean, own_gpu,
+                                                   row_layout, rows_of, spread_labels)
+from dcluster.clustering.pca import l2_normalize
+from dcluster.clustering.sharded_kmeans import sharded_kmeans
+from dcluster.config import Config
+from dcluster.distributed import my_indices
+from dcluster.evaluation.network import Network
+from dcluster.extract import ShardFeatures, extract_features
+from dcluster.harness import RunContext, timed
+from dcluster.metrics import clustering_accuracy, nmi
+from dcluster.models import DeepClusterNet, build_model
+from dcluster.optimize import (EpochProgress, align_replicas, body_optimizer, data_parallel,
+                               pass_loss, sgd, train_one_epoch)
+from dcluster.run_state import InterruptedEpoch, Stateful
+from dcluster.sampler import balanced_order, rank_slice
+from dcluster.seeding import derived_seed
+
+log = logging.getLogger("dcluster.deepcluster")
+
+
+class DeepCluster:
+    """The method: its network and optimisers, and the epoch."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        cfg, env = ctx.cfg, ctx.env
+        self.ctx = ctx
+        self.epochs = cfg.epochs
+        self.mine = my_indices(len(ctx.source), env)  # contiguous: every image on one rank
+        self.model = build_model(cfg.model, cfg.data.crop_size).to(env.device)
+        lr = cfg.optim.lr * (env.world_size if cfg.optim.lr_scaling == "linear" else 1)
+        log.info("%d images, %s; batch %d per process, effective %d, lr %g (scaling: %s)",
+                 len(ctx.source), f"{len(ctx.source.class_names)} classes"
+                 if ctx.source.class_names else "no classes", cfg.optim.batch_size,
+                 cfg.optim.batch_size * env.world_size, lr, cfg.optim.lr_scaling)
+        self.body_optimizer = body_optimizer(self.model, cfg.optim, lr)
+        self.head = Head(self.model, lambda params: sgd(params, cfg.optim, lr))
+        self.net: nn.Module = self.model
+
+    def state(self) -> dict[str, Stateful]:
+        return {"head": self.head, "model": self.model, "body_optimizer": self.body_optimizer}
+
+    def after_restore(self) -> None:
+        self.net = data_parallel(self.model, self.ctx.env)
+
+    def share_state(self) -> None:
+        pass  # every rank holds the same labels, weights and optimiser state
+
+    def run_epoch(self, epoch: int, resumed: Optional[InterruptedEpoch]) -> dict[str, float]:
+        ctx, cfg, clusters = self.ctx, self.ctx.cfg, self.ctx.clusters
+        if resumed:  # inside this epoch: its labels and head are restored
+            metrics, recluster = dict(resumed.metrics), resumed.extra["reclustered"]
+        else:
+            metrics = {"time_features": 0.0, "time_clustering": 0.0}
+            recluster = clusters.labels is None or epoch % cfg.clustering.every == 0
+        if recluster and not resumed:
+            # 1. features of this rank's shard (centre crops, eval mode)
+            with timed(metrics, "time_features"):
+                shard = extract_features(self.model, ctx.pipelines, self.mine,
+                                         cfg.optim.batch_size, ctx.device, cfg.progress,
+                                         ctx.show, stop=ctx.stops.requested)
+            ctx.stop_point(epoch)
+            # 2. PCA/whitening/L2 and k-means across ranks: every rank gets all N labels
+            with timed(metrics, "time_clustering"):
+                result = cluster_shards(shard.features, shard.indices, len(ctx.source),
+                                        cfg.clustering, ctx.comm,
+                                        derived_seed(cfg.seed, epoch, "kmeans"), ctx.device)
+            clusters.update(result.labels, result.n_clusters, epoch)
+            metrics.update(objective=result.objective, n_clusters=result.n_clusters,
+                           n_empty=result.n_empty, n_reseeded=result.n_reseeded)
+            log.debug("clustering: %s, %d clusters, objective %.5g, %d empty, %d re-seeded",
+                      result.backend, result.n_clusters, result.objective, result.n_empty,
+                      result.n_reseeded)
+            if cfg.eval.class_kmeans and ctx.source.targets is not None:
+                metrics.update(class_probe(shard, ctx.source.targets, ctx, epoch))
+            # a fresh head for the new pseudo-labels, drawn from (seed, epoch) so it is the
+            # same on every rank, and re-wrapped so that DDP synchronises it
+            self.head.reset(clusters.n_clusters, derived_seed(cfg.seed, epoch, "head"))
+            self.net = data_parallel(self.model, ctx.env)
+
+        # 3. the order: uniform over the non-empty clusters, the same global list on every
+        # rank, of which each takes its own equal slice
+        order = rank_slice(balanced_order(clusters.labels, cfg.seed, epoch), ctx.env.rank,
+                           ctx.env.world_size)
+
+        # 4. train on the pseudo-labels, pausing (all ranks after the same iteration) for a
+        # mid-epoch checkpoint or a stop
+        done = resumed.progress(ctx.env.rank) if resumed else EpochProgress()
+        optimizers = [self.body_optimizer, self.head.optimizer]
+        ctx.train_pass(epoch, lambda: train_one_epoch(
+            self.net, ctx.pipelines, order, clusters.labels, epoch, cfg.optim.batch_size,
+            optimizers, ctx.steps, done), done, metrics, reclustered=recluster)
+        align_replicas(self.model, ctx.comm)
+        metrics["loss"] = pass_loss(done, ctx.comm)
+        return metrics
+
+
+class Head:
+    """The classifier head and its optimiser, re-created for every clustering: cluster ids
+    carry no meaning from one clustering to the next (paper section 3.2). In the checkpoint it
+    is its size and optimiser state (its weights are in the model's); restored first, so that
+    the model's state finds a head of the right shape."""
+
+    def __init__(self, model: DeepClusterNet, make_optimizer) -> None:
+        self.model = model
+        self.make_optimizer = make_optimizer
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+
+    def reset(self, k: int, seed: int) -> None:
+        head = self.model.reset_head(k, torch.Generator().manual_seed(seed))
+        self.optimizer = self.make_optimizer(head.parameters())
+
+    def state_dict(self) -> dict[str, Any]:
+        head = self.model.head
+        return {"n_clusters": head.out_features if head is not None else 0,
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state["n_clusters"]:
+            return
+        self.reset(state["n_clusters"], seed=0)  # its weights come with the model's state
+        if state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+
+def class_probe(shard: ShardFeatures, targets: np.ndarray, ctx: RunContext,
+                epoch: int) -> dict[str, float]:
+    """k-means with k = number of classes on this epoch's features (centred, L2-normalised,
+    not whitened: whitening lifts noise directions to unit variance), scored against the
+    classes. A label-free measure of feature quality that, unlike NMI of the pseudo-labels,
+    does not depend on k. Sharded k-means, so the raw features stay on their ranks."""
+    comm, cfg = ctx.comm, ctx.cfg
+    x = rows_of(shard.features, row_layout(shard.features, comm))
+    x = l2_normalize(x - global_mean(x, comm))
+    n_classes = int(targets.max()) + 1
+    km = sharded_kmeans(x, n_classes, seed=derived_seed(cfg.seed, epoch, "probe"),
+                        niter=cfg.clustering.niter, comm=comm,
+                        gpu=own_gpu(ctx.device, cfg.clustering.device))
+    pred = spread_labels(km.labels, shard.indices, len(targets), comm)
+    keep = pred >= 0
+    return {"probe_nmi": nmi(pred[keep], targets[keep]),
+            "probe_acc": clustering_accuracy(pred[keep], targets[keep])}
+
+
+def eval_network(cfg: Config, payload: Optional[dict[str, Any]]) -> Network:
+    """The network `dcluster eval` reads: as trained (with the checkpoint's head, so that its
+    state loads), or as initialised."""
+    model = build_model(cfg.model, cfg.data.crop_size)
+    if payload is not None and payload["head"]["n_clusters"]:
+        model.reset_head(payload["head"]["n_clusters"], torch.Generator())
+    return Network(model, model)
+
+
+METHOD = DeepCluster

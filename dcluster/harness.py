@@ -1,0 +1,359 @@
+"""The run harness: what a training run does whatever its method (DeepCluster, MMDC).
+
+It owns the run directory, the data, resuming (newest valid checkpoint, a named one, or
+never), the RNG streams, the stop points and the checkpoints, the epoch report with MLflow
+and the plots. A method (the `Method` protocol) owns only its epoch: it is built from a
+:class:`RunContext`, names its stateful objects (written to and restored from the checkpoint
+through one mapping, run_state.py) and runs one epoch, or the rest of one that a mid-epoch
+checkpoint interrupted.
+
+    resume -> for each epoch: seed its streams -> method.run_epoch -> report -> checkpoint
+
+A stop signal (stop.py) is acted on where all ranks agree: at the stage boundaries a method
+marks (:meth:`RunContext.stop_point`) and after any training iteration of a pass run through
+:meth:`RunContext.train_pass`, with a checkpoint of exactly where the epoch stands.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Protocol
+
+import torch
+from torch import nn
+
+from dcluster.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_latest,
+                                 restore_rng_state, save_checkpoint)
+from dcluster.collectives import Comm
+from dcluster.config import Config, config_hash
+from dcluster.data import ImageSource, Pipelines, build_pipelines, open_source
+from dcluster.distributed import Env
+from dcluster.epoch_report import assignment_metrics, format_epoch_line
+from dcluster.errors import CleanStop
+from dcluster.optimize import EpochProgress, Pause, StepLoop
+from dcluster.plots import plot_cluster_sizes, plot_nmi_curves
+from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
+from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
+                                Stateful, check_compatible, restore_objects, upgraded)
+from dcluster.seeding import derived_seed, seed_everything
+from dcluster.stop import StopPoints, StopRequest, TrainingStopped
+from dcluster.tracking import NullTracker, Tracker, make_tracker, tracking_uri
+
+log = logging.getLogger("dcluster.harness")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Optional[Path]
+    mlflow_uri: Optional[str]
+    mlflow_run_id: Optional[str]
+    history: list[dict[str, float]]  # rank 0's is the run's (other ranks skip the reports)
+    rank: int = 0  # of the process that returns it: rank 0 alone speaks for the run
+
+
+class Method(Protocol):
+    """A training method on the harness; built as ``Method(ctx)``."""
+    model: nn.Module  # the network: its buffers are saved per rank in mid-epoch checkpoints
+    epochs: int  # the epochs of a whole run
+
+    def state(self) -> dict[str, Stateful]:
+        """The method's objects by checkpoint name, in the order a restore loads them."""
+
+    def after_restore(self) -> None:
+        """Called once the checkpoint's state is loaded (DeepCluster re-wraps DDP for the
+        restored head)."""
+
+    def share_state(self) -> None:
+        """Called on every rank before a mid-epoch checkpoint: make what rank 0 writes hold
+        every rank's part (MMDC's targets are updated by each rank for its own images)."""
+
+    def run_epoch(self, epoch: int, resumed: Optional[InterruptedEpoch]) -> dict[str, float]:
+        """Epoch ``epoch`` (from where ``resumed`` stands, if given): its metrics."""
+
+
+@dataclass
+class RunContext:
+    """What a method's epoch works with, and the harness's services to it."""
+    cfg: Config
+    env: Env
+    comm: Comm
+    run: RunDir
+    source: ImageSource
+    pipelines: Pipelines
+    clusters: Clusters  # set by the method, reported and checkpointed by the harness
+    stops: StopPoints
+    steps: StepLoop  # the optimisation loop of every training pass
+    checkpointer: Optional[Checkpointer] = None  # set by the harness once the state is known
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+    @property
+    def show(self) -> bool:
+        """Progress bars and epoch lines: rank 0 only."""
+        return self.env.is_main
+
+    def stop_point(self, epoch: int) -> None:
+        """A stage boundary where nothing of the epoch is worth keeping yet (after the
+        feature pass, say): on an agreed stop signal, stop with the epoch-start checkpoint."""
+        signum = self.stops.agreed_stop()
+        if signum:
+            assert self.checkpointer is not None
+            self.checkpointer.stop(signum, epoch)
+
+    def train_pass(self, epoch: int, run: Callable[[], Optional[Pause]], done: EpochProgress,
+                   metrics: dict[str, float], stage: int = 0, offset: int = 0,
+                   **extra: Any) -> None:
+        """Run a pausable training pass to its end: ``run()`` trains from ``done.position``
+        (StepLoop.run); at each pause the epoch is checkpointed where it stands, and on a stop
+        signal the run stops there. ``stage``, ``offset``, ``metrics`` and ``extra`` are what a
+        resume needs to continue the epoch (InterruptedEpoch)."""
+        assert self.checkpointer is not None
+        with timed(metrics, "time_training"):
+            pause = run()
+        while pause is not None:
+            where = self.checkpointer.snapshot(done, metrics, stage, offset, extra)
+            step = 1 + offset + max(rank["progress"]["iterations"] for rank in where.ranks)
+            if pause.signum:
+                self.checkpointer.stop(pause.signum, epoch, step, where, offset + done.iterations)
+            self.checkpointer.save(epoch, step, where)
+            with timed(metrics, "time_training"):
+                pause = run()
+
+
+@contextmanager
+def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
+    """Add the block's wall time to ``metrics[key]`` (a stage paused and resumed adds up)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - start
+
+
+class Checkpointer:
+    """Writes the run state as checkpoints (rank 0; every rank waits for it), and knows the
+    newest one of this run, so that a second stop where the run resumed writes nothing."""
+
+    def __init__(self, ctx: RunContext, method: Method, progress: RunProgress,
+                 objects: dict[str, Stateful], chash: str, fingerprint: str,
+                 resumed_from: Optional[Path]) -> None:
+        self.ctx, self.method, self.progress, self.objects = ctx, method, progress, objects
+        self.chash, self.fingerprint = chash, fingerprint
+        self.last = resumed_from
+        self.saved_at: Optional[tuple[int, int]] = None
+        if resumed_from is not None:
+            in_epoch = progress.in_epoch
+            self.saved_at = (progress.next_epoch, checkpoint_step(in_epoch) if in_epoch else 0)
+
+    def save(self, epoch: int, step: int = 0, in_epoch: Optional[InterruptedEpoch] = None) -> None:
+        """Commit the run state as checkpoint (epoch, step); nothing if it already is."""
+        if self.saved_at == (epoch, step):
+            return
+        ctx = self.ctx
+        if ctx.env.is_main:
+            self.last = save_checkpoint(ctx.run.checkpoints, self.payload(epoch, step, in_epoch),
+                                        epoch=epoch, iteration=step,
+                                        keep_last=ctx.cfg.checkpoint.keep_last)
+        ctx.comm.barrier()
+        ctx.stops.saved()
+        self.saved_at = (epoch, step)
+
+    def stop(self, signum: int, epoch: int, step: int = 0,
+             in_epoch: Optional[InterruptedEpoch] = None, iterations: int = 0) -> None:
+        """Checkpoint (epoch, step) and stop the run: raises TrainingStopped."""
+        self.save(epoch, step, in_epoch)
+        raise TrainingStopped(signum, self.last, epoch, iterations)
+
+    def snapshot(self, done: EpochProgress, metrics: dict[str, float], stage: int, offset: int,
+                 extra: dict[str, Any]) -> InterruptedEpoch:
+        """Where the epoch stands, from every rank (gathered to all; rank 0 writes it): its
+        progress in the pass, its RNG streams and its BatchNorm buffers (which a rank updates
+        on its own between DDP's synchronisations)."""
+        self.method.share_state()
+        mine = {"progress": asdict(done), "rng": capture_rng_state(),
+                "buffers": {name: buffer.detach().cpu().clone()
+                            for name, buffer in self.method.model.named_buffers()}}
+        return InterruptedEpoch(stage, offset, dict(metrics), dict(extra),
+                                self.ctx.comm.all_gather_object(mine))
+
+    def payload(self, epoch: int, step: int, in_epoch: Optional[InterruptedEpoch]) -> dict[str, Any]:
+        progress = self.progress
+        return {
+            "format": FORMAT_VERSION,
+            "method": self.ctx.cfg.method,
+            "config_hash": self.chash,
+            "data_fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "iteration": step,
+            "in_epoch": asdict(in_epoch) if in_epoch else None,
+            "history": list(progress.history),
+            "bad_images": dict(progress.bad_images),
+            "mlflow_run_id": progress.mlflow_run_id,
+            **{name: obj.state_dict() for name, obj in self.objects.items()},
+            "rng": capture_rng_state(),  # last, after everything else is decided
+        }
+
+
+def checkpoint_step(in_epoch: InterruptedEpoch) -> int:
+    return 1 + in_epoch.offset + max(rank["progress"]["iterations"] for rank in in_epoch.ranks)
+
+
+def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
+               build: Callable[[RunContext], Method]) -> RunResult:
+    """One run of the method ``build`` makes, from wherever its run directory stands."""
+    run = shared_run_dir(cfg, comm)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    source = open_source(cfg.data)
+    stops = StopPoints(stop_request, cfg.checkpoint, comm)
+    ctx = RunContext(cfg, env, comm, run, source, build_pipelines(source, cfg.data, cfg.seed),
+                     Clusters(), stops, StepLoop(env.device, cfg.progress, env.is_main, stops))
+    method = build(ctx)
+    progress = RunProgress()
+    objects: dict[str, Stateful] = {"clusters": ctx.clusters, **method.state()}
+    chash, fingerprint = config_hash(cfg), source.fingerprint()
+    resumed_from = resume(ctx, method, progress, objects, chash, fingerprint)
+    ctx.checkpointer = checkpointer = Checkpointer(ctx, method, progress, objects, chash,
+                                                   fingerprint, resumed_from)
+    tracker = make_tracker(cfg, env.is_main)
+    progress.mlflow_run_id = tracker.start(cfg, run, progress.mlflow_run_id)
+    try:
+        for epoch in range(progress.next_epoch, method.epochs):
+            resumed, progress.in_epoch = progress.in_epoch, None
+            if resumed is None:
+                # dropout and any other draw from torch's global generator: a (seed, epoch,
+                # rank) stream, so ranks differ and a redone epoch repeats itself (an
+                # interrupted one continues the stream it saved)
+                torch.manual_seed(derived_seed(cfg.seed, epoch, "dropout", env.rank))
+            metrics = method.run_epoch(epoch, resumed)
+            report_epoch(ctx, progress, tracker, epoch, method.epochs, metrics)
+            if progress.next_epoch % cfg.checkpoint.interval == 0 or progress.next_epoch == method.epochs:
+                checkpointer.save(progress.next_epoch)
+        if env.is_main:
+            finish_plots(cfg, run, ctx.clusters, progress.history, tracker)
+        # no rank reports success before rank 0's last checkpoint and plots are written
+        comm.barrier()
+    except BaseException as err:
+        # the MLflow run shows why it stopped; a resumed job sets it RUNNING again
+        tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, CleanStop)) else "FAILED")
+        raise
+    tracker.finish()
+    return RunResult(run_dir=run.root, checkpoint=checkpointer.last,
+                     mlflow_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
+                     mlflow_run_id=progress.mlflow_run_id, history=progress.history,
+                     rank=env.rank)
+
+
+def shared_run_dir(cfg: Config, comm: Comm) -> RunDir:
+    """Rank 0 creates (or checks and reuses) the run directory; the others learn its path once
+    it is ready. Every rank appends to its log: rank 0 all records, the others only errors, so
+    that a rank's failure is in train.log too."""
+    root = comm.broadcast_object(str(prepare_run_dir(cfg).root) if comm.is_main else None)
+    run = RunDir(Path(root))
+    handler = attach_log_file(run)
+    if not comm.is_main:
+        handler.setLevel(logging.ERROR)
+    return run
+
+
+def resume(ctx: RunContext, method: Method, progress: RunProgress,
+           objects: dict[str, Stateful], chash: str, fingerprint: str) -> Optional[Path]:
+    """Restore the run state from the checkpoint to continue from, and return its path: the
+    newest valid one (resume=auto), the named one (resume=<path>) or none (a new run, or
+    resume=never). Rank 0 chooses the file, so that every rank resumes from the same one."""
+    cfg, comm = ctx.cfg, ctx.comm
+    found = find_resume_checkpoint(cfg, ctx.run) if comm.is_main else None
+    path = comm.broadcast_object(str(found[1].resolve()) if found else None)
+    if path is None:
+        return None
+    payload = upgraded(found[0] if found else load_checkpoint(Path(path)))
+    check_compatible(payload, chash, fingerprint, path)
+    restore_objects(payload, objects, path)
+    method.after_restore()
+    restore_rng_state(payload["rng"])
+    progress.next_epoch, progress.history = payload["epoch"], list(payload["history"])
+    progress.bad_images, progress.mlflow_run_id = dict(payload["bad_images"]), payload["mlflow_run_id"]
+    if payload["in_epoch"]:
+        progress.in_epoch = InterruptedEpoch(**payload["in_epoch"])
+        continue_streams(progress.in_epoch, progress.next_epoch, method.model, ctx.env, path)
+        step = checkpoint_step(progress.in_epoch)
+        log.info("resuming from %s inside epoch %d, after its %s", path, progress.next_epoch,
+                 f"iteration {step - 1}" if step > 1 else "clustering")
+    else:
+        log.info("resuming from %s at epoch %d", path, progress.next_epoch)
+    return Path(path)
+
+
+def find_resume_checkpoint(cfg: Config, run: RunDir) -> Optional[tuple[dict[str, Any], Path]]:
+    """The checkpoint a run continues from, with its path: None for resume=never or when none
+    is saved yet (resume=auto), else the newest valid one (auto) or the named one."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return load_latest(run.checkpoints)
+    path = Path(cfg.resume)
+    return load_checkpoint(path), path
+
+
+def continue_streams(in_epoch: InterruptedEpoch, epoch: int, model: nn.Module, env: Env,
+                     source: str) -> None:
+    """Give this rank back the RNG streams and BatchNorm buffers it had when an interrupted
+    epoch was saved (its dropout masks go on where they stopped). Only with as many ranks as
+    wrote it: each rank's position is in its own slice of the epoch's order, and the slices
+    depend on their number."""
+    saved = len(in_epoch.ranks)
+    if saved != env.world_size:
+        raise CheckpointError(
+            f"{source}: saved in the middle of epoch {epoch} by {saved} rank(s), "
+            f"this run has {env.world_size}: resume it with {saved}, or pass resume=<an "
+            "epoch-boundary checkpoint (ckpt_e*_i0000000.pt)> to redo that epoch")
+    mine = in_epoch.ranks[env.rank]
+    restore_rng_state(mine["rng"])
+    if mine.get("buffers"):
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for name, value in mine["buffers"].items():
+                buffers[name].copy_(value)
+
+
+def record_bad_images(progress: RunProgress, found: dict[int, str], comm: Comm) -> None:
+    """Add the unreadable images every rank has met to the run state (the same on all ranks);
+    only the new ones travel."""
+    new = {index: reason for index, reason in found.items() if index not in progress.bad_images}
+    for part in comm.all_gather_object(new):
+        progress.bad_images.update(part)
+
+
+def report_epoch(ctx: RunContext, progress: RunProgress, tracker: Tracker | NullTracker,
+                 epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+    """The epoch's one line, its MLflow metrics and assignments file (rank 0), and its entry
+    in the run's history (every rank)."""
+    record_bad_images(progress, ctx.pipelines.bad_indices, ctx.comm)
+    metrics["bad_images"] = float(len(progress.bad_images))
+    progress.next_epoch = epoch + 1
+    clusters = ctx.clusters
+    if ctx.env.is_main:
+        if clusters.updated_epoch == epoch:
+            metrics.update(assignment_metrics(clusters.labels, clusters.previous_labels,
+                                              ctx.source.targets))
+        log.info(format_epoch_line(epoch, epochs, metrics))
+        tracker.log_metrics(metrics, step=epoch)
+        save_assignments(ctx.run, epoch, clusters.labels)
+    progress.history.append({"epoch": float(epoch), **metrics})
+
+
+def finish_plots(cfg: Config, run: RunDir, clusters: Clusters, history: list[dict[str, float]],
+                 tracker: Tracker | NullTracker) -> None:
+    if not cfg.tracking.plots or not history or clusters.labels is None:
+        return
+    curves = plot_nmi_curves(history, run.plots / "nmi_curves.png")
+    sizes = plot_cluster_sizes(clusters.sizes(), run.plots / "cluster_sizes.png")
+    for path in (curves, sizes):
+        tracker.log_artifact(path)

@@ -1,0 +1,172 @@
+"""MMDC (paper Algorithm 1) on the run harness. One epoch, top to bottom:
+
+    [refinement epochs: k-means on the embeddings -> targets] -> clustering pass (Hungarian
+    re-assignment per batch, my slice) -> rotation pass (my slice) -> embeddings of my shard
+    -> the nearest component of every image -> (the harness:) report -> checkpoint
+
+Distributed as DeepCluster is: DDP over the network, every rank trains on its own slice of
+one global order, so the ranks' batches are disjoint and each re-assigns targets only among
+its own images; the targets are indexed by global image index and merged across ranks
+before a checkpoint and after the clustering pass.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import numpy as np
+
+from dcluster.clustering import kmeans_labels
+from dcluster.clustering.distributed_stage import row_layout, rows_of, spread_labels
+from dcluster.config import Config, MMDCConfig
+from dcluster.distributed import my_indices
+from dcluster.evaluation.network import Network
+from dcluster.extract import ShardFeatures, extract_features
+from dcluster.harness import RunContext, timed
+from dcluster.mmdc.assignment import match_labels, merge_owned
+from dcluster.mmdc.model import build_mmdc_model
+from dcluster.mmdc.passes import MOVED, PassContext, clustering_pass, rotation_pass
+from dcluster.mmdc.targets import TargetBank, Targets, mixture_means, nearest_component
+from dcluster.optimize import EpochProgress, align_replicas, data_parallel, pass_loss, sgd
+from dcluster.run_state import InterruptedEpoch, Stateful
+from dcluster.sampler import rank_slice
+from dcluster.seeding import derived_rng, derived_seed
+
+log = logging.getLogger("dcluster.mmdc")
+
+CLUSTERING_PASS, ROTATION_PASS = 0, 1
+
+
+def lr_at(cfg: MMDCConfig, base_lr: float, epoch: int) -> float:
+    """The step schedule: divided by lr_decay_factor at each of lr_decay_epochs (the paper:
+    by 5 after epoch 350). A pure function of the epoch, so a resume needs no scheduler state."""
+    return base_lr / cfg.lr_decay_factor ** sum(epoch >= e for e in cfg.lr_decay_epochs)
+
+
+class MMDC:
+    """The method: its network, optimiser and targets, and the epoch."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        cfg, env = ctx.cfg, ctx.env
+        self.ctx = ctx
+        n_images = len(ctx.source)
+        self.epochs = cfg.epochs + cfg.mmdc.refine_epochs
+        self.mine = my_indices(n_images, env)
+        self.bank = TargetBank(n_images, cfg.mmdc, cfg.seed)
+        self.model = build_mmdc_model(cfg).to(env.device)
+        self.base_lr = cfg.optim.lr * (env.world_size if cfg.optim.lr_scaling == "linear" else 1)
+        self.optimizer = sgd([p for p in self.model.parameters() if p.requires_grad], cfg.optim,
+                             self.base_lr)
+        # the two passes train different heads: DDP must expect parameters without gradients
+        self.net = data_parallel(self.model, env, find_unused_parameters=True)
+        # every image on its own drawn target: the draws are i.i.d., so the identity is as
+        # random an initial assignment as any
+        self.targets = Targets(assignment=np.arange(n_images, dtype=np.int64))
+        self.training_order: Optional[np.ndarray] = None  # the global order of a clustering pass
+        self.embeddings: Optional[ShardFeatures] = None  # the last report pass; weights unchanged
+        log.info("MMDC: %d images, K=%d components in R^%d (%s means, sigma %g), rotation task "
+                 "%s, %d + %d refinement epochs; batch %d per process", n_images, cfg.mmdc.k,
+                 self.bank.means.shape[1], cfg.mmdc.means, cfg.mmdc.sigma,
+                 "on" if cfg.mmdc.rotation else "off", cfg.epochs, cfg.mmdc.refine_epochs,
+                 cfg.optim.batch_size)
+
+    def state(self) -> dict[str, Stateful]:
+        return {"model": self.model, "optimizer": self.optimizer, "targets": self.targets}
+
+    def after_restore(self) -> None:
+        pass  # the DDP replica wraps the very module whose state was loaded
+
+    def share_state(self) -> None:
+        """During a clustering pass each rank has re-assigned the targets of its own slice."""
+        if self.training_order is not None:
+            env = self.ctx.env
+            owned = [rank_slice(self.training_order, r, env.world_size)
+                     for r in range(env.world_size)]
+            merge_owned(self.targets.assignment, owned, self.ctx.comm)
+
+    def run_epoch(self, epoch: int, resumed: Optional[InterruptedEpoch]) -> dict[str, float]:
+        ctx, cfg, comm = self.ctx, self.ctx.cfg, self.ctx.comm
+        lr = lr_at(cfg.mmdc, self.base_lr, epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        passes = PassContext(self.net, self.model, ctx.pipelines, self.optimizer, ctx.steps,
+                             epoch, cfg.optim.batch_size)
+        if resumed:
+            metrics, stage, offset = dict(resumed.metrics), resumed.stage, resumed.offset
+        else:
+            metrics, stage, offset = {"lr": lr, "time_clustering": 0.0}, CLUSTERING_PASS, 0
+            # refinement stage (section III.E): targets from k-means on the embeddings
+            with timed(metrics, "time_clustering"):
+                self.targets.refined = self.refine(epoch) if epoch >= cfg.epochs else None
+
+        # 1. the clustering pass: Hungarian re-assignment within each batch, then L2 steps
+        if stage == CLUSTERING_PASS:
+            done = resumed.progress(ctx.env.rank) if resumed else EpochProgress()
+            self.training_order = derived_rng(cfg.seed, epoch, "order").permutation(len(self.bank))
+            order = self.my_slice(self.training_order)
+            ctx.train_pass(epoch, lambda: clustering_pass(passes, order, self.bank, self.targets,
+                                                          done), done, metrics, CLUSTERING_PASS)
+            self.share_state()
+            self.training_order = None
+            moved, images = comm.all_reduce_sum(
+                np.array([done.tallies.get(MOVED, 0), done.images], dtype=np.int64))
+            metrics.update(loss=pass_loss(done, comm), moved_fraction=moved / max(images, 1))
+            offset = int(comm.all_reduce_max(np.array([done.iterations]))[0])
+
+        # 2. the rotation pass
+        if cfg.mmdc.rotation:
+            done = resumed.progress(ctx.env.rank) if resumed and stage == ROTATION_PASS \
+                else EpochProgress()
+            order = self.my_slice(derived_rng(cfg.seed, epoch, "rotation_order")
+                                  .permutation(len(self.bank)))
+            ctx.train_pass(epoch, lambda: rotation_pass(passes, order, len(self.bank), done),
+                           done, metrics, ROTATION_PASS, offset)
+            metrics["loss_rotation"] = pass_loss(done, comm)
+        align_replicas(self.model, comm)
+
+        # 3. clusters: the component nearest each embedding (paper eq. 3)
+        with timed(metrics, "time_features"):
+            self.embeddings = self.embed_shard()
+            labels = spread_labels(nearest_component(self.embeddings.features, self.bank.means),
+                                   self.embeddings.indices, len(self.bank), comm)
+        ctx.clusters.update(labels, cfg.mmdc.k, epoch)
+        sizes = ctx.clusters.sizes()
+        metrics.update(clusters_empty=float((sizes == 0).sum()),
+                       largest_cluster=float(sizes.max() / max(sizes.sum(), 1)))
+        return metrics
+
+    def my_slice(self, global_order: np.ndarray) -> np.ndarray:
+        return rank_slice(global_order, self.ctx.env.rank, self.ctx.env.world_size)
+
+    def embed_shard(self) -> ShardFeatures:
+        ctx = self.ctx
+        return extract_features(self.model, ctx.pipelines, self.mine, ctx.cfg.optim.batch_size,
+                                ctx.device, ctx.cfg.progress, ctx.show, compute=self.model.embed)
+
+    def refine(self, epoch: int) -> np.ndarray:
+        """The component each image is pulled to in a refinement epoch (paper III.E): its
+        k-means cluster (k = K, on the embeddings of all ranks, on rank 0), numbered to agree
+        most with the components the images were pulled to so far, so that the clusters keep
+        their targets. The same on every rank."""
+        ctx, cfg, comm = self.ctx, self.ctx.cfg, self.ctx.comm
+        shard = self.embeddings or self.embed_shard()
+        layout = row_layout(shard.features, comm)
+        features = comm.gather_rows(rows_of(shard.features, layout), layout.counts)
+        indices = comm.gather_rows(shard.indices, layout.counts)
+        refined = np.full(len(self.bank), -1, dtype=np.int64)
+        if comm.is_main:
+            t = self.targets
+            before = t.refined if t.refined is not None else self.bank.components[t.assignment]
+            clusters = kmeans_labels(features, cfg.mmdc.k, derived_seed(cfg.seed, epoch, "refine"),
+                                     cfg.clustering.niter, cfg.clustering.device, plus_plus=True)
+            refined[indices] = match_labels(clusters, before[indices], cfg.mmdc.k)
+        return comm.broadcast(refined)
+
+
+def eval_network(cfg: Config, payload: Optional[dict[str, Any]]) -> Network:
+    """The network `dcluster eval` reads, with its embedding and mixture means (eq. 3)."""
+    mmdc = build_mmdc_model(cfg)
+    return Network(mmdc, mmdc.backbone, embed=mmdc.embed, means=mixture_means(cfg.mmdc, cfg.seed))
+
+
+METHOD = MMDC
