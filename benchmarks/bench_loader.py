@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from dcluster.config import DataConfig
-from dcluster.data import FolderSource, TorchvisionPipelines
+from dcluster.data import FolderSource
+from dcluster.data.torchvision_loader import TorchvisionPipelines
 from dcluster.data.dali_loader import DaliPipelines
 
 # (width, height): ImageNet's most common shapes.

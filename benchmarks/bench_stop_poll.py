@@ -6,7 +6,8 @@ ranks on this machine, DDP training steps of the demo network (configs/demo.yaml
 smallconv, width 32, fc 256, batch 16 of 32x32 crops, 30 clusters) inside DDP's join:
 
 * baseline: steps with DDP alone in the join, no poll;
-* polled:   the same steps with the poll as a second joinable, as train_one_epoch runs them;
+* polled:   the same steps run by the training passes' own loop (optimize.StepLoop), with the
+            poll as a second joinable;
 * poll:     the poll alone, back to back.
 
 Runs alternate (baseline, polled, baseline, polled, ...) and the medians are compared, so
@@ -25,6 +26,7 @@ import json
 import socket
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.multiprocessing as mp
@@ -36,6 +38,7 @@ from dcluster.collectives import Comm
 from dcluster.config import CheckpointConfig, DistributedConfig, ModelConfig
 from dcluster.distributed import Env, process_group
 from dcluster.models import build_model
+from dcluster.optimize import EpochProgress, StepLoop
 from dcluster.stop import StopPoints, StopRequest
 
 BATCH = 16
@@ -49,23 +52,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Batch:
+    images: torch.Tensor
+    targets: torch.Tensor
+    next_position: int
+
+
 def timed_steps(net: DistributedDataParallel, optimizer: torch.optim.Optimizer, steps: int,
                 stops: StopPoints | None) -> float:
-    """Seconds per training step, with or without the poll after each."""
+    """Seconds per training step: the bare DDP loop (``stops`` None), or StepLoop's."""
     images = torch.randn(BATCH, 3, CROP, CROP)
     targets = torch.randint(0, CLUSTERS, (BATCH,))
     criterion = nn.CrossEntropyLoss()
-    poll = stops.iteration_poll() if stops else None
     start = time.perf_counter()
-    with Join([net, poll] if poll else [net]):
-        for step in range(steps):
+    if stops is not None:
+        batches = (Batch(images, targets, step + 1) for step in range(steps))
+        StepLoop(torch.device("cpu"), "never", False, stops).run(
+            net, batches, steps, "bench", lambda b: (criterion(net(b.images), b.targets), BATCH),
+            [optimizer], 0, EpochProgress())
+        return (time.perf_counter() - start) / steps
+    with Join([net]):
+        for _ in range(steps):
             loss = criterion(net(images), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss.item()
-            if poll is not None and any(poll.poll(stops.local_flags(step + 1))):
-                break
     return (time.perf_counter() - start) / steps
 
 

@@ -34,13 +34,12 @@ from dcluster.distributed import Env
 from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.errors import CleanStop
 from dcluster.optimize import EpochProgress, Pause, StepLoop
-from dcluster.plots import plot_cluster_sizes, plot_nmi_curves
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
                                 Stateful, check_compatible, restore_objects, upgraded)
 from dcluster.seeding import derived_seed, seed_everything
 from dcluster.stop import StopPoints, StopRequest, TrainingStopped
-from dcluster.tracking import NullTracker, Tracker, make_tracker, tracking_uri
+from dcluster.tracking import RunTracker, make_tracker, tracking_uri
 
 log = logging.getLogger("dcluster.harness")
 
@@ -118,7 +117,7 @@ class RunContext:
             pause = run()
         while pause is not None:
             where = self.checkpointer.snapshot(done, metrics, stage, offset, extra)
-            step = 1 + offset + max(rank["progress"]["iterations"] for rank in where.ranks)
+            step = checkpoint_step(where)
             if pause.signum:
                 self.checkpointer.stop(pause.signum, epoch, step, where, offset + done.iterations)
             self.checkpointer.save(epoch, step, where)
@@ -201,6 +200,7 @@ class Checkpointer:
 
 
 def checkpoint_step(in_epoch: InterruptedEpoch) -> int:
+    """The ``iteration`` of the checkpoint that holds ``in_epoch`` (see InterruptedEpoch)."""
     return 1 + in_epoch.offset + max(rank["progress"]["iterations"] for rank in in_epoch.ranks)
 
 
@@ -331,7 +331,7 @@ def record_bad_images(progress: RunProgress, found: dict[int, str], comm: Comm) 
         progress.bad_images.update(part)
 
 
-def report_epoch(ctx: RunContext, progress: RunProgress, tracker: Tracker | NullTracker,
+def report_epoch(ctx: RunContext, progress: RunProgress, tracker: RunTracker,
                  epoch: int, epochs: int, metrics: dict[str, float]) -> None:
     """The epoch's one line, its MLflow metrics and assignments file (rank 0), and its entry
     in the run's history (every rank)."""
@@ -350,9 +350,11 @@ def report_epoch(ctx: RunContext, progress: RunProgress, tracker: Tracker | Null
 
 
 def finish_plots(cfg: Config, run: RunDir, clusters: Clusters, history: list[dict[str, float]],
-                 tracker: Tracker | NullTracker) -> None:
+                 tracker: RunTracker) -> None:
     if not cfg.tracking.plots or not history or clusters.labels is None:
         return
+    from dcluster.plots import plot_cluster_sizes, plot_nmi_curves  # matplotlib: 0.6 s to load
+
     curves = plot_nmi_curves(history, run.plots / "nmi_curves.png")
     sizes = plot_cluster_sizes(clusters.sizes(), run.plots / "cluster_sizes.png")
     for path in (curves, sizes):

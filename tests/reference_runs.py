@@ -32,7 +32,7 @@ RANK_BATCHES = math.ceil(IMAGES // 2 / BATCH)  # ... and on each of two ranks
 # what places a process in a job (dcluster/distributed.py): a single process must see none
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
-MMDC_EPOCHS = 2  # + MMDC_REFINE refinement epochs
+MMDC_EPOCHS = 1  # + MMDC_REFINE refinement epochs
 MMDC_REFINE = 1
 MMDC_BATCH = 32
 MMDC_RANK_BATCHES = math.ceil(IMAGES // 2 / MMDC_BATCH)  # per pass, on each of two ranks
@@ -48,7 +48,7 @@ def train_args(data: Path, runs: Path, name: str, *extra: str) -> list[str]:
 
 
 def mmdc_train_args(data: Path, runs: Path, name: str, *extra: str) -> list[str]:
-    """`dcluster train` of a tiny MMDC run: two epochs, one refinement epoch, rotations."""
+    """`dcluster train` of a tiny MMDC run: one epoch, one refinement epoch, rotations."""
     return ["train", "configs/mmdc_demo.yaml", f"name={name}", f"data.path={data}",
             f"runs_root={runs}", f"epochs={MMDC_EPOCHS}", f"mmdc.refine_epochs={MMDC_REFINE}",
             "mmdc.rotation=true", f"optim.batch_size={MMDC_BATCH}", *TINY_MMDC,

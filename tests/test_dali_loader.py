@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from dcluster.config import ConfigError, DataConfig
-from dcluster.data import (FolderSource, TooManyBadImagesError, TorchvisionPipelines,
-                           build_pipelines, num_batches)
+from dcluster.data import FolderSource, build_pipelines, num_batches
+from dcluster.data.torchvision_loader import TorchvisionPipelines
 from dcluster.data import dali_loader
 from dcluster.data.dali_loader import DaliPipelines
-from dcluster.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dcluster.data.crops import IMAGENET_MEAN, IMAGENET_STD
 from images import (jpeg_bytes, photo, write_cmyk_jpeg, write_grayscale_jpeg, write_photo_tree,
-                    write_png, write_text_as_jpg, write_truncated_jpeg, write_zero_byte)
-from loader_passes import feature_pass, train_pass
+                    write_png)
+from loader_passes import (assert_bad_files_skipped, assert_too_many_bad_files_stop_the_pass,
+                           feature_pass, train_pass, write_tree_with_bad_files)
 
 CROP = 24
 CLASSES = {"ant": 4, "bee": 5, "cat": 4}  # 13 images: batches of 4 leave a partial one
@@ -164,31 +165,20 @@ def broken_huffman_jpeg(number: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def tree_with_bad_files(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    root = write_photo_tree(tmp_path_factory.mktemp("bad"), {"a": 4, "b": 4})
-    bad = {"a/000_zero.jpg": "empty", "a/100_truncated.jpg": "truncated",
-           "b/050_text.jpg": "cannot identify", "b/060_huffman.jpg": "dali cannot decode"}
-    write_zero_byte(root / "a/000_zero.jpg")
-    write_truncated_jpeg(root / "a/100_truncated.jpg")
-    write_text_as_jpg(root / "b/050_text.jpg")
-    (root / "b/060_huffman.jpg").write_bytes(broken_huffman_jpeg(3))
-    return root, bad
+    def write_broken_huffman(path: Path) -> None:
+        path.write_bytes(broken_huffman_jpeg(3))
+
+    return write_tree_with_bad_files(tmp_path_factory.mktemp("bad"), {
+        "b/060_huffman.jpg": ("dali cannot decode", write_broken_huffman)})
 
 
 def test_bad_files_are_skipped_counted_and_listed(tree_with_bad_files, caplog):
     root, bad = tree_with_bad_files
     pipes = dali(root, max_bad_fraction=0.4)
-    bad_indices = {pipes.source.relpaths.index(rel) for rel in bad}
     caplog.set_level(logging.WARNING, logger="dcluster.data")
-
-    _, got, batches = feature_pass(pipes, list(range(12)))
-
-    assert got.tolist() == [i for i in range(12) if i not in bad_indices]
+    _, got, batches = feature_pass(pipes, list(range(len(pipes.source))))
     assert len(batches) == 3  # each batch loses its bad images; none moves to another batch
-    assert set(pipes.bad_indices) == bad_indices
-    for rel, reason in bad.items():
-        description = pipes.bad_indices[pipes.source.relpaths.index(rel)]
-        assert str(root / rel) in description and reason in description.lower()
-    assert "4 unreadable images skipped" in caplog.text
+    assert_bad_files_skipped(pipes, root, bad, got, caplog)
 
 
 def test_an_image_only_dali_rejects_costs_its_batch_nothing_else(tree_with_bad_files, caplog):
@@ -213,12 +203,7 @@ def test_an_image_only_dali_rejects_costs_its_batch_nothing_else(tree_with_bad_f
 
 def test_too_many_bad_files_stop_the_pass_naming_them(tree_with_bad_files):
     root, _ = tree_with_bad_files
-    pipes = dali(root, max_bad_fraction=0.1)  # one bad image in 12 allowed
-    with pytest.raises(TooManyBadImagesError) as err:
-        list(pipes.feature_batches(list(range(12)), 4))
-    message = str(err.value)
-    assert "2 unreadable images" in message and "over 12 images" in message
-    assert str(root / "a/000_zero.jpg") in message and str(root / "a/100_truncated.jpg") in message
+    assert_too_many_bad_files_stop_the_pass(dali(root, max_bad_fraction=0.1), root)
 
 
 @pytest.fixture(scope="module")

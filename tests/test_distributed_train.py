@@ -129,4 +129,4 @@ def test_two_hosts_train_one_epoch_over_a_veth_pair(two_hosts, job_config, tmp_p
     assert f"process group: gloo, 2 ranks" in outcomes[0].output, describe(outcomes)
     checkpoint = load_checkpoint(tmp_path / "runs" / "two_hosts" / "checkpoints"
                                  / "ckpt_e000001_i0000000.pt")
-    assert np.all(checkpoint["labels"] >= 0)
+    assert np.all(checkpoint["clusters"]["labels"] >= 0)

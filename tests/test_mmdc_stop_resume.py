@@ -4,7 +4,7 @@ rotation pass of a refinement epoch) checkpoints where the epoch stands, and the
 then ends with the weights, targets, clusters and training orders of the uninterrupted run;
 the same in one process.
 
-The tiny MMDC run (tests/reference_runs.py): 400 digits, batch 32, 2 epochs + 1 refinement
+The tiny MMDC run (tests/reference_runs.py): 400 digits, batch 32, 1 epoch + 1 refinement
 epoch, each of two passes (clustering, rotation): 13 batches a pass in one process, 7 per rank
 in two. Signals are sent by rank 0 to itself before a chosen training batch.
 """
@@ -54,8 +54,8 @@ CASES = [
     # two ranks, the refinement epoch's rotation pass: 7 clustering + 3 rotation iterations
     Case(2, f"train:{MMDC_EPOCHS}:10", (MMDC_EPOCHS, 11), 1,
          f"inside epoch {MMDC_EPOCHS}, after its iteration 10"),
-    # one process, epoch 1's clustering pass
-    Case(1, "train:1:5", (1, 6), 0, "inside epoch 1, after its iteration 5"),
+    # one process, epoch 0's clustering pass
+    Case(1, "train:0:5", (0, 6), 0, "inside epoch 0, after its iteration 5"),
 ]
 
 

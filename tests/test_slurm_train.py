@@ -113,6 +113,13 @@ def wait_completed(cluster: SlurmCluster, job_id: str, done: Path) -> None:
                      what=f"job {job_id} to be COMPLETED in squeue")
 
 
+def release_after(cluster: SlurmCluster, job_id: str, marker: Path, what: str) -> None:
+    """Once the stopped job has committed the checkpoint ``marker``, let its requeued self
+    start."""
+    cluster.wait_for(marker.exists, timeout=JOB_TIMEOUT_S, what=what)
+    cluster.release_requeued(job_id)
+
+
 def committed(directory: Path, epoch: int, step: int) -> Path:
     """The commit marker of checkpoint (epoch, step): it exists once the checkpoint is whole."""
     return directory / f"ckpt_e{epoch:06d}_i{step:07d}.pt.sha256"
@@ -194,12 +201,10 @@ def test_timeout_signal_mid_epoch_and_mid_clustering_requeues_and_ends_alike(
     job, orders = submit_interrupted(job_yaml, name, {0: "train:1:5", 1: "clustering:0"})
     ckpts = checkpoints(job_yaml, name)
     try:
-        slurm_cluster.wait_for(committed(ckpts, 1, 6).exists, timeout=JOB_TIMEOUT_S,
-                               what="the checkpoint after iteration 5 of epoch 1")
-        slurm_cluster.release_requeued(job.job_id)
-        slurm_cluster.wait_for(committed(ckpts, 2, 1).exists, timeout=JOB_TIMEOUT_S,
-                               what="the checkpoint of epoch 2 right after its clustering")
-        slurm_cluster.release_requeued(job.job_id)
+        release_after(slurm_cluster, job.job_id, committed(ckpts, 1, 6),
+                      "the checkpoint after iteration 5 of epoch 1")
+        release_after(slurm_cluster, job.job_id, committed(ckpts, 2, 1),
+                      "the checkpoint of epoch 2 right after its clustering")
         wait_completed(slurm_cluster, job.job_id, committed(ckpts, EPOCHS, 0))
     finally:
         cancel(slurm_cluster, job.job_id)
@@ -304,16 +309,16 @@ def test_sbatch_template_forwards_the_timeout_signal_and_requeues(slurm_cluster,
 def test_mmdc_timeout_signal_mid_epoch_requeues_and_ends_like_the_local_run(
         slurm_cluster, mmdc_job_yaml, mmdc_pair_reference):
     """MMDC under `dcluster submit` stops, requeues and resumes as DeepCluster does: the
-    signal lands before the 9th training batch of epoch 1 (the rotation pass's 2nd, after the
-    7 of the clustering pass), so the checkpoint is the one after 7 + 2 iterations."""
+    signal lands before the 9th training batch of epoch 1, the refinement epoch (the rotation
+    pass's 2nd, after the 7 of the clustering pass), so the checkpoint is the one after 7 + 2
+    iterations."""
     name = "mmdc"
     job, orders = submit_interrupted(mmdc_job_yaml, name, {0: "train:1:9"})
     ckpts = checkpoints(mmdc_job_yaml, name)
     epochs = MMDC_EPOCHS + MMDC_REFINE
     try:
-        slurm_cluster.wait_for(committed(ckpts, 1, 10).exists, timeout=JOB_TIMEOUT_S,
-                               what="the checkpoint after iteration 2 of epoch 1's rotation pass")
-        slurm_cluster.release_requeued(job.job_id)
+        release_after(slurm_cluster, job.job_id, committed(ckpts, 1, 10),
+                      "the checkpoint after iteration 2 of epoch 1's rotation pass")
         wait_completed(slurm_cluster, job.job_id, committed(ckpts, epochs, 0))
     finally:
         cancel(slurm_cluster, job.job_id)

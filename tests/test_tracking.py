@@ -11,7 +11,8 @@ from mlflow import MlflowClient
 from dcluster.config import Config, config_hash
 from dcluster.plots import plot_cluster_sizes, plot_nmi_curves
 from dcluster.rundir import prepare_run_dir
-from dcluster.tracking import NullTracker, Tracker, make_tracker, tracking_uri
+from dcluster.mlflow_run import Tracker
+from dcluster.tracking import NullTracker, make_tracker, tracking_uri
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

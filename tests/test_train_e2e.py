@@ -7,7 +7,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from dcluster.checkpoint import load_checkpoint
+from dcluster.checkpoint import load_checkpoint, save_checkpoint
 from dcluster.cli import main
 from dcluster.train import train
 from helpers import SMALL_DEMO, assert_same_weights, small_demo
@@ -85,3 +85,17 @@ def test_cli_info_names_the_code_paths(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "faiss" in out and "k-means path" in out and "torch" in out
+
+
+def test_a_format_2_checkpoint_resumes_to_the_same_weights(small_demo_config, straight):
+    """Checkpoints written before the run harness (format 2: labels and the head's optimiser
+    as top-level entries) are read through run_state.upgraded."""
+    first = train(small_demo_config("name=old", "epochs=2"))
+    payload = load_checkpoint(first.checkpoint)
+    clusters = payload.pop("clusters")
+    old = {key: value for key, value in payload.items() if key not in ("head", "method")}
+    old.update(format=2, labels=clusters["labels"], previous_labels=clusters["previous_labels"],
+               n_clusters=clusters["n_clusters"], head_optimizer=payload["head"]["optimizer"])
+    save_checkpoint(first.checkpoint.parent, old, epoch=2)
+    resumed = train(small_demo_config("name=old", "epochs=3"))
+    assert_same_weights(final_weights(straight), final_weights(resumed))

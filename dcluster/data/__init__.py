@@ -14,7 +14,6 @@ from dcluster.data.decode import BadImageError, decode_rgb
 from dcluster.data.pipelines import FeatureBatch, Pipelines, TrainBatch, num_batches
 from dcluster.data.shards import TarShardSource, is_shard_dir
 from dcluster.data.source import DataSourceError, FolderSource, ImageSource
-from dcluster.data.torchvision_loader import TorchvisionPipelines
 
 log = logging.getLogger("dcluster.data")
 
@@ -47,9 +46,17 @@ def _dali(source: ImageSource, data_cfg: DataConfig, seed: int) -> Pipelines:
     return DaliPipelines(source, data_cfg, seed)
 
 
+def _torchvision(source: ImageSource, data_cfg: DataConfig, seed: int) -> Pipelines:
+    """Imported on use: torchvision adds about 3 s to the start of every process."""
+    from dcluster.data.torchvision_loader import TorchvisionPipelines
+
+    return TorchvisionPipelines(source, data_cfg, seed)
+
+
+# each imported on use: every process loads one of them only
 _LOADERS: dict[str, Callable[[ImageSource, DataConfig, int], Pipelines]] = {
     "dali": _dali,
-    "torchvision": TorchvisionPipelines,
+    "torchvision": _torchvision,
 }
 
 
@@ -63,6 +70,6 @@ def build_pipelines(source: ImageSource, data_cfg: DataConfig, seed: int) -> Pip
 
 __all__ = [
     "BadImageError", "DataSourceError", "FeatureBatch", "FolderSource", "ImageSource",
-    "Pipelines", "TarShardSource", "TooManyBadImagesError", "TorchvisionPipelines",
+    "Pipelines", "TarShardSource", "TooManyBadImagesError",
     "TrainBatch", "build_pipelines", "decode_rgb", "num_batches", "open_source",
 ]

@@ -44,8 +44,8 @@ from dcluster.data.badfiles import BadImageBudget, Unreadable, load_or_unreadabl
 from dcluster.data.decode import BadImageError, decode_rgb, peek_size
 from dcluster.data.pipelines import FeatureBatch, TrainBatch, as_index_array, check_train_inputs
 from dcluster.data.source import ImageSource
-from dcluster.data.transforms import (center_crop_origin, normalization, resized_shorter_side,
-                                      sample_crop, sample_generator)
+from dcluster.data.crops import (center_crop_origin, normalization, resized_shorter_side,
+                                 sample_crop, sample_generator)
 
 log = logging.getLogger("dcluster.data")
 

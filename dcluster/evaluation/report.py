@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 
 from dcluster.atomic import atomic_write_bytes
 from dcluster.evaluation.target import EvalTarget
-from dcluster.tracking import experiment_id, tracking_uri
+from dcluster.mlflow_run import experiment_id
+from dcluster.tracking import tracking_uri
 
 log = logging.getLogger("dcluster.eval")
 
