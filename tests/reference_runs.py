@@ -167,12 +167,13 @@ def assert_same_run(reference: Run, run: Run,
     assert_same_orders(reference, run)
 
 
-def reference_run(tmp: Path, args: list[str], name: str, ranks: int, epochs: int) -> Run:
+def reference_run(tmp: Path, args: list[str], name: str, ranks: int, epochs: int,
+                  *patches: str) -> Run:
     orders = new_dir(tmp / "orders")
     if ranks == 1:
         outcomes = [run_single(recording(orders, args), tmp / "logs")]
     else:
-        outcomes = run_pair(["--record-orders", str(orders)], args, tmp / "logs")
+        outcomes = run_pair(["--record-orders", str(orders), *patches], args, tmp / "logs")
     assert [o.returncode for o in outcomes] == [0] * ranks, describe(outcomes)
     return Run(tmp / "runs" / name, orders, epochs, [o.output for o in outcomes])
 
@@ -190,10 +191,11 @@ def reference(digits_subset, tmp_path_factory) -> Run:
 
 @pytest.fixture(scope="session")
 def pair_reference(digits_subset, tmp_path_factory) -> Run:
-    """The DeepCluster run never stopped, two ranks."""
+    """The DeepCluster run never stopped, two ranks; each rank also saved its weights after
+    every epoch to ``weights/rank<R>.pt`` beside the run's runs_root."""
     tmp = tmp_path_factory.mktemp("pair_reference")
     return reference_run(tmp, train_args(digits_subset, tmp / "runs", "pair_reference"),
-                         "pair_reference", 2, EPOCHS)
+                         "pair_reference", 2, EPOCHS, "--save-weights", str(new_dir(tmp / "weights")))
 
 
 @pytest.fixture(scope="session")

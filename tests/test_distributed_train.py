@@ -11,31 +11,24 @@ from typing import Iterator
 import numpy as np
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from dcluster.checkpoint import load_checkpoint
 from dcluster.config import to_yaml
-from helpers import assert_same_weights
-from ranks import RankOutcome, describe, free_port, rank_command, run_ranks, torchrun_env
+from helpers import assert_same_weights, small_demo
+from ranks import describe, free_port, rank_command, run_ranks, torchrun_env
+from reference_runs import EPOCHS, IMAGES, run_pair, train_args
 
 
 @pytest.fixture
-def job_config(small_demo_config, tmp_path):
-    """The small demo config as a YAML file for `dcluster train`, one thread per rank."""
+def job_config(digits_subset, tmp_path):
+    """The small demo config on 400 digits as a YAML file for `dcluster train`, one thread
+    per rank."""
     def write(*overrides: str) -> Path:
         path = tmp_path / "job.yaml"
-        path.write_text(to_yaml(small_demo_config("threads=1", "distributed.timeout_s=60",
-                                                  *overrides)))
+        path.write_text(to_yaml(small_demo(digits_subset, tmp_path / "runs", "threads=1",
+                                           "distributed.timeout_s=60", *overrides)))
         return path
     return write
-
-
-def train_two_ranks(config: Path, logs: Path, *patches: str) -> list[RankOutcome]:
-    port = free_port()
-    outcomes = run_ranks([rank_command(*patches, "train", str(config))] * 2,
-                         [torchrun_env(r, 2, "127.0.0.1", port) for r in range(2)], logs)
-    assert [o.returncode for o in outcomes] == [0, 0], describe(outcomes)
-    return outcomes
 
 
 def final_checkpoint(tmp_path: Path, name: str, epochs: int) -> dict:
@@ -43,29 +36,26 @@ def final_checkpoint(tmp_path: Path, name: str, epochs: int) -> dict:
                            / f"ckpt_e{epochs:06d}_i0000000.pt")
 
 
-def test_two_ranks_train_two_epochs_with_equal_weights_and_resume_alike(job_config, tmp_path):
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    outcomes = train_two_ranks(job_config("name=straight"), tmp_path / "straight",
-                               "--save-weights", str(weights))
-    finals = [torch.load(weights / f"rank{r}.pt") for r in range(2)]
-    straight = final_checkpoint(tmp_path, "straight", 2)
-    for name, tensor in straight["model"].items():  # BatchNorm buffers included
-        assert torch.equal(finals[0][name], tensor) and torch.equal(finals[1][name], tensor), name
+def test_two_ranks_end_with_equal_weights_and_resume_alike_across_sessions(
+        pair_reference, digits_subset, tmp_path):
+    """The session's 2-rank reference run: every rank ends with the checkpointed weights;
+    the same run stopped after its first epoch and started again (two sessions) ends where
+    it did: both ranks continue from rank 0's checkpoint, which holds every rank's state."""
+    straight = pair_reference.final()
+    weights = pair_reference.root.parent.parent / "weights"
+    for rank in range(2):  # BatchNorm buffers included
+        assert_same_weights(straight["model"], torch.load(weights / f"rank{rank}.pt"),
+                            f"rank {rank}'s model")
     labels = straight["clusters"]["labels"]
-    assert labels.shape == (1797,) and labels.min() >= 0 and labels.max() < 10
-    assert [h["epoch"] for h in straight["history"]] == [0.0, 1.0]
-    assert "batch 16 per process, effective 32" in outcomes[0].output
-    # one MLflow run, written by rank 0 alone
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert labels.shape == (IMAGES,) and labels.min() >= 0 and labels.max() < 10
+    assert [h["epoch"] for h in straight["history"]] == [float(e) for e in range(EPOCHS)]
+    assert "batch 16 per process, effective 32" in pair_reference.outputs[0]
 
-    # the same run stopped after one epoch and resumed: both ranks continue from rank 0's
-    # checkpoint, which holds every rank's state, and end where the uninterrupted run did
-    train_two_ranks(job_config("name=resumed", "epochs=1"), tmp_path / "first")
-    train_two_ranks(job_config("name=resumed"), tmp_path / "second")
-    resumed = final_checkpoint(tmp_path, "resumed", 2)
+    for session, epochs in enumerate((1, EPOCHS)):
+        outcomes = run_pair([], train_args(digits_subset, tmp_path / "runs", "resumed",
+                                           f"epochs={epochs}"), tmp_path / f"session{session}")
+        assert [o.returncode for o in outcomes] == [0, 0], describe(outcomes)
+    resumed = final_checkpoint(tmp_path, "resumed", EPOCHS)
     assert_same_weights(straight["model"], resumed["model"], "the run that was not resumed")
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
 

@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 
 from dcluster.checkpoint import load_checkpoint, save_checkpoint
 from dcluster.cli import main
+from dcluster.config import load_config
 from dcluster.train import train
 from helpers import SMALL_DEMO, assert_same_weights, small_demo
 
@@ -87,15 +88,22 @@ def test_cli_info_names_the_code_paths(capsys):
     assert "faiss" in out and "k-means path" in out and "torch" in out
 
 
-def test_a_format_2_checkpoint_resumes_to_the_same_weights(small_demo_config, straight):
+def test_a_format_2_checkpoint_resumes_to_the_same_weights(straight, tmp_path):
     """Checkpoints written before the run harness (format 2: labels and the head's optimiser
-    as top-level entries) are read through run_state.upgraded."""
-    first = train(small_demo_config("name=old", "epochs=2"))
-    payload = load_checkpoint(first.checkpoint)
+    as top-level entries) are read through run_state.upgraded: the uninterrupted run's epoch-2
+    checkpoint, rewritten in format 2 in a copy of its run, resumes to its final weights."""
+    run = tmp_path / "runs" / "straight"
+    shutil.copytree(straight.run_dir, run)
+    checkpoints = run / "checkpoints"
+    for name in ("ckpt_e000003_i0000000.pt", "ckpt_e000003_i0000000.pt.sha256"):
+        (checkpoints / name).unlink()
+    payload = load_checkpoint(checkpoints / "ckpt_e000002_i0000000.pt")
     clusters = payload.pop("clusters")
     old = {key: value for key, value in payload.items() if key not in ("head", "method")}
     old.update(format=2, labels=clusters["labels"], previous_labels=clusters["previous_labels"],
                n_clusters=clusters["n_clusters"], head_optimizer=payload["head"]["optimizer"])
-    save_checkpoint(first.checkpoint.parent, old, epoch=2)
-    resumed = train(small_demo_config("name=old", "epochs=3"))
+    save_checkpoint(checkpoints, old, epoch=2)
+    cfg = load_config(run / "config.yaml", [f"runs_root={tmp_path / 'runs'}"])
+    resumed = train(cfg)
+    assert [h["epoch"] for h in resumed.history] == [0.0, 1.0, 2.0]
     assert_same_weights(final_weights(straight), final_weights(resumed))
