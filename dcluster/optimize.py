@@ -45,8 +45,9 @@ def data_parallel(model: nn.Module, env: Env, find_unused_parameters: bool = Fal
     is drawn from the same (seed, epoch) generator everywhere). It costs one broadcast of the
     model per clustering, small next to an epoch.
 
-    forward_sync_buffers copies rank 0's BatchNorm running statistics to every rank at each
-    forward (DDP's default, spelled out); :func:`align_replicas` covers the last step's update.
+    forward_sync_buffers copies one rank's BatchNorm running statistics to every rank at each
+    forward (DDP's default, spelled out; rank 0's, or inside DDP's join the highest rank still
+    training); :func:`align_replicas` makes them rank 0's after the last step.
     ``find_unused_parameters``: for a network whose passes use different heads (MMDC)."""
     if env.world_size == 1:
         return model
@@ -74,7 +75,6 @@ class Pause:
 
 
 class Batch(Protocol):
-    indices: torch.Tensor
     next_position: int  # where a pass resumed after this batch starts
 
 

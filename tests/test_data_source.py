@@ -1,5 +1,4 @@
 """The folder scan (global index, classes, layouts) and robust decoding to RGB."""
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ checkpoint writing), then the same command again: the run must end with exactly 
 an uninterrupted run, every time. Kill points are chosen by the log line the process has just
 written, so where the kill lands varies a little from run to run; the property must hold
 wherever it lands."""
-import os
 import random
 import shutil
 import signal

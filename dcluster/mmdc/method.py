@@ -148,7 +148,7 @@ class MMDC:
         k-means cluster (k = K, on the embeddings of all ranks, on rank 0), numbered to agree
         most with the components the images were pulled to so far, so that the clusters keep
         their targets. The same on every rank."""
-        ctx, cfg, comm = self.ctx, self.ctx.cfg, self.ctx.comm
+        cfg, comm = self.ctx.cfg, self.ctx.comm
         shard = self.embeddings or self.embed_shard()
         layout = row_layout(shard.features, comm)
         features = comm.gather_rows(rows_of(shard.features, layout), layout.counts)
