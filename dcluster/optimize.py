@@ -125,7 +125,7 @@ class StepLoop:
                     opt.step()
                 value = loss.item()
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"epoch {epoch}: training loss became {value}; lower "
+                    raise FloatingPointError(f"epoch {epoch + 1}: training loss became {value}; lower "
                                              f"optim.lr ({optimizers[0].defaults['lr']})")
                 done.position = batch.next_position
                 done.iterations += 1
