@@ -330,7 +330,8 @@ def validate(cfg: Config) -> None:
                 "model.fc_dim", "checkpoint.every_iterations", "checkpoint.every_minutes",
                 "eval.linear.momentum", "eval.linear.weight_decay"):
         check_key(flat[key] >= 0, key, flat[key], "must not be negative")
-    check_key(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout, "must be in [0, 1)")
+    check_key(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout,
+              "must be in [0, 1)")
     check_key(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", cfg.data.min_scale,
            "must be in (0, 1]")
     check_key(0.0 <= cfg.data.max_bad_fraction < 1.0, "data.max_bad_fraction",

@@ -120,7 +120,8 @@ class Tracker:
         self._client, uri = open_client(cfg)
         experiment = experiment_id(self._client, cfg, uri)
         known = run_dir.mlflow_run_id() or resume_run_id
-        run = (self._existing_run(known) if known else None) or self._tagged_run(experiment, run_dir)
+        run = ((self._existing_run(known) if known else None)
+               or self._tagged_run(experiment, run_dir))
         if run is None:
             run = self._client.create_run(experiment, run_name=cfg.name,
                                           tags={UID_TAG: run_dir.uid()})
@@ -210,7 +211,8 @@ class Tracker:
                 log.warning("metric %s = %s at step %d is not finite: not logged", key, value, step)
         if batch:
             self._client.log_batch(self.run_id, metrics=batch)
-            log.debug("MLflow run %s: %d metric(s) logged at step %d", self.run_id, len(batch), step)
+            log.debug("MLflow run %s: %d metric(s) logged at step %d", self.run_id, len(batch),
+                      step)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         assert self._client is not None and self.run_id is not None, "start() first"

@@ -242,7 +242,7 @@ def test_a_two_rank_mid_epoch_checkpoint_refuses_to_resume_in_one_process(
                          tmp_path / "logs")
     assert outcome.returncode == 2, outcome.output[-4000:]
     checkpoint = run.checkpoint(1, PAIR_STEP).resolve()
-    assert (f"dcluster train: error: {checkpoint}: saved in the middle of epoch 1 by 2 rank(s), "
+    assert (f"dcluster train: error: {checkpoint}: saved in the middle of epoch 2 by 2 rank(s), "
             "this run has 1: resume it with 2") in outcome.output, outcome.output[-4000:]
     assert "Traceback" not in outcome.output
     # it failed before doing any work, and wrote nothing

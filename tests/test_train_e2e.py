@@ -101,7 +101,8 @@ def test_a_format_2_checkpoint_resumes_to_the_same_weights(straight, tmp_path):
     clusters = payload.pop("clusters")
     old = {key: value for key, value in payload.items() if key not in ("head", "method")}
     old.update(format=2, labels=clusters["labels"], previous_labels=clusters["previous_labels"],
-               n_clusters=clusters["n_clusters"], head_optimizer=payload["head"]["optimizer"])
+               n_clusters=clusters["n_clusters"], head_optimizer=payload["head"]["optimizer"],
+               history=[dict(h, epoch=h["epoch"] - 1) for h in payload["history"]])  # from 0
     save_checkpoint(checkpoints, old, epoch=2)
     cfg = load_config(run / "config.yaml", [f"runs_root={tmp_path / 'runs'}"])
     resumed = train(cfg)
