@@ -33,6 +33,7 @@ from dcluster.data import ImageSource, Pipelines, build_pipelines, open_source
 from dcluster.distributed import Env
 from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.errors import CleanStop
+from dcluster.hardware import set_torch_threads
 from dcluster.optimize import EpochProgress, Pause, StepLoop
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
@@ -208,8 +209,7 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
                build: Callable[[RunContext], Method]) -> RunResult:
     """One run of the method ``build`` makes, from wherever its run directory stands."""
     run = shared_run_dir(cfg, comm)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)
     seed_everything(cfg.seed)
     source = open_source(cfg.data)
     stops = StopPoints(stop_request, cfg.checkpoint, comm)
