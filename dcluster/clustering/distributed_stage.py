@@ -123,14 +123,12 @@ def fit_shared_transform(x: Features, layout: RowLayout, cfg: ClusteringConfig, 
     # products about a shift near the mean avoid cancellation (see PCAStats), and the sums of
     # all ranks only add up about one common shift: the global mean is both, for one cheap
     # pass and an all-reduce of d numbers
-    count = comm.all_reduce_sum(np.array([rows.shape[0] if positions is None
-                                          else positions.size], dtype=np.int64))
     stats = PCAStats(layout.dim, device=rows.device,
                      shift=mean_of_blocks(row_blocks(rows, positions), layout.dim, comm))
     for block in row_blocks(rows, positions):
         stats.update(block, chunk_rows=CHUNK_ROWS)
     stats.sum, stats.outer = all_reduce_tensor(stats.sum, comm), all_reduce_tensor(stats.outer, comm)
-    stats.count = int(count[0])
+    stats.count = layout.total if positions is None else cfg.pca_sample  # the same everywhere
     out_dim = cfg.pca_dim or layout.dim
     fitted = fit_whitening(stats, out_dim, whiten=cfg.whiten) if comm.is_main else None
     return broadcast_transform(fitted, layout.dim, out_dim, cfg.whiten, comm).to(rows.device)
