@@ -1,5 +1,6 @@
 # `make demo` and `make test` work on a fresh machine with Python 3.11: they create the
-# virtual environment and install the pinned dependencies first.
+# virtual environment and install the pinned dependencies first, with the CPU profile
+# (README "Install" has the GPU profiles).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[cpu,test]'
 	touch $@
 
 demo: install

@@ -10,9 +10,10 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["dcluster", "dcluster.*", "launch", "launch.*"]),
     install_requires=[
+        # PyPI wheel: CUDA 13, runs on CPUs too; a CUDA 12 build (Pascal/Volta) comes from
+        # https://download.pytorch.org/whl/cu126, installed first (README "Install")
         "torch==2.14.1",
         "torchvision==0.29.1",
-        "faiss-cpu==1.15.1",
         "numpy==2.4.6",
         "scipy==1.17.1",
         "scikit-learn==1.9.1",
@@ -22,12 +23,21 @@ setup(
         "matplotlib==3.11.2",
         "pillow==13.0.0",
         "submitit==1.5.4",
-        "nvidia-dali-cuda130==2.4.0",
     ],
+    # One profile per install, complete on its own: FAISS and DALI ship one module each
+    # (`faiss`, `nvidia.dali`) whatever the build, so two builds in one environment overwrite
+    # each other. `dcluster info` says which profile is installed and whether it fits the
+    # GPUs; train and eval stop with exit 2 when it does not (dcluster/hardware.py).
     extras_require={
-        # A FAISS GPU build replaces faiss-cpu's module of the same name; install one or the
-        # other (pip uninstall faiss-cpu first). dcluster picks the GPU path at run time.
-        "gpu": ["faiss-gpu-cu13-cuvs==1.15.0"],
+        # CPU only: what `make install`, `make test`, `make demo` and CI use. DALI's CUDA 13
+        # build runs CPU pipelines (device_id=None) without a GPU.
+        "cpu": ["faiss-cpu==1.15.1", "nvidia-dali-cuda130==2.4.0"],
+        # CUDA 12: Volta (sm_70) to Hopper (sm_90); FAISS official wheel built for sm_70-sm_90
+        # (+PTX), DALI for SM 5.0 and later. Pascal (sm_60): torch and DALI run, FAISS has no
+        # sm_60 wheel (clustering.device=cpu, or a conda/source FAISS build).
+        "cu12": ["faiss-gpu==1.15.1", "nvidia-dali-cuda120==2.4.0"],
+        # CUDA 13: Turing (sm_75) and newer; FAISS built for sm_75-sm_90 (+PTX for newer)
+        "cu13": ["faiss-gpu-cuvs==1.15.1", "nvidia-dali-cuda130==2.4.0"],
         "test": ["pytest==9.2.0"],
     },
     entry_points={"console_scripts": ["dcluster=dcluster.cli:main"]},

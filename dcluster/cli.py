@@ -60,8 +60,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from dcluster.clustering.kmeans import available_gpus as faiss_gpu_count
+    from dcluster.hardware import check, describe, detect
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    hw = detect()
+    gpus = len(hw.gpus)
     faiss_gpus = faiss_gpu_count()
     rows = [
         ("python", platform.python_version()),
@@ -70,6 +72,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("faiss", f"{faiss.__version__} ({'GPU build' if hasattr(faiss, 'StandardGpuResources') else 'CPU build'})"),
         ("DALI", _version("nvidia.dali")),
         ("mlflow", _version("mlflow")),
+        *describe(hw),
         ("GPUs seen by torch", str(gpus)),
         ("training device", "cuda" if gpus else "cpu"),
         ("k-means path", f"faiss GPU on {faiss_gpus} GPU(s)" if faiss_gpus else "faiss CPU"),
@@ -77,6 +80,7 @@ def cmd_info(args: argparse.Namespace) -> int:
          if _version("nvidia.dali") != "not installed" else "torchvision (DALI not installed)"),
         ("torch threads", str(torch.get_num_threads())),
     ]
+    rows += [("problem", p.message) for p in check(hw, clustering_device="auto")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -21,16 +21,27 @@ CHUNK_BYTES = 64 << 20
 
 class Comm:
     """The job's collectives, seen from one rank. Its place in the job (rank, world size,
-    main or not) is read from its ``env``, never copied, so the two cannot disagree."""
+    main or not) is read from its ``env``, never copied, so the two cannot disagree.
 
-    def __init__(self, env: Env) -> None:
+    With NCCL a second, gloo group over the same ranks is created too (:meth:`on_host`): a
+    rank blocked in an NCCL collective keeps a kernel spinning on its GPU, which is wrong
+    while rank 0's FAISS is using that GPU, so such waits go through host memory instead."""
+
+    def __init__(self, env: Env, group: Optional[dist.ProcessGroup] = None) -> None:
         self.env = env
         if env.world_size > 1 and not dist.is_initialized():
             raise RuntimeError(f"world size {env.world_size} but no process group: "
                                "create Comm inside distributed.process_group")
-        nccl = env.world_size > 1 and dist.get_backend() == "nccl"
+        self.group = group  # None: the default group
+        nccl = env.world_size > 1 and dist.get_backend(group) == "nccl"
         # where collectives stage their tensors, not necessarily the rank's own device
         self.device = env.device if nccl else torch.device("cpu")
+        # every rank creates the group here, in the same order, as new_group requires
+        self._host = Comm(env, dist.new_group(backend="gloo")) if nccl else self
+
+    def on_host(self) -> "Comm":
+        """These collectives on a CPU (gloo) group: for waits that must leave the GPU idle."""
+        return self._host
 
     @property
     def rank(self) -> int:
@@ -46,24 +57,26 @@ class Comm:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self.group)
 
     def all_reduce_sum(self, array: np.ndarray) -> np.ndarray:
         """Sum ``array`` over all ranks, in place; returns it."""
         if self.world_size > 1:
-            self._chunked(array, dist.all_reduce, receive=True)
+            self._chunked(array, lambda t: dist.all_reduce(t, group=self.group), receive=True)
         return array
 
     def all_reduce_max(self, array: np.ndarray) -> np.ndarray:
         """Element-wise maximum of ``array`` over all ranks, in place; returns it."""
         if self.world_size > 1:
-            self._chunked(array, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX), receive=True)
+            self._chunked(array, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX,
+                                                           group=self.group), receive=True)
         return array
 
     def broadcast(self, array: np.ndarray, src: int = 0) -> np.ndarray:
         """Rank ``src``'s ``array`` into every rank's ``array`` (same shape and dtype)."""
         if self.world_size > 1:
-            self._chunked(array, lambda t: dist.broadcast(t, src), receive=self.rank != src)
+            self._chunked(array, lambda t: dist.broadcast(t, src, group=self.group),
+                          receive=self.rank != src)
         return array
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
@@ -71,7 +84,7 @@ class Comm:
         if self.world_size == 1:
             return obj
         box = [obj]
-        dist.broadcast_object_list(box, src, device=self._object_device())
+        dist.broadcast_object_list(box, src, group=self.group, device=self._object_device())
         return box[0]
 
     def all_gather_object(self, obj: Any) -> list[Any]:
@@ -79,32 +92,47 @@ class Comm:
         if self.world_size == 1:
             return [obj]
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def gather_rows(self, rows: np.ndarray, counts: Sequence[int],
                     out: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
         """Every rank's ``rows`` stacked on rank 0 in rank order (rank r sends ``counts[r]``
-        rows); None on the other ranks. Uneven counts are fine: each block is received
-        straight into its place, with no padding and no staging copy on CPU.
+        rows); None on the other ranks.
 
-        Rank 0 may pass ``out`` with its own block already written in place (as the clustering
-        stage does), which saves it a copy of its share; otherwise its rows are copied in."""
+        One ``gather`` collective per round of at most CHUNK_BYTES in all, each rank's block
+        padded to the round's row count: point-to-point sends would make NCCL build a
+        communicator for every (sender, rank 0) pair. Rank 0 may pass ``out`` with its own
+        block already written in place (as the clustering stage does), which saves it a copy
+        of its share; otherwise its rows are copied in."""
         offsets = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
         if len(counts) != self.world_size or rows.shape[0] != counts[self.rank]:
             raise ValueError(f"rank {self.rank}: {rows.shape[0]} rows, counts {list(counts)}")
-        if not self.is_main:
-            self._chunked(np.ascontiguousarray(rows), lambda t: dist.send(t, 0), receive=False)
-            return None
-        if out is None:
-            out = np.empty((int(offsets[-1]), *rows.shape[1:]), dtype=rows.dtype)
-        own = out[: offsets[1]]
-        if not _same_block(own, rows):
-            own[...] = rows
-        for src in range(1, self.world_size):
-            self._chunked(out[offsets[src]: offsets[src + 1]], lambda t, s=src: dist.recv(t, s),
-                          receive=True)
-        return out
+        if self.is_main:
+            if out is None:
+                out = np.empty((int(offsets[-1]), *rows.shape[1:]), dtype=rows.dtype)
+            own = out[: offsets[1]]
+            if not _same_block(own, rows):
+                own[...] = rows
+        if self.world_size == 1:
+            return out
+        row_bytes = max(1, int(np.prod(rows.shape[1:], dtype=np.int64)) * rows.itemsize)
+        step = max(1, CHUNK_BYTES // (row_bytes * self.world_size))
+        source = torch.from_numpy(np.ascontiguousarray(rows))
+        send = torch.zeros((step, *rows.shape[1:]), dtype=source.dtype, device=self.device)
+        received = ([torch.empty_like(send) for _ in range(self.world_size)]
+                    if self.is_main else None)
+        for lo in range(0, max(counts), step):
+            n = _rows_in_round(counts[self.rank], lo, step)
+            if not self.is_main:  # rank 0's own rows are in place already
+                send[:n] = source[lo:lo + n]
+            dist.gather(send, received, dst=0, group=self.group)
+            if self.is_main:
+                for src in range(1, self.world_size):
+                    m = _rows_in_round(counts[src], lo, step)
+                    start = int(offsets[src]) + lo
+                    out[start:start + m] = received[src][:m].cpu().numpy()
+        return out if self.is_main else None
 
     def all_gather_segments(self, full: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
         """Fill ``full`` (the same shape everywhere) on every rank from its owners: rank r
@@ -132,6 +160,11 @@ class Comm:
 
     def _object_device(self) -> Optional[torch.device]:
         return self.device if self.device.type == "cuda" else None
+
+
+def _rows_in_round(count: int, lo: int, step: int) -> int:
+    """How many of a rank's ``count`` rows fall in the gather round starting at row ``lo``."""
+    return max(0, min(step, count - lo))
 
 
 def _same_block(a: np.ndarray, b: np.ndarray) -> bool:

@@ -75,6 +75,9 @@ class ClusteringConfig:
     method: str = "kmeans"  # kmeans | pic
     k: int = 10000
     pca_dim: int = 256  # 0 keeps the full dimension
+    # rows the PCA covariance is computed from, drawn per (seed, epoch); 0: all rows (the
+    # paper). A fixed budget bounds the cost as N grows (README: "Clustering stage")
+    pca_sample: int = 25000
     whiten: bool = True
     l2_normalize: bool = True
     niter: int = 20  # k-means iterations
@@ -326,7 +329,8 @@ def validate(cfg: Config) -> None:
                 "distributed.timeout_s"):
         check_key(flat[key] > 0, key, flat[key], "must be positive")
     for key in ("optim.momentum", "optim.weight_decay", "data.workers", "threads",
-                "clustering.pca_dim", "clustering.max_points_per_centroid", "seed",
+                "clustering.pca_dim", "clustering.pca_sample",
+                "clustering.max_points_per_centroid", "seed",
                 "model.fc_dim", "checkpoint.every_iterations", "checkpoint.every_minutes",
                 "eval.linear.momentum", "eval.linear.weight_decay"):
         check_key(flat[key] >= 0, key, flat[key], "must not be negative")
@@ -336,6 +340,10 @@ def validate(cfg: Config) -> None:
            "must be in (0, 1]")
     check_key(0.0 <= cfg.data.max_bad_fraction < 1.0, "data.max_bad_fraction",
            cfg.data.max_bad_fraction, "must be in [0, 1)")
+    check_key(cfg.clustering.pca_sample == 0 or cfg.clustering.pca_sample > cfg.clustering.pca_dim,
+           "clustering.pca_sample", cfg.clustering.pca_sample,
+           f"must be 0 (all rows) or more than clustering.pca_dim ({cfg.clustering.pca_dim}) "
+           "rows, or the covariance cannot have pca_dim directions")
     check_key(0.0 < cfg.clustering.pic.alpha < 1.0, "clustering.pic.alpha",
            cfg.clustering.pic.alpha, "must be in (0, 1)")
     check_key(cfg.data.resize_size >= cfg.data.crop_size, "data.resize_size",

@@ -85,7 +85,8 @@ class DeepCluster:
             with timed(metrics, "time_features"):
                 shard = extract_features(self.model, ctx.pipelines, self.mine,
                                          cfg.optim.batch_size, ctx.device, cfg.progress,
-                                         ctx.show, stop=ctx.stops.requested)
+                                         ctx.show, stop=ctx.stops.requested,
+                                         keep_on_device=True)
             ctx.stop_point(epoch)
             # 2. PCA/whitening/L2 and k-means across ranks: every rank gets all N labels
             with timed(metrics, "time_clustering"):
@@ -157,7 +158,7 @@ def class_probe(shard: ShardFeatures, targets: np.ndarray, ctx: RunContext,
     classes. A label-free measure of feature quality that, unlike NMI of the pseudo-labels,
     does not depend on k. Sharded k-means, so the raw features stay on their ranks."""
     comm, cfg = ctx.comm, ctx.cfg
-    x = rows_of(shard.features, row_layout(shard.features, comm))
+    x = rows_of(shard.host_features(), row_layout(shard.features, comm))
     x = l2_normalize(x - global_mean(x, comm))
     n_classes = int(targets.max()) + 1
     km = sharded_kmeans(x, n_classes, seed=derived_seed(cfg.seed, epoch, "probe"),

@@ -34,6 +34,7 @@ from dcluster.data import ImageSource, Pipelines, build_pipelines, open_source
 from dcluster.distributed import Env
 from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.errors import CleanStop
+from dcluster.hardware import set_torch_threads
 from dcluster.optimize import EpochProgress, Pause, StepLoop
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
@@ -217,8 +218,7 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
     source = open_source(cfg.data)
     build.check_data(cfg, len(source))
     run = shared_run_dir(cfg, comm)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)
     seed_everything(cfg.seed)
     stops = StopPoints(stop_request, cfg.checkpoint, comm)
     ctx = RunContext(cfg, env, comm, run, source, build_pipelines(source, cfg.data, cfg.seed),

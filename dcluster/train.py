@@ -10,12 +10,14 @@ from __future__ import annotations
 from dcluster.collectives import Comm
 from dcluster.config import Config
 from dcluster.distributed import detect_env, process_group
+from dcluster.hardware import require_fitting_build
 from dcluster.harness import RunResult, run_method
 from dcluster.methods import method_module
 from dcluster.stop import StopRequest
 
 
 def train(cfg: Config) -> RunResult:
+    require_fitting_build(cfg)  # exit 2 before the job starts, not an epoch into it
     env = detect_env()
     method = method_module(cfg.method).METHOD
     with process_group(env, cfg.distributed), StopRequest() as stop_request:

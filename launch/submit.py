@@ -34,6 +34,14 @@ def tasks_per_node(slurm: SlurmConfig) -> int:
     return slurm.gpus_per_node if slurm.gpus_per_node > 0 else slurm.tasks_per_node
 
 
+def srun_args(slurm: SlurmConfig) -> list[str]:
+    """Options the srun of the job step needs spelled out: Slurm 22.05 to 23.02 do not pass
+    sbatch's --cpus-per-task on to srun (each task would get one CPU, and the data loading
+    and torch threads would share it), and --kill-on-bad-exit=1 ends the step when one task
+    fails instead of leaving the others blocked in a collective until the timeout."""
+    return [f"--cpus-per-task={slurm.cpus_per_task}", "--kill-on-bad-exit=1"]
+
+
 def build_executor(cfg: Config, log_dir: Path, cluster: Optional[str] = None) -> submitit.AutoExecutor:
     """An AutoExecutor for the run; `cluster="slurm"` forces the Slurm backend (for
     --dry-run on a machine without sbatch)."""
@@ -43,7 +51,7 @@ def build_executor(cfg: Config, log_dir: Path, cluster: Optional[str] = None) ->
     params = dict(
         name=s.job_name or cfg.name, nodes=s.nodes, tasks_per_node=tasks_per_node(s),
         cpus_per_task=s.cpus_per_task, timeout_min=s.time_min,
-        slurm_signal_delay_s=s.signal_delay_s,
+        slurm_signal_delay_s=s.signal_delay_s, slurm_srun_args=srun_args(s),
     )
     if s.gpus_per_node > 0:
         params["gpus_per_node"] = s.gpus_per_node

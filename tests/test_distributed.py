@@ -138,6 +138,67 @@ def test_gathered_and_spread_indices_cover_every_image_once(world, tmp_path):
                                   np.arange(n) * 10)
 
 
+def uneven_rows_worker(out: Path, comm: Comm) -> None:
+    """Gather shards of uneven sizes (one empty with 3 ranks) in rounds of a few rows: each
+    row holds its global index, so rank 0 can check where every row landed."""
+    import dcluster.collectives as collectives
+
+    collectives.CHUNK_BYTES = 3 * 2 * 8 * comm.world_size  # 3 rows of 2 float64 per round
+    counts = [7, 0, 4][:comm.world_size] if comm.world_size == 3 else [5, 2][:comm.world_size]
+    lo = sum(counts[:comm.rank])
+    mine = np.repeat(np.arange(lo, lo + counts[comm.rank], dtype=np.float64)[:, None], 2, axis=1)
+    gathered = comm.gather_rows(mine, counts)
+    if comm.is_main:
+        np.save(out / "gathered.npy", gathered)
+    else:
+        assert gathered is None
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_gather_collective_places_uneven_shards_by_global_index(world, tmp_path):
+    if world == 1:
+        uneven_rows_worker(tmp_path, SINGLE)
+    else:
+        spawn_ranks(functools.partial(uneven_rows_worker, tmp_path), world)
+    gathered = np.load(tmp_path / "gathered.npy")
+    total = {1: 5, 2: 7, 3: 11}[world]
+    assert np.array_equal(gathered, np.repeat(np.arange(total, dtype=np.float64)[:, None], 2, 1))
+
+
+def test_pca_sample_is_deterministic_per_seed_and_independent_of_the_world_size():
+    """The rows the PCA statistics use: the same for the same (seed, epoch) seed, another
+    subset for another, and the same global rows whether one rank or three hold them."""
+    from dcluster.clustering.distributed_stage import RowLayout, pca_sample_rows
+
+    def global_rows(counts, seed):
+        layout = RowLayout(counts, 16)
+        offsets = np.concatenate(([0], np.cumsum(counts)))
+        return np.concatenate([pca_sample_rows(layout, r, 100, seed) + offsets[r]
+                               for r in range(len(counts))])
+
+    one = global_rows([1000], seed=5)
+    assert len(one) == 100 and np.array_equal(one, np.unique(one))
+    assert np.array_equal(one, global_rows([1000], seed=5))
+    assert np.array_equal(one, global_rows([400, 0, 600], seed=5))
+    assert not np.array_equal(one, global_rows([1000], seed=6))
+    assert pca_sample_rows(RowLayout([60, 40], 16), 0, 100, seed=5) is None  # all rows
+
+
+def sampled_stage_worker(out: Path, comm: Comm) -> None:
+    features, indices = feature_pass(comm.rank, comm.world_size)
+    cfg = dataclasses.replace(STAGE_CFG, pca_sample=300)
+    gathered = gather_reduced(features, indices, N_IMAGES, cfg, comm, seed=11)
+    if comm.is_main:
+        np.save(out / f"sampled_matrix_{comm.world_size}.npy", gathered[0])
+
+
+def test_sampled_pca_fit_is_the_same_on_two_ranks_as_on_one(tmp_path):
+    sampled_stage_worker(tmp_path, SINGLE)
+    spawn_ranks(functools.partial(sampled_stage_worker, tmp_path), 2)
+    one, two = (np.load(tmp_path / f"sampled_matrix_{w}.npy") for w in (1, 2))
+    np.testing.assert_allclose(two, one, atol=1e-4)
+
+
 # --- the clustering stage: 2 ranks against 1 ------------------------------------------------
 
 N_IMAGES, UNREADABLE = 801, (5, 400, 640)

@@ -127,3 +127,29 @@ def test_l2_normalize_in_place():
     out = l2_normalize(x)
     assert out is x
     np.testing.assert_allclose(x, [[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]], rtol=1e-6)
+
+
+def test_fit_on_a_device_argument_equals_the_cpu_fit(data):
+    """The stage's device path (features as a tensor, statistics and projection on the
+    tensor's device) is the same code as the host-array path: on the CPU both give the same
+    transform and the same reduced rows, L2 normalisation included."""
+    from dcluster.clustering.distributed_stage import fit_shared_transform, reduce_rows, row_layout
+    from dcluster.collectives import Comm
+    from dcluster.config import ClusteringConfig
+    from dcluster.distributed import Env
+
+    device = torch.device("cpu")
+    comm = Comm(Env(0, 1, 0, device))
+    cfg = ClusteringConfig(k=5, pca_dim=DIM, pca_sample=0)
+    on_device = torch.from_numpy(data).to(device)
+    host = fit_shared_transform(data, row_layout(data, comm), cfg, comm)
+    dev = fit_shared_transform(on_device, row_layout(on_device, comm), cfg, comm)
+    assert dev.projection.device == device
+    torch.testing.assert_close(dev.projection, host.projection, rtol=0, atol=0)
+    torch.testing.assert_close(dev.mean, host.mean, rtol=0, atol=0)
+    reduced = reduce_rows(on_device, dev, cfg)
+    np.testing.assert_array_equal(reduced, reduce_rows(data, host, cfg))
+    np.testing.assert_allclose(np.linalg.norm(reduced, axis=1), 1.0, rtol=1e-5)
+    # and the same as fitting the statistics directly, then normalising on the host
+    direct = l2_normalize(fit_whitening(PCAStats(D).update(data), DIM).apply(data))
+    np.testing.assert_allclose(reduced, direct, atol=1e-4)

@@ -17,6 +17,16 @@ def test_dry_run_shows_nodes_tasks_gpus_time_and_partition(demo_digits, tmp_path
     assert not (tmp_path / "demo").exists()  # a dry run prepares nothing
 
 
+def test_srun_gets_cpus_per_task_and_kill_on_bad_exit(demo_digits, tmp_path, capsys):
+    """Slurm 22.05-23.02 do not pass sbatch's --cpus-per-task on to srun."""
+    code = main(["submit", "configs/demo.yaml", f"data.path={demo_digits}",
+                 f"runs_root={tmp_path}", "--cpus-per-task", "12", "--dry-run"])
+    script = capsys.readouterr().out
+    assert code == 0
+    [srun] = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert "--cpus-per-task=12" in srun and "--kill-on-bad-exit=1" in srun
+
+
 def test_yaml_slurm_section_is_the_default_and_flags_override_it(demo_digits, tmp_path, capsys):
     preset = tmp_path / "team.yaml"
     preset.write_text("name: team\nslurm:\n  partition: shared\n  tasks_per_node: 2\n"

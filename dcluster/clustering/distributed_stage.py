@@ -3,7 +3,9 @@
 Raw features never move: a 4096-d row is 16 times a 256-d one. Instead:
 
 1. PCA statistics (count, sum, sum of outer products about the global mean) are computed
-   on every rank and all-reduced: d x d numbers, whatever N is.
+   on every rank, on the device that holds its features, and all-reduced: d x d numbers,
+   whatever N is. With ``clustering.pca_sample`` they cover a random subset of the rows,
+   drawn over the global row order, so the subset does not depend on the number of ranks.
 2. Rank 0 fits the whitening and broadcasts mean and projection, so that every rank applies
    bit-for-bit the same transform (an eigensolver run on every rank might not agree).
 3. Every rank projects, whitens and L2-normalises its own rows.
@@ -12,6 +14,11 @@ Raw features never move: a 4096-d row is 16 times a 256-d one. Instead:
    or PIC and broadcasts the N labels. sharded mode: Lloyd iterations across the ranks
    (sharded_kmeans), and the ranks exchange their labels.
 
+Features may be numpy arrays or torch tensors on any device (the feature pass leaves them
+on the GPU that computed them); the PCA runs where they are, and only the reduced 256-d rows
+reach host memory, where FAISS and the collectives take them. While rank 0 clusters in gather
+mode, the other ranks wait on the host (:meth:`Comm.on_host`), leaving their GPUs to FAISS.
+
 Unreadable images have no row anywhere, so they come out with label -1.
 With one process every collective is the identity and this is the single-machine stage.
 """
@@ -19,14 +26,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from dcluster.clustering import cluster_reduced
 from dcluster.clustering.kmeans import resolve_gpus
-from dcluster.clustering.pca import PCAStats, PCATransform, fit_whitening, l2_normalize
+from dcluster.clustering.pca import Features, PCAStats, PCATransform, as_rows, fit_whitening
 from dcluster.clustering.sharded_kmeans import sharded_kmeans
 from dcluster.collectives import Comm
 from dcluster.config import ClusteringConfig
@@ -37,6 +44,9 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 2048
 """Rows per GEMM of the PCA passes: 32 MB of 4096-d floats, still at full BLAS speed, where
 the single-process default (8192) would hold 128 MB next to rank 0's gathered matrix."""
+
+PCA_SAMPLE_STREAM = 1
+"""Mixed into the stage's seed for the PCA sample, so that it is not k-means' own stream."""
 
 
 @dataclass
@@ -63,58 +73,99 @@ class RowLayout:
         return sum(self.counts)
 
 
-def row_layout(features: np.ndarray, comm: Comm) -> RowLayout:
+def row_layout(features: Features, comm: Comm) -> RowLayout:
     """Agreed by all ranks; a rank with no rows has no width, so the widest one is taken."""
-    shapes = comm.all_gather_object(features.shape)
+    shapes = comm.all_gather_object(tuple(features.shape))
     layout = RowLayout(counts=[n for n, _ in shapes], dim=max(d for _, d in shapes))
     if layout.total == 0:
         raise ValueError("no rank has any feature to cluster (every image unreadable?)")
     return layout
 
 
-def rows_of(features: np.ndarray, layout: RowLayout) -> np.ndarray:
+def rows_of(features: Features, layout: RowLayout) -> Features:
     """``features`` as (n, dim): an empty shard's features come without a width."""
     return features if features.shape[0] else np.empty((0, layout.dim), dtype=np.float32)
 
 
-def fit_shared_transform(x: np.ndarray, layout: RowLayout, cfg: ClusteringConfig,
-                         comm: Comm) -> PCATransform:
-    """The PCA (and whitening) of all ranks' rows, fitted on rank 0 and the same on every
-    rank; ``x`` is this rank's rows."""
+def pca_sample_rows(layout: RowLayout, rank: int, sample: int, seed: int) -> Optional[np.ndarray]:
+    """The positions (ascending, within this rank's rows) of the rows the PCA statistics use,
+    or None for all of them (``sample`` 0 or at least the total). The draw is over the global
+    row order, so it is the same subset whatever the number of ranks, and a function of
+    ``seed`` (the stage's per-epoch seed) alone."""
+    if sample == 0 or sample >= layout.total:
+        return None
+    chosen = np.random.default_rng((seed, PCA_SAMPLE_STREAM)).choice(
+        layout.total, size=sample, replace=False)
+    lo = sum(layout.counts[:rank])
+    mine = chosen[(chosen >= lo) & (chosen < lo + layout.counts[rank])] - lo
+    return np.sort(mine)
+
+
+def row_blocks(x: torch.Tensor, positions: Optional[np.ndarray],
+               rows: int = CHUNK_ROWS) -> Iterator[torch.Tensor]:
+    """The rows of ``x`` at ``positions`` (all rows if None), ``rows`` at a time."""
+    if positions is None:
+        for lo in range(0, x.shape[0], rows):
+            yield x[lo:lo + rows]
+        return
+    index = torch.from_numpy(positions).to(x.device)
+    for lo in range(0, index.numel(), rows):
+        yield x.index_select(0, index[lo:lo + rows])
+
+
+def fit_shared_transform(x: Features, layout: RowLayout, cfg: ClusteringConfig, comm: Comm,
+                         seed: int = 0) -> PCATransform:
+    """The PCA (and whitening) of all ranks' rows (or of ``cfg.pca_sample`` of them, drawn
+    from ``seed``), fitted on rank 0 and the same on every rank, on the device of ``x`` (this
+    rank's rows)."""
+    rows = as_rows(x)
+    positions = pca_sample_rows(layout, comm.rank, cfg.pca_sample, seed)
     # products about a shift near the mean avoid cancellation (see PCAStats), and the sums of
     # all ranks only add up about one common shift: the global mean is both, for one cheap
     # pass and an all-reduce of d numbers
-    stats = PCAStats(layout.dim, shift=global_mean(x, comm)).update(x, chunk_rows=CHUNK_ROWS)
-    comm.all_reduce_sum(stats.sum.numpy())
-    comm.all_reduce_sum(stats.outer.numpy())
-    stats.count = layout.total
+    stats = PCAStats(layout.dim, device=rows.device,
+                     shift=mean_of_blocks(row_blocks(rows, positions), layout.dim, comm))
+    for block in row_blocks(rows, positions):
+        stats.update(block, chunk_rows=CHUNK_ROWS)
+    stats.sum, stats.outer = all_reduce_tensor(stats.sum, comm), all_reduce_tensor(stats.outer, comm)
+    stats.count = layout.total if positions is None else cfg.pca_sample  # the same everywhere
     out_dim = cfg.pca_dim or layout.dim
     fitted = fit_whitening(stats, out_dim, whiten=cfg.whiten) if comm.is_main else None
-    return broadcast_transform(fitted, layout.dim, out_dim, cfg.whiten, comm)
+    return broadcast_transform(fitted, layout.dim, out_dim, cfg.whiten, comm).to(rows.device)
 
 
-def reduce_rows(x: np.ndarray, transform: PCATransform, cfg: ClusteringConfig,
+def all_reduce_tensor(t: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """``t`` summed over all ranks, through host memory (no copy for CPU tensors)."""
+    host = t.cpu()
+    comm.all_reduce_sum(host.numpy())
+    return host.to(t.device)
+
+
+def reduce_rows(x: Features, transform: PCATransform, cfg: ClusteringConfig,
                 out: Optional[np.ndarray] = None) -> np.ndarray:
     """``x`` projected by ``transform`` (and whitened, if it whitens), then L2-normalised if
-    ``cfg.l2_normalize``; into ``out`` if given."""
-    reduced = transform.apply(x, chunk_rows=CHUNK_ROWS, out=out)
-    return l2_normalize(reduced) if cfg.l2_normalize else reduced
+    ``cfg.l2_normalize``, on the transform's device; into the host array ``out`` if given."""
+    return transform.apply(x, chunk_rows=CHUNK_ROWS, out=out, normalize=cfg.l2_normalize)
 
 
 def broadcast_transform(fitted: Optional[PCATransform], dim: int, out_dim: int, whiten: bool,
                         comm: Comm) -> PCATransform:
-    """Rank 0's fitted transform on every rank (``fitted`` is None elsewhere)."""
+    """Rank 0's fitted transform on every rank, in host memory (``fitted`` is None
+    elsewhere)."""
     if fitted is None:
         fitted = PCATransform(mean=torch.zeros(dim), projection=torch.zeros(dim, out_dim),
                               eigenvalues=torch.zeros(out_dim, dtype=torch.float64),
                               whitened=whiten)
+    fitted = fitted.to("cpu")
     for tensor in (fitted.mean, fitted.projection, fitted.eigenvalues):
         comm.broadcast(tensor.numpy())
+    fitted.solver = comm.broadcast_object(fitted.solver)
     return fitted
 
 
-def gather_reduced(features: np.ndarray, indices: np.ndarray, n_images: int,
-                   cfg: ClusteringConfig, comm: Comm) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def gather_reduced(features: Features, indices: np.ndarray, n_images: int,
+                   cfg: ClusteringConfig, comm: Comm,
+                   seed: int = 0) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """Reduce every rank's rows and stack them on rank 0 in global index order, with the mask
     of the images they belong to (bool (N,)); None on the other ranks. Rank 0 writes its own
     rows straight into the stacked matrix, so its peak is that matrix (N x 256 float32) or the
@@ -123,7 +174,7 @@ def gather_reduced(features: np.ndarray, indices: np.ndarray, n_images: int,
     layout = row_layout(features, comm)
     present = present_mask(indices, n_images, comm)
     x = rows_of(features, layout)
-    transform = fit_shared_transform(x, layout, cfg, comm)  # its d x d statistics are freed
+    transform = fit_shared_transform(x, layout, cfg, comm, seed)  # its d x d stats are freed
     stacked = own = None
     if comm.is_main:
         stacked = np.empty((layout.total, transform.dim), dtype=np.float32)
@@ -171,10 +222,27 @@ def spread_labels(local: np.ndarray, indices: np.ndarray, n_images: int, comm: C
     return comm.all_gather_segments(labels, shard_bounds(n_images, comm.world_size))
 
 
-def global_mean(x: np.ndarray, comm: Comm) -> np.ndarray:
-    """The float32 mean of every rank's rows of ``x`` (a float64 sum and a count all-reduced)."""
-    totals = comm.all_reduce_sum(np.append(x.sum(axis=0, dtype=np.float64), x.shape[0]))
+def global_mean(x: Features, comm: Comm) -> np.ndarray:
+    """The float32 mean of every rank's (n, d) rows ``x``."""
+    return mean_of_blocks([x], x.shape[1], comm)
+
+
+def mean_of_blocks(blocks: Iterable[Features], dim: int, comm: Comm) -> np.ndarray:
+    """The float32 mean of every rank's rows, given in blocks: summed in float64 on their
+    device, then the sums and the count all-reduced."""
+    totals = np.zeros(dim + 1)
+    for block in blocks:
+        rows = as_rows(block)
+        totals[:-1] += rows.sum(dim=0, dtype=torch.float64).cpu().numpy()
+        totals[-1] += rows.shape[0]
+    totals = comm.all_reduce_sum(totals)
     return (totals[:-1] / totals[-1]).astype(np.float32)
+
+
+def release_cached_gpu_memory(device: torch.device) -> None:
+    """Return the memory torch's allocator holds but does not use on ``device`` to the GPU."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def own_gpu(device: torch.device, choice: str) -> Optional[int]:
@@ -183,33 +251,38 @@ def own_gpu(device: torch.device, choice: str) -> Optional[int]:
     return device.index if device.type == "cuda" and resolve_gpus(choice) else None
 
 
-def cluster_shards(features: np.ndarray, indices: np.ndarray, n_images: int,
+def cluster_shards(features: Features, indices: np.ndarray, n_images: int,
                    cfg: ClusteringConfig, comm: Comm, seed: int,
                    device: torch.device) -> StageResult:
     """Pseudo-labels of all N images from every rank's features of its shard (rows of
-    ``features`` belong to the global ``indices``); call on every rank. ``device`` is this
-    rank's device (sharded mode assigns on it)."""
+    ``features``, an array or a tensor on any device, belong to the global ``indices``); call
+    on every rank. ``device`` is this rank's device (sharded mode assigns on it)."""
     if cfg.mode == "sharded":
         layout = row_layout(features, comm)
         x = rows_of(features, layout)
-        reduced = reduce_rows(x, fit_shared_transform(x, layout, cfg, comm), cfg)
+        reduced = reduce_rows(x, fit_shared_transform(x, layout, cfg, comm, seed), cfg)
         km = sharded_kmeans(reduced, cfg.k, seed=seed, niter=cfg.niter, comm=comm,
                             gpu=own_gpu(device, cfg.device))
         labels = spread_labels(km.labels, indices, n_images, comm)
         summary = (cfg.k, km.objective, km.n_empty, km.n_reseeded, km.backend)
     else:
-        gathered = gather_reduced(features, indices, n_images, cfg, comm)
+        gathered = gather_reduced(features, indices, n_images, cfg, comm, seed)
         labels = np.empty(n_images, dtype=np.int64)
         summary = None
-        if gathered is not None:
+        if gathered is None:
+            release_cached_gpu_memory(device)  # rank 0's FAISS may run on this GPU
+        else:
             stacked, present = gathered
             result = cluster_reduced(stacked, cfg, seed)
             labels.fill(-1)
             labels[present] = result.labels
             summary = (result.n_clusters, result.objective, result.n_empty,
                        result.n_reseeded, result.backend)
-        comm.broadcast(labels)
-        summary = comm.broadcast_object(summary)
+        # on the host: an NCCL broadcast would occupy the waiting ranks' GPUs for the
+        # minutes rank 0's FAISS works on them
+        host = comm.on_host()
+        host.broadcast(labels)
+        summary = host.broadcast_object(summary)
     n_clusters, objective, n_empty, n_reseeded, backend = summary
     return StageResult(labels=labels, n_clusters=n_clusters, objective=objective,
                        n_empty=n_empty, n_reseeded=n_reseeded, backend=backend)

@@ -8,6 +8,11 @@ single all-reduce gives every rank the global fit without moving any feature.
 
 Memory stays at one chunk of the D-dimensional input plus the N x dim output: inputs are read
 in row chunks, never copied whole.
+
+Devices: every computation runs on the device of the tensors it is given (the statistics'
+``device``, the transform's projection), with the same code on a GPU as on the CPU; only the
+reduced N x dim output is written to host memory, which is where FAISS and the collectives
+take it.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
+
+from dcluster.clustering.eigen import top_eigenpairs
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +166,24 @@ class PCATransform:
     projection: torch.Tensor  # float32 (D, dim)
     eigenvalues: torch.Tensor  # float64 (dim,), descending
     whitened: bool
+    solver: str = ""  # which eigensolver found the projection (see eigen.py)
+
+    def to(self, device: Union[str, torch.device]) -> "PCATransform":
+        """The same transform with its tensors on ``device``."""
+        return PCATransform(self.mean.to(device), self.projection.to(device),
+                            self.eigenvalues.to(device), self.whitened, self.solver)
 
     @property
     def dim(self) -> int:
         return self.projection.shape[1]
 
     def apply(self, features: Features, chunk_rows: int = CHUNK_ROWS,
-              out: Optional[np.ndarray] = None) -> np.ndarray:
-        """Project (and whiten) into a new float32 (N, dim) array, one input chunk at a time,
-        or into ``out`` (C-contiguous float32 (N, dim)): rank 0 of a distributed run writes its
-        own rows straight into the block of the matrix it gathers, saving a copy.
+              out: Optional[np.ndarray] = None, normalize: bool = False) -> np.ndarray:
+        """Project (and whiten) into a new float32 (N, dim) host array, one input chunk at a
+        time on the projection's device, or into ``out`` (C-contiguous float32 (N, dim)): rank
+        0 of a distributed run writes its own rows straight into the block of the matrix it
+        gathers, saving a copy. ``normalize`` scales each output row to unit L2 norm on the
+        device, before the chunk leaves it (see :func:`l2_normalize`).
 
         The mean is subtracted before the product, not folded into a bias: with whitening the
         projection has large entries, and ``x @ P - mean @ P`` would cancel float32 digits."""
@@ -187,11 +202,20 @@ class PCATransform:
         buf = torch.empty(min(x.shape[0], chunk_rows), x.shape[1], device=self.projection.device)
         for lo, chunk in _chunks(x, self.projection.device, chunk_rows):
             centred = torch.sub(chunk, self.mean, out=buf[: chunk.shape[0]])
-            if on_cpu:
-                torch.matmul(centred, self.projection, out=out_t[lo:lo + chunk.shape[0]])
-            else:
-                out_t[lo:lo + chunk.shape[0]] = (centred @ self.projection).cpu()
+            block = out_t[lo:lo + chunk.shape[0]]
+            # on the CPU the product lands in place; elsewhere it is copied out once
+            reduced = torch.matmul(centred, self.projection, out=block) if on_cpu else (
+                centred @ self.projection)
+            if normalize:
+                _normalize_rows(reduced)
+            if not on_cpu:
+                block.copy_(reduced)
         return out
+
+
+def _normalize_rows(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of ``t`` scaled to unit L2 norm, in place (see :func:`l2_normalize`)."""
+    return t.div_(torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min_(eps))
 
 
 def fit_whitening(stats: PCAStats, dim: int, whiten: bool = True,
@@ -203,16 +227,18 @@ def fit_whitening(stats: PCAStats, dim: int, whiten: bool = True,
     accurate to about 1e-6 of the largest eigenvalue), and scaling them up to unit variance
     would let that noise dominate the L2-normalised vectors.
 
+    The leading ``dim`` eigenpairs come from :func:`dcluster.clustering.eigen.top_eigenpairs`
+    (subspace iteration, falling back to a full ``eigh``), on the statistics' device.
     Eigenvectors are signed so that each one's largest-magnitude entry is positive, which makes
-    the transform a deterministic function of the statistics (eigh's signs are arbitrary).
+    the transform a deterministic function of the statistics (eigensolvers' signs are
+    arbitrary).
     """
     if stats.count < 2:
         raise ValueError(f"PCA needs at least 2 rows, got {stats.count}")
     if not 1 <= dim <= stats.dim:
         raise ValueError(f"PCA output dimension must be in [1, {stats.dim}], got {dim}")
-    values, vectors = torch.linalg.eigh(stats.covariance())
-    values = values.flip(0)[:dim]
-    vectors = vectors.flip(1)[:, :dim]
+    pairs = top_eigenpairs(stats.covariance(), dim)
+    values, vectors = pairs.values, pairs.vectors
     peak = vectors.abs().argmax(dim=0)
     vectors = vectors * torch.sign(vectors[peak, torch.arange(dim, device=vectors.device)])
     projection = vectors
@@ -220,10 +246,10 @@ def fit_whitening(stats: PCAStats, dim: int, whiten: bool = True,
         if not float(values[0]) > 0.0:
             raise ValueError("cannot whiten: the features have zero variance (all rows equal)")
         projection = vectors / values.clamp(min=eps * float(values[0])).sqrt()
-    log.debug("PCA %d -> %d on %d rows: eigenvalues %.3g .. %.3g", stats.dim, dim,
-              stats.count, float(values[0]), float(values[-1]))
+    log.info("PCA %d -> %d on %d rows (%s, %s): eigenvalues %.3g .. %.3g", stats.dim, dim,
+             stats.count, stats.device, pairs.solver, float(values[0]), float(values[-1]))
     return PCATransform(mean=stats.mean().float(), projection=projection.float().contiguous(),
-                        eigenvalues=values, whitened=whiten)
+                        eigenvalues=values, whitened=whiten, solver=pairs.solver)
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -232,6 +258,5 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     if x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
         raise ValueError(f"l2_normalize needs a C-contiguous float32 (N, d) array, got "
                          f"{x.dtype} of shape {x.shape}")
-    t = torch.from_numpy(x)
-    t.div_(torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min_(eps))
+    _normalize_rows(torch.from_numpy(x), eps)
     return x

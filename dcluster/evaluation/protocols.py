@@ -24,6 +24,7 @@ from dcluster.evaluation.report import EvalResult, log_to_mlflow, write_json
 from dcluster.evaluation.scoring import label_scores, topk_accuracy
 from dcluster.evaluation.splits import Split, all_labelled, open_splits
 from dcluster.evaluation.target import EvalTarget, resolve_target
+from dcluster.hardware import require_fitting_build, set_torch_threads
 from dcluster.mmdc.targets import nearest_component
 from dcluster.models import LayerTap
 from dcluster.seeding import derived_rng, derived_seed
@@ -135,8 +136,8 @@ def evaluate(protocol: str, target_path: str | Path, overrides: Sequence[str] = 
                           f"available: {', '.join(PROTOCOLS)}")
     target = resolve_target(target_path, overrides)
     cfg = target.cfg
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_torch_threads(cfg.threads)
+    require_fitting_build(cfg)
     env = detect_env()
     net = load_network(cfg, target.payload, env.device)
     log.info("eval %s of %s (%s, %s)", protocol, target.describe(), cfg.method, cfg.model.arch)

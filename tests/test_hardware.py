@@ -1,0 +1,99 @@
+"""The start-up check of the installed build against the GPUs, on described machines: the
+GPUs below are descriptions passed to the pure decision function, not present."""
+import pytest
+
+from dcluster.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, check,
+                               default_threads, describe, profile_of, torch_build)
+
+TORCH_CU13 = torch_build("2.14.1", "13.0", ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100",
+                                            "sm_120", "compute_120"])
+TORCH_CU126 = torch_build("2.14.1+cu126", "12.6", ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80",
+                                                   "sm_86", "sm_90"])
+P100, V100, A100, H100 = (GPU(0, "Tesla P100-PCIE-16GB", 60), GPU(0, "Tesla V100-SXM2-32GB", 70),
+                          GPU(0, "NVIDIA A100-SXM4-80GB", 80), GPU(0, "NVIDIA H100 80GB HBM3", 90))
+
+
+def machine(torch_b: Build, faiss: str, dali: str, *gpus: GPU) -> Detected:
+    faiss_b, dali_b = FAISS_BUILDS[faiss], DALI_BUILDS[dali]
+    return Detected(profile_of(faiss_b, dali_b), torch_b, faiss_b, dali_b, gpus)
+
+
+def test_cpu_profile_without_gpus_is_fine():
+    hw = machine(TORCH_CU13, "faiss-cpu", "nvidia-dali-cuda130")
+    assert hw.profile == "cpu" and check(hw, "auto") == []
+
+
+def test_described_gpus_with_cpu_faiss_name_the_gpu_profile():
+    hw = machine(TORCH_CU13, "faiss-cpu", "nvidia-dali-cuda130", A100, GPU(1, A100.name, 80))
+    [problem] = check(hw, "auto")
+    assert "2 GPU(s)" in problem.message and "CPU-only" in problem.message
+    assert "'cu13' profile" in problem.message and "clustering.device=cpu" in problem.message
+
+
+def test_described_gpu_with_cpu_faiss_is_fine_when_the_cpu_is_chosen():
+    hw = machine(TORCH_CU13, "faiss-cpu", "nvidia-dali-cuda130", A100)
+    assert check(hw, "cpu") == []
+
+
+def test_described_p100_under_cuda_13_names_gpu_capability_and_cu12():
+    hw = machine(TORCH_CU13, "faiss-gpu-cuvs", "nvidia-dali-cuda130", P100)
+    [problem] = check(hw, "auto")
+    assert "Tesla P100" in problem.message and "compute capability 6.0" in problem.message
+    for library in ("torch 2.14.1", "faiss-gpu-cuvs", "nvidia-dali-cuda130"):
+        assert library in problem.message
+    assert "'cu12' profile" in problem.message and "whl/cu126" in problem.message
+
+
+def test_described_v100_fits_the_cu12_profile():
+    hw = machine(TORCH_CU126, "faiss-gpu", "nvidia-dali-cuda120", V100)
+    assert hw.profile == "cu12" and check(hw, "auto") == []
+
+
+def test_described_p100_under_cu12_lacks_only_faiss_code():
+    """FAISS's CUDA 12 wheel starts at sm_70: clustering on the CPU is the way out."""
+    hw = machine(TORCH_CU126, "faiss-gpu", "nvidia-dali-cuda120", P100)
+    [problem] = check(hw, "auto")
+    assert "faiss-gpu (CUDA 12)" in problem.message and "torch" not in problem.message
+    assert "clustering.device=cpu" in problem.message
+    assert check(hw, "cpu") == []
+
+
+@pytest.mark.parametrize("gpu", [A100, H100])
+def test_described_ampere_and_hopper_fit_the_cu13_profile(gpu):
+    hw = machine(TORCH_CU13, "faiss-gpu-cuvs", "nvidia-dali-cuda130", gpu)
+    assert hw.profile == "cu13" and check(hw, "auto") == []
+
+
+def test_described_blackwell_runs_faiss_from_its_ptx():
+    hw = machine(TORCH_CU13, "faiss-gpu-cuvs", "nvidia-dali-cuda130", GPU(0, "NVIDIA B200", 100))
+    assert check(hw, "auto") == []
+
+
+def test_described_dali_decoding_on_the_cpu_needs_no_dali_gpu_code():
+    hw = machine(TORCH_CU126, "faiss-gpu", "nvidia-dali-cuda130", V100)
+    assert "nvidia-dali-cuda130" in check(hw, "auto")[0].message
+    assert check(hw, "auto", dali_on_gpu=False) == []
+
+
+def test_info_rows_say_per_described_gpu_which_library_can_use_it():
+    rows = dict(describe(machine(TORCH_CU13, "faiss-gpu-cuvs", "nvidia-dali-cuda130", P100)))
+    assert rows["install profile"] == "cu13"
+    assert rows["FAISS build"] == "faiss-gpu-cuvs, CUDA 13"
+    assert rows["GPU 0"] == ("Tesla P100-PCIE-16GB, compute capability 6.0: torch no, "
+                             "faiss-gpu-cuvs no, nvidia-dali-cuda130 no")
+
+
+def test_unknown_faiss_build_is_not_guessed_at():
+    hw = Detected("unknown", TORCH_CU13, Build("faiss (unknown build)", "?"), None, (A100,))
+    assert check(hw, "auto") == []
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({"SLURM_PROCID": "3", "SLURM_CPUS_PER_TASK": "10"}, 10),
+    ({"SLURM_CPUS_PER_TASK": "10"}, 0),  # the batch script itself, not an srun task
+    ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_WORLD_SIZE": "8", "OMP_NUM_THREADS": "1"}, 12),
+    ({"LOCAL_WORLD_SIZE": "200"}, 1),
+    ({}, 0),
+])
+def test_threads_default_to_the_tasks_cpus(environ, expected):
+    assert default_threads(environ, usable_cpus=96) == expected
