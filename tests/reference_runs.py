@@ -193,6 +193,14 @@ def reference(digits_subset, tmp_path_factory) -> Run:
 
 
 @pytest.fixture(scope="session")
+def bf16_reference(digits_subset, tmp_path_factory) -> Run:
+    """The DeepCluster run never stopped, one process, in bf16 autocast."""
+    tmp = tmp_path_factory.mktemp("bf16_reference")
+    return reference_run(tmp, train_args(digits_subset, tmp / "runs", "bf16_reference",
+                                         "optim.precision=bf16"), "bf16_reference", 1, EPOCHS)
+
+
+@pytest.fixture(scope="session")
 def pair_reference(digits_subset, tmp_path_factory) -> Run:
     """The DeepCluster run never stopped, two ranks; each rank also saved its weights after
     every epoch to ``weights/rank<R>.pt`` beside the run's runs_root."""
