@@ -153,7 +153,10 @@ def pass_rates(data: Path, decode: str, workers: int, arch: str, batch: int,
 
         train()
         torch.cuda.reset_peak_memory_stats(device)
-        out[f"train_{precision}_img_s"] = timed_rate(len(order), train)
+        steps.data_wait_s = 0.0
+        rate = out[f"train_{precision}_img_s"] = timed_rate(len(order), train)
+        # the share of the timed pass the step loop waited for its batches
+        out[f"train_{precision}_data_wait"] = steps.data_wait_s * rate / len(order)
         out[f"train_{precision}_gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         if features:
             def feature_pass() -> None:
@@ -162,7 +165,6 @@ def pass_rates(data: Path, decode: str, workers: int, arch: str, batch: int,
 
             feature_pass()
             out[f"features_{precision}_img_s"] = timed_rate(len(order), feature_pass)
-        out[f"data_wait_{precision}"] = steps.data_wait_s  # both passes, warm-up included
     return {key: round(value, 3) for key, value in out.items()}
 
 
@@ -181,8 +183,8 @@ def kill_and_resume(data: Path, runs: Path, logs: Path, timeout: float) -> dict[
         proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         killed = False
         while proc.poll() is None and time.perf_counter() - start < timeout:
-            if list(checkpoints.glob("ckpt_e000001_i*.pt")) and not \
-                    list(checkpoints.glob("ckpt_e000001_i0000000.pt")):
+            if [p for p in checkpoints.glob("ckpt_e000001_i*.pt")
+                    if not p.name.endswith("_i0000000.pt")]:  # inside epoch 1, not its start
                 os.kill(proc.pid, signal.SIGKILL)
                 killed = True
                 break

@@ -12,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from dcluster.config import ConfigError
 from reference_runs import (EPOCHS, Run, assert_same_run, interrupted_command, new_dir,
                             recording, run_single, train_args)
 
@@ -68,3 +71,10 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0():
     lines = done.stdout.strip().splitlines()
     assert "no CUDA GPU is visible" in lines[0] and "nothing was measured" in lines[0]
     assert json.loads(lines[-1]) == {"gpu": False, "measured": False}
+
+
+def test_an_unknown_precision_is_refused_naming_the_key(small_demo_config):
+    with pytest.raises(ConfigError, match="optim.precision.*'fp8'.*fp32, bf16, fp16"):
+        small_demo_config("optim.precision=fp8")
+    with pytest.raises(ConfigError, match="checkpoint.poll_every.*must not be negative"):
+        small_demo_config("checkpoint.poll_every=-1")
