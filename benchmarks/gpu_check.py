@@ -192,7 +192,8 @@ def kill_and_resume(data: Path, runs: Path, logs: Path, timeout: float) -> dict[
         if not killed and proc.poll() is None:  # no checkpoint in time: end it anyway
             proc.kill()
         proc.wait()
-    result: dict[str, Any] = {"killed": killed, "killed_after_s": round(time.perf_counter() - start, 1)}
+    result: dict[str, Any] = {"killed": killed,
+                              "killed_after_s": round(time.perf_counter() - start, 1)}
     resumed = run_command(args, timeout, logs / "train_resumed.log")
     text = (logs / "train_resumed.log").read_text()
     result.update(resume_rc=resumed["rc"], resume_seconds=resumed["seconds"],

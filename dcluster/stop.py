@@ -4,9 +4,10 @@ A signal can land anywhere: inside a gradient all-reduce, a FAISS call, a checkp
 So the handler only records it, and the loop acts where every rank can agree on it: between
 the stages of an epoch (one all-reduce of the ranks' flags) and between training iterations
 (the same flags ride on one small all-reduce every ``checkpoint.poll_every`` iterations, so
-every rank stops after the same iteration and no collective is cut in half). There the loop checkpoints exactly where
-the epoch stands and raises :class:`TrainingStopped`; whoever started the loop decides what
-follows: submitit's requeue (launch/job.py) or an exit code (``dcluster train``).
+every rank stops after the same iteration and no collective is cut in half). There the loop
+checkpoints exactly where the epoch stands and raises :class:`TrainingStopped`; whoever
+started the loop decides what follows: submitit's requeue (launch/job.py) or an exit code
+(``dcluster train``).
 
 The same iteration poll carries the decision to write a periodic mid-epoch checkpoint, and
 whether some rank's training loss stopped being finite. Reading its result is the only point
