@@ -34,10 +34,15 @@ SIZES = [(500, 375), (375, 500), (500, 333), (400, 400), (500, 400)]
 def write_photos(root: Path, count: int) -> None:
     """``count`` JPEGs (quality 90) in 10 class folders, each a distinct crop of a photo,
     resampled to one of SIZES."""
+    write_photos_range(root, 0, count)
+
+
+def write_photos_range(root: Path, first: int, end: int) -> None:
+    """Photos number ``first`` to ``end - 1`` of write_photos (a part for one process)."""
     from sklearn.datasets import load_sample_images
 
     photos = load_sample_images().images  # 427 x 640 x 3 each
-    for n in range(count):
+    for n in range(first, end):
         source = photos[n % len(photos)]
         width, height = SIZES[n % len(SIZES)]
         side_h, side_w = 300 + (n * 7) % 120, 300 + (n * 13) % 300

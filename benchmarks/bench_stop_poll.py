@@ -1,7 +1,8 @@
 """What the per-iteration stop poll costs a training step.
 
-The training pass all-reduces two integers after every iteration (dcluster/stop.py), so that
-a stop signal is acted on by all ranks after the same iteration. This measures, on W gloo
+The training pass all-reduces three integers after every ``checkpoint.poll_every``-th
+iteration (dcluster/stop.py; every iteration on the CPU, as here), so that a stop signal is
+acted on by all ranks after the same iteration. This measures, on W gloo
 ranks on this machine, DDP training steps of the demo network (configs/demo.yaml: Sobel
 smallconv, width 32, fc 256, batch 16 of 32x32 crops, 30 clusters) inside DDP's join:
 
@@ -83,10 +84,11 @@ def timed_steps(net: DistributedDataParallel, optimizer: torch.optim.Optimizer, 
 
 
 def timed_polls(stops: StopPoints, polls: int) -> float:
-    poll = stops.iteration_poll()
+    poll = stops.iteration_poll(0)
+    finite = torch.zeros((), dtype=torch.bool)
     start = time.perf_counter()
-    for i in range(polls):
-        poll.poll(stops.local_flags(i + 1))
+    for _ in range(polls):
+        poll.poll(lambda: finite)
     return (time.perf_counter() - start) / polls
 
 

@@ -51,6 +51,8 @@ class ModelConfig:
     # Linear-layer init: "paper" draws N(0, 0.01), which keeps the signal's scale only for
     # fan-ins near 10^4 (AlexNet's 9216); "fan_in" draws N(0, 1/fan_in) for small models.
     fc_init: str = "paper"
+    # NHWC images and conv weights: auto (on a GPU, where tensor cores want it) | always | never
+    channels_last: str = "auto"
 
 
 @dataclass
@@ -60,6 +62,14 @@ class OptimConfig:
     weight_decay: float = 1e-5
     batch_size: int = 256  # per process
     lr_scaling: str = "none"  # none | linear (lr * world_size); the paper uses none
+    # autocast dtype of the training and feature passes: fp32 (none) | bf16 | fp16 (with
+    # loss scaling, its state in the checkpoint)
+    precision: str = "fp32"
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 512  # per process, the clustering feature pass (no gradients kept)
 
 
 @dataclass
@@ -100,6 +110,8 @@ class DistributedConfig:
     # the longest step one rank does while the others wait: rank 0's k-means in gather mode
     # (minutes at ImageNet scale) and its checkpoint writes.
     timeout_s: float = 1800.0
+    # DDP's gradient all-reduce: none (float32) | bf16 (halves the bytes between nodes)
+    grad_compression: str = "none"
 
 
 @dataclass
@@ -110,6 +122,11 @@ class CheckpointConfig:
     # this many training iterations, and/or every this many minutes (rank 0's clock).
     every_iterations: int = 0
     every_minutes: float = 0.0
+    # Iterations between the all-ranks agreements on a stop signal or a timed checkpoint; a
+    # stop comes within this many iterations. 0: auto, every iteration on the CPU (a step
+    # waits for its own work anyway) and every 20 on a GPU (each agreement makes the host
+    # wait for the GPU to drain its queue).
+    poll_every: int = 0
 
 
 @dataclass
@@ -204,6 +221,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
     clustering: ClusteringConfig = field(default_factory=ClusteringConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -219,6 +237,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.decode_device": ("auto", "cpu", "gpu"),
     "model.arch": ("alexnet", "vgg16", "smallconv", "resnet18"),
     "model.fc_init": ("paper", "fan_in"),
+    "model.channels_last": ("auto", "always", "never"),
+    "optim.precision": ("fp32", "bf16", "fp16"),
+    "distributed.grad_compression": ("none", "bf16"),
     "optim.lr_scaling": ("none", "linear"),
     "clustering.method": ("kmeans", "pic"),
     "clustering.device": ("auto", "cpu", "gpu"),
@@ -234,7 +255,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 EXECUTION_ONLY_KEYS = frozenset(
     {"epochs", "resume", "overwrite", "threads", "progress", "data.workers", "tracking.uri",
      "tracking.plots", "checkpoint.keep_last", "checkpoint.interval", "data.path", "runs_root",
-     "checkpoint.every_iterations", "checkpoint.every_minutes",
+     "checkpoint.every_iterations", "checkpoint.every_minutes", "checkpoint.poll_every",
      "distributed.backend", "distributed.timeout_s"}
     # what `dcluster eval` measures afterwards never changes what training computes
     | {f"eval.{key}" for key in ("val_path", "val_fraction", "batch_size")}
@@ -323,7 +344,8 @@ def validate(cfg: Config) -> None:
                 "clustering.every", "checkpoint.interval", "checkpoint.keep_last",
                 "data.crop_size", "data.resize_size", "clustering.pic.knn",
                 "clustering.pic.iterations", "model.width", "eval.batch_size", "eval.knn.k",
-                "eval.linear.pooled_dim", "eval.linear.epochs", "eval.linear.batch_size"):
+                "eval.linear.pooled_dim", "eval.linear.epochs", "eval.linear.batch_size",
+                "extract.batch_size"):
         check_key(flat[key] > 0, key, flat[key], "must be positive")
     for key in ("optim.lr", "clustering.pic.sigma", "eval.knn.temperature", "eval.linear.lr",
                 "distributed.timeout_s"):
@@ -332,6 +354,7 @@ def validate(cfg: Config) -> None:
                 "clustering.pca_dim", "clustering.pca_sample",
                 "clustering.max_points_per_centroid", "seed",
                 "model.fc_dim", "checkpoint.every_iterations", "checkpoint.every_minutes",
+                "checkpoint.poll_every",
                 "eval.linear.momentum", "eval.linear.weight_decay"):
         check_key(flat[key] >= 0, key, flat[key], "must not be negative")
     check_key(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout,

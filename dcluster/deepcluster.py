@@ -44,14 +44,14 @@ class DeepCluster:
         self.ctx = ctx
         self.epochs = cfg.epochs
         self.mine = my_indices(len(ctx.source), env)  # contiguous: every image on one rank
-        self.model = build_model(cfg.model, cfg.data.crop_size).to(env.device)
+        self.model = ctx.execution.prepare(build_model(cfg.model, cfg.data.crop_size))
         lr = cfg.optim.lr * (env.world_size if cfg.optim.lr_scaling == "linear" else 1)
         log.info("%d images, %s; batch %d per process, effective %d, lr %g (scaling: %s)",
                  len(ctx.source), f"{len(ctx.source.class_names)} classes"
                  if ctx.source.class_names else "no classes", cfg.optim.batch_size,
                  cfg.optim.batch_size * env.world_size, lr, cfg.optim.lr_scaling)
-        self.body_optimizer = body_optimizer(self.model, cfg.optim, lr)
-        self.head = Head(self.model, lambda params: sgd(params, cfg.optim, lr))
+        self.body_optimizer = body_optimizer(self.model, cfg.optim, lr, env.device)
+        self.head = Head(self.model, lambda params: sgd(params, cfg.optim, lr, env.device))
         self.net: nn.Module = self.model
 
     @staticmethod
@@ -68,7 +68,7 @@ class DeepCluster:
         return {"head": self.head, "model": self.model, "body_optimizer": self.body_optimizer}
 
     def after_restore(self) -> None:
-        self.net = data_parallel(self.model, self.ctx.env)
+        self.net = data_parallel(self.model, self.ctx.env, cfg=self.ctx.cfg.distributed)
 
     def share_state(self) -> None:
         pass  # every rank holds the same labels, weights and optimiser state
@@ -84,9 +84,10 @@ class DeepCluster:
             # 1. features of this rank's shard (centre crops, eval mode)
             with timed(metrics, "time_features"):
                 shard = extract_features(self.model, ctx.pipelines, self.mine,
-                                         cfg.optim.batch_size, ctx.device, cfg.progress,
+                                         cfg.extract.batch_size, ctx.device, cfg.progress,
                                          ctx.show, stop=ctx.stops.requested,
-                                         keep_on_device=True)
+                                         keep_on_device=True, execution=ctx.execution)
+            metrics["images_features"] = float(len(shard.indices))
             ctx.stop_point(epoch)
             # 2. PCA/whitening/L2 and k-means across ranks: every rank gets all N labels
             with timed(metrics, "time_clustering"):
@@ -104,7 +105,7 @@ class DeepCluster:
             # a fresh head for the new pseudo-labels, drawn from (seed, epoch) so it is the
             # same on every rank, and re-wrapped so that DDP synchronises it
             self.head.reset(clusters.n_clusters, derived_seed(cfg.seed, epoch, "head"))
-            self.net = data_parallel(self.model, ctx.env)
+            self.net = data_parallel(self.model, ctx.env, cfg=cfg.distributed)
 
         # 3. the order: uniform over the non-empty clusters, the same global list on every
         # rank, of which each takes its own equal slice

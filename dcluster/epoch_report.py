@@ -7,6 +7,7 @@ from typing import Optional
 import numpy as np
 
 from dcluster.metrics import clustering_accuracy, nmi
+from dcluster.telemetry import speed_line
 
 
 def assignment_metrics(labels: np.ndarray, previous: Optional[np.ndarray],
@@ -47,4 +48,7 @@ def format_epoch_line(epoch: int, epochs: int, m: dict[str, float], scored_at: s
         parts.append(f"empty {int(m['clusters_empty'])}")
     parts.append(f"time features {m['time_features']:.1f}s clustering {m['time_clustering']:.1f}s "
                  f"training {m['time_training']:.1f}s")
+    speed = speed_line(m)
+    if speed:
+        parts.append(speed)
     return " | ".join(parts)

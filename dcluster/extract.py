@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dcluster.data import Pipelines, num_batches
+from dcluster.execution import Execution
 from dcluster.logs import progress
 
 
@@ -27,12 +28,12 @@ class ShardFeatures:
         return f.cpu().numpy() if isinstance(f, torch.Tensor) else f
 
 
-@torch.no_grad()
 def extract_features(model: nn.Module, pipelines: Pipelines, indices: Sequence[int],
                      batch_size: int, device: torch.device, progress_mode: str, show: bool,
                      compute: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                      stop: Callable[[], bool] = lambda: False,
-                     keep_on_device: bool = False) -> ShardFeatures:
+                     keep_on_device: bool = False,
+                     execution: Optional[Execution] = None) -> ShardFeatures:
     """Run the centre-crop pipeline over `indices` in eval mode (BatchNorm running statistics,
     no dropout), so an image's feature does not depend on which batch it landed in.
 
@@ -40,27 +41,34 @@ def extract_features(model: nn.Module, pipelines: Pipelines, indices: Sequence[i
     features. Evaluation passes other outputs of the same network (MMDC's embedding, say).
     The pass ends early, with the rows it has, once `stop()` is true: a job asked to stop
     does not spend its last minutes on features it will compute again after the resume.
+
     ``keep_on_device``: the rows stay on ``device`` (a GPU holds 160k x 4096 float32 rows,
-    ImageNet's per-GPU share on 8 GPUs, in 2.6 GB) instead of being copied to the host."""
+    ImageNet's per-GPU share on 8 GPUs, in 2.6 GB) instead of being copied to the host.
+    ``execution``: the autocast precision and memory format (default float32, contiguous);
+    rows come back as float32 whatever the precision. The batches' outputs stay on the
+    device until the pass ends, so that no batch waits for the copy of the one before."""
     compute = compute or model.clustering_features
+    execution = execution or Execution(device)
     was_training = model.training
     model.eval()
-    storage = device if keep_on_device else torch.device("cpu")
-    rows = torch.empty((len(indices), 0), device=storage)  # widened at the first batch
+    rows: Optional[torch.Tensor] = None  # on the device, allocated at the first batch
     got = np.empty(len(indices), dtype=np.int64)
     filled = 0
     batches = pipelines.feature_batches(indices, batch_size)
-    for batch in progress(batches, num_batches(len(indices), batch_size), "features",
-                          progress_mode, show):
-        if stop():
-            break
-        out = compute(batch.images.to(device, non_blocking=True))
-        if filled == 0:
-            rows = torch.empty((len(indices), out.shape[1]), device=storage)
-        n = out.shape[0]
-        rows[filled:filled + n] = out.float()
-        got[filled:filled + n] = batch.indices.numpy()
-        filled += n
+    # no_grad rather than inference_mode: the clustering stage works on the rows in place
+    with torch.no_grad(), execution.autocast():
+        for batch in progress(batches, num_batches(len(indices), batch_size), "features",
+                              progress_mode, show):
+            if stop():
+                break
+            out = compute(execution.images(batch.images))
+            if rows is None:
+                rows = out.new_empty((len(indices), out.shape[1]))
+            n = out.shape[0]
+            rows[filled:filled + n] = out
+            got[filled:filled + n] = batch.indices.numpy()
+            filled += n
     model.train(was_training)
-    kept = rows[:filled]
-    return ShardFeatures(features=kept if keep_on_device else kept.numpy(), indices=got[:filled])
+    kept = rows[:filled].float() if rows is not None else torch.empty((0, 0), device=device)
+    return ShardFeatures(features=kept if keep_on_device else kept.cpu().numpy(),
+                         indices=got[:filled])

@@ -35,12 +35,14 @@ from dcluster.distributed import Env
 from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.errors import CleanStop
 from dcluster.hardware import set_torch_threads
+from dcluster.execution import Execution, execution_for
 from dcluster.optimize import EpochProgress, Pause, StepLoop
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
                                 Stateful, check_compatible, restore_objects, upgraded)
 from dcluster.seeding import derived_seed, seed_everything
 from dcluster.stop import StopPoints, StopRequest, TrainingStopped
+from dcluster.telemetry import speed_metrics
 from dcluster.tracking import RunTracker, make_tracker, tracking_uri
 
 log = logging.getLogger("dcluster.harness")
@@ -101,6 +103,12 @@ class RunContext:
         return self.env.device
 
     @property
+    def execution(self) -> Execution:
+        """How the passes run on this rank's device (precision, memory format)."""
+        assert self.steps.execution is not None
+        return self.steps.execution
+
+    @property
     def show(self) -> bool:
         """Progress bars and epoch lines: rank 0 only."""
         return self.env.is_main
@@ -119,18 +127,28 @@ class RunContext:
         """Run a pausable training pass to its end: ``run()`` trains from ``done.position``
         (StepLoop.run); at each pause the epoch is checkpointed where it stands, and on a stop
         signal the run stops there. ``stage``, ``offset``, ``metrics`` and ``extra`` are what a
-        resume needs to continue the epoch (InterruptedEpoch)."""
+        resume needs to continue the epoch (InterruptedEpoch). The pass's images and its
+        time waiting for data are added to ``metrics`` for the telemetry."""
         assert self.checkpointer is not None
-        with timed(metrics, "time_training"):
-            pause = run()
+
+        def timed_run() -> Optional[Pause]:
+            waited = self.steps.data_wait_s
+            with timed(metrics, "time_training"):
+                pause = run()
+            metrics["time_data_wait"] = (metrics.get("time_data_wait", 0.0)
+                                         + self.steps.data_wait_s - waited)
+            return pause
+
+        pause = timed_run()
         while pause is not None:
             where = self.checkpointer.snapshot(done, metrics, stage, offset, extra)
             step = checkpoint_step(where)
             if pause.signum:
                 self.checkpointer.stop(pause.signum, epoch, step, where, offset + done.iterations)
             self.checkpointer.save(epoch, step, where)
-            with timed(metrics, "time_training"):
-                pause = run()
+            pause = timed_run()
+        # the whole pass's: ``done`` and the times carry over a resume
+        metrics["images_trained"] = metrics.get("images_trained", 0.0) + done.images
 
 
 @contextmanager
@@ -220,12 +238,16 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
     run = shared_run_dir(cfg, comm)
     set_torch_threads(cfg.threads)
     seed_everything(cfg.seed)
-    stops = StopPoints(stop_request, cfg.checkpoint, comm)
+    stops = StopPoints(stop_request, cfg.checkpoint, comm, env.device)
+    steps = StepLoop(env.device, cfg.progress, env.is_main, stops, execution_for(cfg, env.device))
+    log.info("stop and checkpoint agreement every %d training iteration(s)", stops.poll_every)
     ctx = RunContext(cfg, env, comm, run, source, build_pipelines(source, cfg.data, cfg.seed),
-                     Clusters(), stops, StepLoop(env.device, cfg.progress, env.is_main, stops))
+                     Clusters(), stops, steps)
     method = build(ctx)
     progress = RunProgress()
     objects: dict[str, Stateful] = {"clusters": ctx.clusters, **method.state()}
+    if cfg.optim.precision == "fp16":  # the loss scale it has learnt goes on after a resume
+        objects["grad_scaler"] = steps.scaler
     chash, fingerprint = config_hash(cfg), source.fingerprint()
     resumed_from = resume(ctx, method, progress, objects, chash, fingerprint)
     ctx.checkpointer = checkpointer = Checkpointer(ctx, method, progress, objects, chash,
@@ -353,6 +375,7 @@ def report_epoch(ctx: RunContext, progress: RunProgress, tracker: RunTracker, ep
     ``n`` is the n-th, and checkpoint ``ckpt_e<n>`` holds the run after it."""
     record_bad_images(progress, ctx.pipelines.bad_indices, ctx.comm)
     metrics["bad_images"] = float(len(progress.bad_images))
+    metrics.update(speed_metrics(metrics, ctx.comm, ctx.device))
     progress.next_epoch = epoch + 1
     clusters = ctx.clusters
     if ctx.env.is_main:
@@ -369,9 +392,11 @@ def finish_plots(cfg: Config, run: RunDir, clusters: Clusters, history: list[dic
                  tracker: RunTracker) -> None:
     if not cfg.tracking.plots or not history or clusters.labels is None:
         return
-    from dcluster.plots import plot_cluster_sizes, plot_nmi_curves  # matplotlib: 0.6 s to load
+    from dcluster.plots import (plot_cluster_sizes, plot_nmi_curves,  # matplotlib: 0.6 s
+                                plot_throughput)
 
     curves = plot_nmi_curves(history, run.plots / "nmi_curves.png")
     sizes = plot_cluster_sizes(clusters.sizes(), run.plots / "cluster_sizes.png")
-    for path in (curves, sizes):
+    speed = plot_throughput(history, run.plots / "throughput.png")
+    for path in (curves, sizes, speed):
         tracker.log_artifact(path)

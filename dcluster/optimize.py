@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -14,26 +14,35 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
 from dcluster.collectives import Comm
-from dcluster.config import OptimConfig
+from dcluster.config import DistributedConfig, OptimConfig
 from dcluster.data import Pipelines, num_batches
 from dcluster.distributed import Env
+from dcluster.execution import Execution, fused_optimizer_kwargs
 from dcluster.logs import progress
 from dcluster.models import DeepClusterNet
 from dcluster.stop import StopPoints
 
 
-def sgd(params, cfg: OptimConfig, lr: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+T = TypeVar("T")
 
 
-def body_optimizer(model: DeepClusterNet, cfg: OptimConfig, lr: float) -> torch.optim.SGD:
+def sgd(params, cfg: OptimConfig, lr: float,
+        device: torch.device = torch.device("cpu")) -> torch.optim.SGD:
+    """SGD with momentum; fused into one kernel on a GPU (execution.fused_optimizer_kwargs)."""
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           **fused_optimizer_kwargs(device))
+
+
+def body_optimizer(model: DeepClusterNet, cfg: OptimConfig, lr: float,
+                   device: torch.device = torch.device("cpu")) -> torch.optim.SGD:
     """Everything trainable except the head: its momentum carries over from epoch to epoch."""
     params = [p for name, p in model.named_parameters()
               if p.requires_grad and not name.startswith("head.")]
-    return sgd(params, cfg, lr)
+    return sgd(params, cfg, lr, device)
 
 
-def data_parallel(model: nn.Module, env: Env, find_unused_parameters: bool = False) -> nn.Module:
+def data_parallel(model: nn.Module, env: Env, find_unused_parameters: bool = False,
+                  cfg: DistributedConfig = DistributedConfig()) -> nn.Module:
     """What the training steps call: the model itself in a single process, else a DDP replica
     that averages gradients over the ranks.
 
@@ -48,12 +57,23 @@ def data_parallel(model: nn.Module, env: Env, find_unused_parameters: bool = Fal
     forward_sync_buffers copies one rank's BatchNorm running statistics to every rank at each
     forward (DDP's default, spelled out; rank 0's, or inside DDP's join the highest rank still
     training); :func:`align_replicas` makes them rank 0's after the last step.
-    ``find_unused_parameters``: for a network whose passes use different heads (MMDC)."""
+    ``find_unused_parameters``: for a network whose passes use different heads (MMDC).
+
+    gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, which
+    saves a copy of every gradient and its memory; ``cfg.grad_compression=bf16`` all-reduces
+    the buckets in bfloat16 (half the bytes between nodes, gradients rounded to 8 bits of
+    mantissa before they are averaged)."""
     if env.world_size == 1:
         return model
-    return DistributedDataParallel(
+    net = DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-        forward_sync_buffers=True, find_unused_parameters=find_unused_parameters)
+        forward_sync_buffers=True, find_unused_parameters=find_unused_parameters,
+        gradient_as_bucket_view=True)
+    if cfg.grad_compression == "bf16":
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+        net.register_comm_hook(None, bf16_compress_hook)
+    return net
 
 
 @dataclass
@@ -85,12 +105,25 @@ LossOf = Callable[[Any], tuple[torch.Tensor, int]]
 @dataclass
 class StepLoop:
     """The optimisation loop every training pass of every method runs: forward through
-    ``loss_of``, backward, step, a finite-loss check, and after each iteration the poll on
-    which all ranks agree to go on, checkpoint or stop."""
+    ``loss_of`` under autocast, backward (loss-scaled for fp16), step, and every few
+    iterations the poll on which all ranks agree to go on, checkpoint or stop, which also
+    carries the finite-loss check.
+
+    Nothing in a step waits for the device: the loss is summed on the device and read at the
+    end of the pass (or at a pause), and the poll's result is read only every
+    ``stops.poll_every`` iterations. ``data_wait_s`` adds up the time spent waiting for the
+    loader's batches (the epoch's telemetry)."""
     device: torch.device
     progress_mode: str
     show: bool  # rank 0 draws the progress bar
     stops: StopPoints
+    execution: Optional[Execution] = None  # None: float32, contiguous, on ``device``
+    data_wait_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.execution = self.execution or Execution(self.device)
+        # fp16's loss scale; its state is checkpointed with the run (harness: "grad_scaler")
+        self.scaler = self.execution.grad_scaler()
 
     def run(self, net: nn.Module, batches: Iterable[Batch], total: int, desc: str,
             loss_of: LossOf, optimizers: Sequence[torch.optim.Optimizer], epoch: int,
@@ -111,33 +144,48 @@ class StepLoop:
         if signum:
             return Pause(signum)
         net.train()
-        poll = self.stops.iteration_poll()
-        flags = [0, 0]
+        poll = self.stops.iteration_poll(done.iterations)
+        # float64 from the saved sum on: a resumed pass adds up exactly as an uninterrupted one
+        loss_sum = torch.tensor(done.loss_sum, dtype=torch.float64, device=self.device)
+
+        def not_finite() -> torch.Tensor:
+            return ~torch.isfinite(loss_sum)
+
+        agreed: Optional[list[int]] = None  # the last poll's flags, once one asked to pause
         ddp = isinstance(net, DistributedDataParallel)
         own_buffers: list[torch.Tensor] = []
+        autocast, scaler = self.execution.autocast, self.scaler
         with Join([net, poll], divide_by_initial_world_size=True) if ddp else nullcontext():
-            for batch in progress(batches, total, desc, self.progress_mode, self.show):
-                loss, images = loss_of(batch)
+            for batch in self._waited(progress(batches, total, desc, self.progress_mode,
+                                               self.show)):
+                with autocast():
+                    loss, images = loss_of(batch)
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 for opt in optimizers:
-                    opt.step()
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"epoch {epoch + 1}: training loss became {value}; "
-                                             f"lower optim.lr ({optimizers[0].defaults['lr']})")
+                    scaler.step(opt)
+                scaler.update()
+                loss_sum += loss.detach().double() * images
                 done.position = batch.next_position
                 done.iterations += 1
-                done.loss_sum += value * images
                 done.images += images
-                flags = poll.poll(self.stops.local_flags(done.iterations))
-                if any(flags):
+                flags = poll.poll(not_finite)
+                if flags is not None and any(flags):
+                    agreed = flags
                     break
             if ddp:
                 own_buffers = [buffer.detach().clone() for buffer in net.buffers()]
-        # out of the join on every rank: those that ran out early learn the decision too
-        signum, save_due = self.stops.agree(flags)
+        done.loss_sum = loss_sum.item()
+        # out of the join on every rank: those that ran out early learn the decision too, and
+        # what came up since a rank's last poll counts as well
+        signum, save_due, bad_loss = self.stops.agree(
+            agreed or [*self.stops.pending_flags(), int(not_finite().item())])
+        if bad_loss:
+            raise FloatingPointError(
+                f"epoch {epoch + 1}: the training loss stopped being finite by iteration "
+                f"{done.iterations} (summed on this rank: {done.loss_sum}); lower optim.lr "
+                f"({optimizers[0].defaults['lr']})")
         if not (signum or save_due):
             return None
         # Leaving DDP's join broadcasts the last joiner's model to every rank, which a pass
@@ -149,6 +197,19 @@ class StepLoop:
                 buffer.copy_(own)
         return Pause(signum)
 
+    def _waited(self, items: Iterable[T]) -> Iterator[T]:
+        """``items``, adding the time spent waiting for each to ``data_wait_s``."""
+        source = iter(items)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(source)
+            except StopIteration:
+                return
+            finally:
+                self.data_wait_s += time.perf_counter() - start
+            yield item
+
 
 def train_one_epoch(net: nn.Module, pipelines: Pipelines, order: Sequence[int], labels: np.ndarray,
                     epoch: int, batch_size: int, optimizers: Sequence[torch.optim.Optimizer],
@@ -158,7 +219,7 @@ def train_one_epoch(net: nn.Module, pipelines: Pipelines, order: Sequence[int], 
     criterion = nn.CrossEntropyLoss()
 
     def loss_of(batch) -> tuple[torch.Tensor, int]:
-        images = batch.images.to(steps.device, non_blocking=True)
+        images = steps.execution.images(batch.images)
         targets = batch.targets.to(steps.device, non_blocking=True)
         return criterion(net(images), targets), images.shape[0]
 

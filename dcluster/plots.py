@@ -80,3 +80,28 @@ def plot_cluster_sizes(sizes: np.ndarray, path: Path, epoch: int | None = None) 
     title = f"k={sizes.size}, empty={int((sizes == 0).sum())}, largest={int(sizes.max(initial=0))}"
     ax.set_title(title if epoch is None else f"epoch {epoch}: {title}")
     return _save(fig, path)
+
+
+def plot_throughput(history: list[dict[str, Any]], path: Path) -> Path:
+    """Images per second of the feature and training passes over all ranks (top), and the
+    share of the training pass spent waiting for data (bottom): a loader that cannot keep
+    up shows as a rising bottom curve and a flat top one."""
+    fig = Figure(figsize=(7, 5), constrained_layout=True)
+    rate_ax, wait_ax = fig.subplots(2, 1, sharex=True)
+    for key, label in (("speed_train_img_s", "training pass"),
+                       ("speed_features_img_s", "feature pass")):
+        epochs, values = _series(history, key)
+        if epochs:
+            rate_ax.plot(epochs, values, marker=".", label=label)
+    rate_ax.set_ylabel("images / s (all ranks)")
+    rate_ax.set_ylim(bottom=0.0)
+    rate_ax.grid(alpha=0.3)
+    if rate_ax.lines:
+        rate_ax.legend(loc="lower right")
+    epochs, values = _series(history, "speed_data_wait")
+    wait_ax.plot(epochs, [100 * v for v in values], marker=".", color="tab:gray")
+    wait_ax.set_ylabel("waiting for data (%)")
+    wait_ax.set_ylim(0.0, 100.0)
+    wait_ax.set_xlabel("epoch")
+    wait_ax.grid(alpha=0.3)
+    return _save(fig, path)

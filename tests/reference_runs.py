@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from dcluster.checkpoint import checkpoint_name, load_checkpoint
+from dcluster.telemetry import SPEED
 from helpers import SMALL_DEMO, TINY_MMDC, assert_same_weights
 from interrupts import clusterings
 from ranks import RankOutcome, describe, free_port, rank_command, run_ranks, torchrun_env
@@ -116,9 +117,11 @@ class Run:
 
 
 def comparable(history: list[dict]) -> list[dict]:
-    """An epoch record without its wall times; NaN as a string so that it equals itself."""
+    """An epoch record without its wall times and throughput telemetry; NaN as a string so
+    that it equals itself."""
     return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v
-             for k, v in record.items() if not k.startswith("time_")} for record in history]
+             for k, v in record.items() if not k.startswith(("time_", SPEED))}
+            for record in history]
 
 
 def orders_of(directory: Path) -> dict[str, list[str]]:
@@ -187,6 +190,14 @@ def reference(digits_subset, tmp_path_factory) -> Run:
     assert run.checkpoint_names() == [checkpoint_name(e, 0) for e in range(1, EPOCHS + 1)]
     assert [len(lines) for lines in orders_of(run.orders).values()] == [BATCHES] * EPOCHS
     return run
+
+
+@pytest.fixture(scope="session")
+def bf16_reference(digits_subset, tmp_path_factory) -> Run:
+    """The DeepCluster run never stopped, one process, in bf16 autocast."""
+    tmp = tmp_path_factory.mktemp("bf16_reference")
+    return reference_run(tmp, train_args(digits_subset, tmp / "runs", "bf16_reference",
+                                         "optim.precision=bf16"), "bf16_reference", 1, EPOCHS)
 
 
 @pytest.fixture(scope="session")

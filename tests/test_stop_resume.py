@@ -227,6 +227,11 @@ def test_two_ranks_stop_together_on_one_ranks_signal_and_resume_to_the_same_weig
     assert sorted(m.step for m in losses) == list(range(1, EPOCHS + 1))
     assert [m.value for m in sorted(losses, key=lambda m: m.step)] == \
         [h["loss"] for h in pair_reference.final()["history"]]
+    # the throughput telemetry goes to MLflow too, once an epoch
+    for key in ("speed_train_img_s", "speed_features_img_s", "speed_host_mem_gb"):
+        speeds = client.get_metric_history(payload["mlflow_run_id"], key)
+        assert sorted(m.step for m in speeds) == list(range(EPOCHS)), key
+        assert all(m.value > 0 for m in speeds), key
 
 
 def test_a_two_rank_mid_epoch_checkpoint_refuses_to_resume_in_one_process(

@@ -66,7 +66,7 @@ class SignalAtBatch:
 
 
 def train_pass(images: Path, out: Path, every_iterations: int, stop_at: Optional[int],
-               comm: Comm) -> None:
+               poll_every: int, comm: Comm) -> None:
     """One training pass of this rank's order, continued after each pause that is only for
     a checkpoint; writes what each call returned, the progress and rank 0's weights."""
     torch.manual_seed(0)
@@ -86,7 +86,8 @@ def train_pass(images: Path, out: Path, every_iterations: int, stop_at: Optional
     done = EpochProgress()
     pauses = []
     with StopRequest() as request:
-        stops = StopPoints(request, CheckpointConfig(every_iterations=every_iterations), comm)
+        stops = StopPoints(request, CheckpointConfig(every_iterations=every_iterations,
+                                                     poll_every=poll_every), comm)
         loader = SignalAtBatch(pipelines, stop_at if comm.rank == 0 else None)
         while True:
             pause = train_one_epoch(net, loader, ORDERS[comm.rank], labels, 0, BATCH, optimizers,
@@ -102,10 +103,11 @@ def train_pass(images: Path, out: Path, every_iterations: int, stop_at: Optional
 
 
 def run_pass(folder: Path, tmp_path: Path, every_iterations: int = 0,
-             stop_at: Optional[int] = None) -> tuple[list[dict], dict]:
-    out = tmp_path / f"every{every_iterations}-stop{stop_at}"
+             stop_at: Optional[int] = None, poll_every: int = 0) -> tuple[list[dict], dict]:
+    out = tmp_path / f"every{every_iterations}-stop{stop_at}-poll{poll_every}"
     out.mkdir()
-    spawn_ranks(functools.partial(train_pass, folder, out, every_iterations, stop_at), 2)
+    spawn_ranks(functools.partial(train_pass, folder, out, every_iterations, stop_at,
+                                  poll_every), 2)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return ranks, torch.load(out / "weights.pt")
 
@@ -114,6 +116,17 @@ def test_a_rank_that_ran_out_early_learns_of_the_stop_and_nobody_hangs(folder, t
     ranks, _ = run_pass(folder, tmp_path, stop_at=4)  # rank 1 joined after its 2nd iteration
     assert [r["pauses"] for r in ranks] == [[signal.SIGUSR2], [signal.SIGUSR2]]
     assert (ranks[0]["position"], ranks[0]["iterations"], ranks[0]["images"]) == (32, 4, 32)
+    assert (ranks[1]["position"], ranks[1]["iterations"], ranks[1]["images"]) == (24, 2, 16)
+
+
+def test_a_stop_agreed_every_n_iterations_stops_both_ranks_after_the_same_iteration(
+        folder, tmp_path):
+    """checkpoint.poll_every=3: the signal reaches rank 0 in its 2nd iteration, the ranks agree
+    after the 3rd, by which rank 1 has run out (the shadow of its poll counts the iterations
+    it shadows, so it answers the poll after the 3rd and no other)."""
+    ranks, _ = run_pass(folder, tmp_path, stop_at=2, poll_every=3)
+    assert [r["pauses"] for r in ranks] == [[signal.SIGUSR2], [signal.SIGUSR2]]
+    assert (ranks[0]["position"], ranks[0]["iterations"], ranks[0]["images"]) == (24, 3, 24)
     assert (ranks[1]["position"], ranks[1]["iterations"], ranks[1]["images"]) == (24, 2, 16)
 
 

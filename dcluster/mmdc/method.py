@@ -54,12 +54,13 @@ class MMDC:
         self.epochs = cfg.epochs + cfg.mmdc.refine_epochs
         self.mine = my_indices(n_images, env)
         self.bank = TargetBank(n_images, cfg.mmdc, cfg.seed)
-        self.model = build_mmdc_model(cfg).to(env.device)
+        self.model = ctx.execution.prepare(build_mmdc_model(cfg))
         self.base_lr = cfg.optim.lr * (env.world_size if cfg.optim.lr_scaling == "linear" else 1)
         self.optimizer = sgd([p for p in self.model.parameters() if p.requires_grad], cfg.optim,
-                             self.base_lr)
+                             self.base_lr, env.device)
         # the two passes train different heads: DDP must expect parameters without gradients
-        self.net = data_parallel(self.model, env, find_unused_parameters=True)
+        self.net = data_parallel(self.model, env, find_unused_parameters=True,
+                                 cfg=cfg.distributed)
         # every image on its own drawn target: the draws are i.i.d., so the identity is as
         # random an initial assignment as any
         self.targets = Targets(assignment=np.arange(n_images, dtype=np.int64))
@@ -134,6 +135,7 @@ class MMDC:
         # 3. clusters: the component nearest each embedding (paper eq. 3)
         with timed(metrics, "time_features"):
             self.embeddings = self.embed_shard()
+            metrics["images_features"] = float(len(self.embeddings.indices))
             labels = spread_labels(nearest_component(self.embeddings.features, self.bank.means),
                                    self.embeddings.indices, len(self.bank), comm)
         ctx.clusters.update(labels, cfg.mmdc.k, epoch)
@@ -147,8 +149,9 @@ class MMDC:
 
     def embed_shard(self) -> ShardFeatures:
         ctx = self.ctx
-        return extract_features(self.model, ctx.pipelines, self.mine, ctx.cfg.optim.batch_size,
-                                ctx.device, ctx.cfg.progress, ctx.show, compute=self.model.embed)
+        return extract_features(self.model, ctx.pipelines, self.mine, ctx.cfg.extract.batch_size,
+                                ctx.device, ctx.cfg.progress, ctx.show, compute=self.model.embed,
+                                execution=ctx.execution)
 
     def refine(self, epoch: int) -> np.ndarray:
         """The component each image is pulled to in a refinement epoch (paper III.E): its

@@ -76,7 +76,8 @@ def clustering_pass(ctx: PassContext, order: np.ndarray, bank: TargetBank, targe
             points = bank.points(ids)
             model.eval()
             with torch.no_grad():
-                embedded = model.embed(pair.plain.images.to(device)).float().cpu().numpy()
+                embedded = model.embed(ctx.steps.execution.images(pair.plain.images)
+                                       ).float().cpu().numpy()
             model.train()
             perm = best_permutation(embedded, points)
             targets.assignment[idx] = ids[perm]
@@ -84,7 +85,7 @@ def clustering_pass(ctx: PassContext, order: np.ndarray, bank: TargetBank, targe
             goal = points[perm]
         else:
             goal = bank.means[targets.refined[idx]]
-        out = ctx.net(pair.augmented.images.to(device, non_blocking=True), task="embed")
+        out = ctx.net(ctx.steps.execution.images(pair.augmented.images), task="embed")
         return F.mse_loss(out, torch.from_numpy(goal).to(device)), len(idx)
 
     return ctx.steps.run(ctx.net, lockstep(centre, augmented, ctx.epoch),
@@ -101,7 +102,7 @@ def rotation_pass(ctx: PassContext, order: np.ndarray, n_images: int,
                                           done.position)
 
     def loss_of(batch: TrainBatch) -> tuple[torch.Tensor, int]:
-        images, labels = rotated_batch(batch.images.to(ctx.steps.device, non_blocking=True))
+        images, labels = rotated_batch(ctx.steps.execution.images(batch.images))
         return F.cross_entropy(ctx.net(images, task="rotation"), labels), len(batch.indices)
 
     return ctx.steps.run(ctx.net, batches, num_batches(len(order), ctx.batch_size, done.position),
