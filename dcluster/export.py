@@ -41,13 +41,20 @@ class ExportError(ValueError, UserError):
     """A network that has no torchvision counterpart, or an exported file that is not one."""
 
 
+def _parts(key: str) -> tuple[str, str, str]:
+    """"body.7.1.bn2.weight" -> ("body", "7", "1.bn2.weight")."""
+    part, _, rest = key.partition(".")
+    index, _, rest = rest.partition(".")
+    return part, index, rest
+
+
 def _vgg16_bn_keys(net: DeepClusterNet) -> Callable[[str], str | None]:
     if net.feature_dim == 0 or net.classifier[1].in_features != _VGG_FLAT:
         raise ExportError("torchvision's vgg16_bn reads its classifier from a 7x7 map: export "
                           "a VGG16 trained with data.crop_size=224 and model.fc_dim=4096")
 
     def rename(key: str) -> str | None:
-        part, index, rest = key.split(".", 2)
+        part, index, rest = _parts(key)
         if part == "body":
             return f"features.{index}.{rest}"
         if part == "classifier":
@@ -62,7 +69,7 @@ def _resnet_keys(net: DeepClusterNet) -> Callable[[str], str | None]:
                           "torchvision counterpart: export one trained with model.fc_dim=0")
 
     def rename(key: str) -> str | None:
-        part, index, rest = key.split(".", 2)
+        part, index, rest = _parts(key)
         return f"{_RESNET_STAGES[int(index)]}.{rest}" if part == "body" else None
     return rename
 
@@ -88,7 +95,7 @@ def torchvision_state_dict(net: DeepClusterNet, arch: str) -> tuple[str, dict[st
     for key, value in net.state_dict().items():
         new = rename(key)
         if new is not None:
-            out[new] = value.detach().cpu().clone()
+            out[new] = value.detach().clone()
     return name, out
 
 
