@@ -31,6 +31,7 @@ log = logging.getLogger("dcluster.export")
 # torchvision's VGG reads its classifier after a 7x7 adaptive pool: dcluster's VGG16 matches
 # it only where its body ends at 7x7 (224-pixel crops)
 _VGG_FLAT = 512 * 7 * 7
+_VGG_FC = 4096
 # dcluster's ResNet body positions of torchvision's modules (models/resnet.py)
 _RESNET_STAGES = {0: "conv1", 1: "bn1", 4: "layer1", 5: "layer2", 6: "layer3", 7: "layer4"}
 # dcluster's fully connected layers (models/convnet.py) and VGG's places for them
@@ -49,7 +50,8 @@ def _parts(key: str) -> tuple[str, str, str]:
 
 
 def _vgg16_bn_keys(net: DeepClusterNet) -> Callable[[str], str | None]:
-    if net.feature_dim == 0 or net.classifier[1].in_features != _VGG_FLAT:
+    fc = [m for m in net.classifier if isinstance(m, nn.Linear)]
+    if not fc or fc[0].in_features != _VGG_FLAT or fc[0].out_features != _VGG_FC:
         raise ExportError("torchvision's vgg16_bn reads its classifier from a 7x7 map: export "
                           "a VGG16 trained with data.crop_size=224 and model.fc_dim=4096")
 
