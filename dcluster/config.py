@@ -41,10 +41,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "alexnet"  # alexnet | vgg16 | smallconv | resnet18 (torchvision's, untrained)
+    # alexnet | vgg16 | smallconv | smallvgg (MMDC's MNIST net) | resnet18 | resnet50
+    # (torchvision's, untrained)
+    arch: str = "alexnet"
     sobel: bool = True  # fixed grayscale + Sobel front end (not trained)
     dropout: float = 0.5  # in the fully connected classifier
-    width: int = 64  # channel width of the smallconv demo model (ignored by others)
+    width: int = 64  # first channel width of smallconv and smallvgg (ignored by others)
     # Units of the fully connected layers (the feature dimension); 0: no fully connected
     # layers, the head sits on the pooled conv output (ResNet style, as MMDC uses ResNet-18).
     fc_dim: int = 4096
@@ -127,6 +129,21 @@ class CheckpointConfig:
     # waits for its own work anyway) and every 20 on a GPU (each agreement makes the host
     # wait for the GPU to drain its queue).
     poll_every: int = 0
+    # A monitor_* metric (higher is better): the checkpoint of the epoch with its highest
+    # value is kept as checkpoints/best.pt beside the last keep_last; empty: none kept.
+    keep_best: str = ""
+
+
+@dataclass
+class MonitorConfig:
+    """The online monitor (dcluster/monitor.py): `eval knn` and `eval clusters` measured
+    during training on the held-out labels of eval.val_path / eval.val_fraction."""
+    every: int = 0  # measure after every n-th epoch and the last; 0: off
+
+
+# what the monitor logs each measured epoch (higher is better: checkpoint.keep_best names one)
+MONITOR_METRICS = ("monitor_knn_top1", "monitor_knn_top5", "monitor_kmeans_nmi",
+                   "monitor_kmeans_acc")
 
 
 @dataclass
@@ -163,7 +180,8 @@ class KnnEvalConfig:
 class LinearEvalConfig:
     """The linear probe of DeepCluster's section 4.3 (after Zhang et al.): a frozen conv layer,
     average-pooled to about `pooled_dim` values, BatchNorm, one linear layer, SGD."""
-    layer: str = "conv5"  # conv1..conv5 (alexnet, vgg16, resnet18), conv1..conv3 (smallconv)
+    # conv1..conv5 (alexnet, vgg16, resnet18/50), conv1..conv3 (smallconv), conv1..conv4 (smallvgg)
+    layer: str = "conv5"
     pooled_dim: int = 9000
     epochs: int = 90
     lr: float = 0.01  # cosine-annealed to 0 over the epochs
@@ -226,6 +244,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     mmdc: MMDCConfig = field(default_factory=MMDCConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -235,7 +254,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("dali", "torchvision"),
     "data.source": ("auto", "folder", "shards"),
     "data.decode_device": ("auto", "cpu", "gpu"),
-    "model.arch": ("alexnet", "vgg16", "smallconv", "resnet18"),
+    "model.arch": ("alexnet", "vgg16", "smallconv", "smallvgg", "resnet18", "resnet50"),
     "model.fc_init": ("paper", "fan_in"),
     "model.channels_last": ("auto", "always", "never"),
     "optim.precision": ("fp32", "bf16", "fp16"),
@@ -256,7 +275,7 @@ EXECUTION_ONLY_KEYS = frozenset(
     {"epochs", "resume", "overwrite", "threads", "progress", "data.workers", "tracking.uri",
      "tracking.plots", "checkpoint.keep_last", "checkpoint.interval", "data.path", "runs_root",
      "checkpoint.every_iterations", "checkpoint.every_minutes", "checkpoint.poll_every",
-     "distributed.backend", "distributed.timeout_s"}
+     "distributed.backend", "distributed.timeout_s", "monitor.every", "checkpoint.keep_best"}
     # what `dcluster eval` measures afterwards never changes what training computes
     | {f"eval.{key}" for key in ("val_path", "val_fraction", "batch_size")}
     | {f"eval.knn.{f.name}" for f in dataclasses.fields(KnnEvalConfig)}
@@ -380,6 +399,7 @@ def validate(cfg: Config) -> None:
                "is not an existing directory")
     if cfg.clustering.mode == "sharded":
         validate_sharded(cfg)
+    validate_monitor(cfg)
     if cfg.method == "mmdc":
         validate_mmdc(cfg)
     data_path = Path(cfg.data.path)
@@ -394,6 +414,22 @@ def validate_sharded(cfg: Config) -> None:
     check_key(cfg.clustering.max_points_per_centroid == 0, "clustering.max_points_per_centroid",
            cfg.clustering.max_points_per_centroid,
            "clustering.mode=sharded trains on every point: set it to 0")
+
+
+def validate_monitor(cfg: Config) -> None:
+    check_key(cfg.monitor.every >= 0, "monitor.every", cfg.monitor.every,
+              "must not be negative (0: no monitor)")
+    best = cfg.checkpoint.keep_best
+    if not best:
+        return
+    check_key(best in MONITOR_METRICS, "checkpoint.keep_best", best,
+              f"must be one of {', '.join(MONITOR_METRICS)}, or empty")
+    check_key(cfg.monitor.every > 0, "checkpoint.keep_best", best,
+              "needs the monitor: set monitor.every")
+    # every measured epoch must end at a checkpoint, or the best one might have none
+    check_key(cfg.monitor.every % cfg.checkpoint.interval == 0, "monitor.every",
+              cfg.monitor.every, f"must be a multiple of checkpoint.interval "
+              f"({cfg.checkpoint.interval}) with checkpoint.keep_best")
 
 
 def validate_mmdc(cfg: Config) -> None:

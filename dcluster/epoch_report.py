@@ -42,12 +42,16 @@ def format_epoch_line(epoch: int, epochs: int, m: dict[str, float], scored_at: s
         ("probe_nmi", "kmeans-C NMI"), ("probe_acc", "kmeans-C ACC")) if key in m]
     if scores:
         parts.append(f"{scored_at}-of-epoch features: " + " ".join(scores))
+    if "monitor_knn_top1" in m:
+        parts.append(f"monitor (end of epoch): kNN top1 {m['monitor_knn_top1']:.3f} k-means NMI "
+                     f"{m['monitor_kmeans_nmi']:.3f} ACC {m['monitor_kmeans_acc']:.3f}")
     if "n_empty" in m:
         parts.append(f"empty {int(m['n_empty'])} (reseeded {int(m['n_reseeded'])})")
     if "clusters_empty" in m:
         parts.append(f"empty {int(m['clusters_empty'])}")
     parts.append(f"time features {m['time_features']:.1f}s clustering {m['time_clustering']:.1f}s "
-                 f"training {m['time_training']:.1f}s")
+                 f"training {m['time_training']:.1f}s"
+                 + (f" monitor {m['time_monitor']:.1f}s" if "time_monitor" in m else ""))
     speed = speed_line(m)
     if speed:
         parts.append(speed)

@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import torch
 from torch import nn
 
-from dcluster.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, load_latest,
-                                 restore_rng_state, save_checkpoint)
+from dcluster.checkpoint import (CheckpointError, capture_rng_state, keep_as_best, load_checkpoint,
+                                 load_latest, restore_rng_state, save_checkpoint)
 from dcluster.collectives import Comm
 from dcluster.config import Config, config_hash
 from dcluster.data import ImageSource, Pipelines, build_pipelines, open_source
@@ -36,6 +36,7 @@ from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.errors import CleanStop
 from dcluster.hardware import set_torch_threads
 from dcluster.execution import Execution, execution_for
+from dcluster.monitor import Monitor, is_best_epoch, monitored
 from dcluster.optimize import EpochProgress, Pause, StepLoop
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
@@ -185,6 +186,8 @@ class Checkpointer:
             self.last = save_checkpoint(ctx.run.checkpoints, self.payload(epoch, step, in_epoch),
                                         epoch=epoch, iteration=step,
                                         keep_last=ctx.cfg.checkpoint.keep_last)
+            if step == 0 and is_best_epoch(ctx.cfg, self.progress.history, epoch):
+                keep_as_best(self.last)
         ctx.comm.barrier()
         ctx.stops.saved()
         self.saved_at = (epoch, step)
@@ -252,6 +255,7 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
     resumed_from = resume(ctx, method, progress, objects, chash, fingerprint)
     ctx.checkpointer = checkpointer = Checkpointer(ctx, method, progress, objects, chash,
                                                    fingerprint, resumed_from)
+    monitor = Monitor(cfg, source, ctx.pipelines) if cfg.monitor.every else None
     tracker = make_tracker(cfg, env.is_main)
     progress.mlflow_run_id = tracker.start(cfg, run, progress.mlflow_run_id,
                                            progress.history)
@@ -264,6 +268,9 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
                 # interrupted one continues the stream it saved)
                 torch.manual_seed(derived_seed(cfg.seed, epoch, "dropout", env.rank))
             metrics = method.run_epoch(epoch, resumed)
+            if monitor is not None and monitored(cfg, epoch + 1, method.epochs):
+                with timed(metrics, "time_monitor"):
+                    metrics.update(monitor.measure(method.model, epoch + 1, env, comm))
             report_epoch(ctx, progress, tracker, epoch, method.epochs, metrics, method.scored_at)
             if progress.next_epoch % cfg.checkpoint.interval == 0 or progress.next_epoch == method.epochs:
                 checkpointer.save(progress.next_epoch)
@@ -392,11 +399,13 @@ def finish_plots(cfg: Config, run: RunDir, clusters: Clusters, history: list[dic
                  tracker: RunTracker) -> None:
     if not cfg.tracking.plots or not history or clusters.labels is None:
         return
-    from dcluster.plots import (plot_cluster_sizes, plot_nmi_curves,  # matplotlib: 0.6 s
-                                plot_throughput)
+    from dcluster.plots import (plot_cluster_sizes, plot_monitor_curves,  # matplotlib: 0.6 s
+                                plot_nmi_curves, plot_throughput)
 
     curves = plot_nmi_curves(history, run.plots / "nmi_curves.png")
     sizes = plot_cluster_sizes(clusters.sizes(), run.plots / "cluster_sizes.png")
     speed = plot_throughput(history, run.plots / "throughput.png")
-    for path in (curves, sizes, speed):
+    monitor = ([plot_monitor_curves(history, run.plots / "monitor.png")]
+               if cfg.monitor.every else [])
+    for path in (curves, sizes, speed, *monitor):
         tracker.log_artifact(path)

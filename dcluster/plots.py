@@ -57,6 +57,25 @@ def plot_nmi_curves(history: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_monitor_curves(history: list[dict[str, Any]], path: Path) -> Path:
+    """The online monitor's measures by epoch (dcluster/monitor.py): whether the features
+    still improve, and where the best epoch is."""
+    fig = Figure(figsize=(7, 4), constrained_layout=True)
+    ax = fig.subplots()
+    for key, label in (("monitor_knn_top1", "weighted k-NN top-1 (held-out)"),
+                       ("monitor_kmeans_nmi", "k-means k=#classes NMI"),
+                       ("monitor_kmeans_acc", "k-means k=#classes ACC")):
+        epochs, values = _series(history, key)
+        if epochs:
+            ax.plot(epochs, values, marker=".", label=label)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
 def _plain_log_y_ticks(ax: Axes) -> None:
     """Label the log y axis with plain numbers, 1 2 5 10 20 50 ... over a few decades and
     1 10 100 ... over more, instead of matplotlib's 10^k math text: counts read at a glance."""

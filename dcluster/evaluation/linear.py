@@ -7,6 +7,10 @@ affine parameters (so that one learning rate suits every layer, whatever its act
 scale), and fed to one linear layer trained by SGD with a cosine schedule on augmented crops.
 Pooling is adaptive, to the square side that comes closest to `pooled_dim`, so the same rule
 gives the reference's sizes on AlexNet and sensible ones on any other network.
+
+In a job of several processes the probe trains with DDP, as the network did: every rank feeds
+its own slice of each epoch's order, gradients are averaged, so the ranks share the work of
+the (many) epochs instead of waiting for rank 0.
 """
 from __future__ import annotations
 
@@ -19,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcluster.collectives import Comm
 from dcluster.config import LinearEvalConfig
+from dcluster.distributed import Env
+from dcluster.optimize import align_replicas, data_parallel
 
 log = logging.getLogger("dcluster.eval")
 
@@ -49,9 +56,11 @@ class LinearProbe(nn.Module):
 
 
 def train_probe(probe: LinearProbe, batches: Callable[[int], Batches],
-                cfg: LinearEvalConfig) -> list[float]:
-    """Train for cfg.epochs (``batches(epoch)`` yields that epoch's data); returns the mean
-    loss of each epoch."""
+                cfg: LinearEvalConfig, env: Env, comm: Comm) -> list[float]:
+    """Train for cfg.epochs (``batches(epoch)`` yields this rank's data of that epoch, as many
+    batches on every rank); returns the mean loss of each epoch over all ranks. Every rank
+    ends with rank 0's probe (its BatchNorm statistics included)."""
+    net = data_parallel(probe, env)
     optimizer = torch.optim.SGD(probe.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
@@ -62,15 +71,17 @@ def train_probe(probe: LinearProbe, batches: Callable[[int], Batches],
         for activations, labels in batches(epoch):
             if len(labels) < 2:  # BatchNorm cannot normalise a lone sample (a last batch of 1)
                 continue
-            loss = F.cross_entropy(probe(activations), labels)
+            loss = F.cross_entropy(net(activations), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item() * len(labels)
             seen += len(labels)
         schedule.step()
-        losses.append(total / max(seen, 1))
+        total, seen = comm.all_reduce_sum(np.array([total, seen], dtype=np.float64))
+        losses.append(float(total / max(seen, 1)))
         log.info("linear probe epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, losses[-1])
+    align_replicas(probe, comm)
     return losses
 
 

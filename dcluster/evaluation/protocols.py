@@ -1,7 +1,7 @@
 """The three protocols, end to end: target -> network -> features through the training
 loaders -> scores -> table, JSON, MLflow. Each protocol function returns (metrics, settings)
-on rank 0 and None on the other ranks, which only help with the feature passes (the linear
-probe is trained by rank 0 alone)."""
+on rank 0 and None on the other ranks, which share the feature passes and the linear probe's
+training (DDP, each rank its slice of every epoch's order)."""
 from __future__ import annotations
 
 import logging
@@ -27,6 +27,7 @@ from dcluster.evaluation.target import EvalTarget, resolve_target
 from dcluster.hardware import require_fitting_build, set_torch_threads
 from dcluster.mmdc.targets import nearest_component
 from dcluster.models import LayerTap
+from dcluster.sampler import rank_slice
 from dcluster.seeding import derived_rng, derived_seed
 
 log = logging.getLogger("dcluster.eval")
@@ -82,8 +83,6 @@ def linear_protocol(target: EvalTarget, net: Network, env: Env,
         tap = LayerTap(net.backbone, cfg.model.arch, lc.layer)
     except ValueError as err:
         raise ConfigError(f"config key 'eval.linear.layer' = {lc.layer!r}: {err}") from None
-    if not comm.is_main:
-        return None
     train, val = open_splits(cfg)
     with torch.no_grad():
         probe_input = torch.zeros(1, 3, cfg.data.crop_size, cfg.data.crop_size, device=env.device)
@@ -92,7 +91,8 @@ def linear_protocol(target: EvalTarget, net: Network, env: Env,
 
     def train_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = derived_rng(cfg.seed, epoch, "linear_order").permutation(train.indices)
-        for batch in train.pipelines.train_batches(order, train.source.targets, epoch,
+        mine = rank_slice(order, env.rank, env.world_size)
+        for batch in train.pipelines.train_batches(mine, train.source.targets, epoch,
                                                    lc.batch_size):
             yield _frozen(tap, batch.images, env), batch.targets.to(env.device)
 
@@ -101,7 +101,9 @@ def linear_protocol(target: EvalTarget, net: Network, env: Env,
             yield (_frozen(tap, batch.images, env),
                    torch.from_numpy(val.source.targets[batch.indices.numpy()]))
 
-    losses = train_probe(probe, train_batches, lc)
+    losses = train_probe(probe, train_batches, lc, env, comm)
+    if not comm.is_main:  # rank 0 scores the val split
+        return None
     scores, labels = probe_scores(probe, val_batches())
     return {**topk_accuracy(scores, labels), "train_loss": losses[-1]}, {
         "layer": lc.layer, "pooled_dim": probe.dim, "epochs": lc.epochs, "lr": lc.lr,

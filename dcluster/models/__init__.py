@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dcluster.config import ModelConfig
-from dcluster.models.architectures import alexnet_body, smallconv_body, vgg16_body
+from dcluster.models.architectures import alexnet_body, smallconv_body, smallvgg_body, vgg16_body
 from dcluster.models.convnet import DeepClusterNet
-from dcluster.models.resnet import resnet18_body
+from dcluster.models.resnet import RESNETS, resnet_body
 from dcluster.models.sobel import Sobel
 from dcluster.models.taps import LayerTap, tap_positions
 
@@ -19,8 +19,10 @@ def build_model(cfg: ModelConfig, crop_size: int) -> DeepClusterNet:
         body, channels = vgg16_body(in_channels)
     elif cfg.arch == "smallconv":
         body, channels = smallconv_body(in_channels, cfg.width)
-    elif cfg.arch == "resnet18":
-        body, channels = resnet18_body(in_channels)
+    elif cfg.arch == "smallvgg":
+        body, channels = smallvgg_body(in_channels, cfg.width)
+    elif cfg.arch in RESNETS:
+        body, channels = resnet_body(cfg.arch, in_channels)
     else:
         raise ValueError(f"model.arch = {cfg.arch!r}: unknown architecture")
     return DeepClusterNet(body, channels, crop_size, cfg.fc_dim, cfg.dropout, cfg.sobel, cfg.fc_init)

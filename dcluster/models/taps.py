@@ -33,8 +33,10 @@ def _stem_and_stages(modules: list[nn.Module]) -> list[int]:
 _RULES: dict[str, Callable[[list[nn.Module]], list[int]]] = {
     "alexnet": _every_relu,
     "smallconv": _every_relu,
+    "smallvgg": _every_relu,
     "vgg16": _relu_before_pool,
     "resnet18": _stem_and_stages,
+    "resnet50": _stem_and_stages,
 }
 
 
