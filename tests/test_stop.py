@@ -78,5 +78,7 @@ def test_training_stopped_exits_like_the_signal_would():
     stopped = TrainingStopped(signal.SIGUSR2, Path("runs/x/checkpoints/ckpt_e000003_i0000011.pt"), 3,
                               10)
     assert stopped.exit_code == 140
-    assert "SIGUSR2" in str(stopped) and "epoch 3 after 10 iteration(s)" in str(stopped)
+    # epoch index 3 (from 0, as the loop counts) is the 4th epoch, which the checkpoint name
+    # ckpt_e000003 (3 epochs done) is inside
+    assert "SIGUSR2" in str(stopped) and "epoch 4 after 10 iteration(s)" in str(stopped)
     assert "ckpt_e000003_i0000011.pt" in str(stopped)
