@@ -40,7 +40,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     The file gets the permissions of any newly created file (0o666 less the umask), not
     mkstemp's 0o600: datasets and runs are shared by a team."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+    tmp = temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -54,13 +54,30 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def temp_path(path: Path) -> Path:
+    """A fresh temp name beside ``path``, for a file something else writes (a database)."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Make the complete file ``tmp`` (from :func:`temp_path`) appear as ``path`` at once."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """:func:`atomic_write` of bytes already in memory."""
     atomic_write(path, lambda f: f.write(data))
 
 
-def remove_stale_temps(directory: Path) -> None:
-    """Remove temp files of a killed writer (safe only while no other writer is active)."""
-    for tmp in Path(directory).glob(f".*{TMP_SUFFIX}"):
+def remove_stale_temps(directory: Path, name: str = "*") -> None:
+    """Remove temp files of a killed writer (of file ``name``, or of any): safe only while no
+    other writer of them is active."""
+    for tmp in Path(directory).glob(f".{name}.*{TMP_SUFFIX}"):
         log.info("removing %s left by an interrupted write", tmp)
         tmp.unlink(missing_ok=True)

@@ -7,6 +7,7 @@ after the first feature pass costs hours on ImageNet.
 from __future__ import annotations
 
 import dataclasses
+import typing
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -254,6 +255,19 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def _expected_type(key: str) -> str:
+    """The declared type of config key ``key`` ("int", "list[int]"...), read from the
+    dataclasses: OmegaConf's error names the enclosing node's type, or Any."""
+    node: Any = Config
+    kind: Any = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            break
+        kind = node = hints[part]
+    return kind.__name__ if isinstance(kind, type) else str(kind)
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -265,7 +279,7 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     except ValidationError as err:
         raise ConfigError(
             f"{source}: key '{err.full_key}' has value {err.value!r} of the wrong type "
-            f"(expected {getattr(err.ref_type, '__name__', err.ref_type)})"
+            f"(expected {_expected_type(str(err.full_key))})"
         ) from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {err}") from None
@@ -295,7 +309,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     return cfg
 
 
-def _check(condition: bool, key: str, value: Any, why: str) -> None:
+def check_key(condition: bool, key: str, value: Any, why: str) -> None:
     if not condition:
         raise ConfigError(f"config key '{key}' = {value!r}: {why}")
 
@@ -304,75 +318,77 @@ def validate(cfg: Config) -> None:
     """Reject values that would fail (or silently mislead) hours into a run."""
     flat = flatten(cfg)
     for key, choices in _CHOICES.items():
-        _check(flat[key] in choices, key, flat[key], f"must be one of {', '.join(choices)}")
+        check_key(flat[key] in choices, key, flat[key], f"must be one of {', '.join(choices)}")
     for key in ("epochs", "optim.batch_size", "clustering.k", "clustering.niter",
                 "clustering.every", "checkpoint.interval", "checkpoint.keep_last",
                 "data.crop_size", "data.resize_size", "clustering.pic.knn",
                 "clustering.pic.iterations", "model.width", "eval.batch_size", "eval.knn.k",
                 "eval.linear.pooled_dim", "eval.linear.epochs", "eval.linear.batch_size"):
-        _check(flat[key] > 0, key, flat[key], "must be positive")
+        check_key(flat[key] > 0, key, flat[key], "must be positive")
     for key in ("optim.lr", "clustering.pic.sigma", "eval.knn.temperature", "eval.linear.lr",
                 "distributed.timeout_s"):
-        _check(flat[key] > 0, key, flat[key], "must be positive")
+        check_key(flat[key] > 0, key, flat[key], "must be positive")
     for key in ("optim.momentum", "optim.weight_decay", "data.workers", "threads",
                 "clustering.pca_dim", "clustering.pca_sample",
                 "clustering.max_points_per_centroid", "seed",
                 "model.fc_dim", "checkpoint.every_iterations", "checkpoint.every_minutes",
                 "eval.linear.momentum", "eval.linear.weight_decay"):
-        _check(flat[key] >= 0, key, flat[key], "must not be negative")
-    _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout, "must be in [0, 1)")
-    _check(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", cfg.data.min_scale,
+        check_key(flat[key] >= 0, key, flat[key], "must not be negative")
+    check_key(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout,
+              "must be in [0, 1)")
+    check_key(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", cfg.data.min_scale,
            "must be in (0, 1]")
-    _check(0.0 <= cfg.data.max_bad_fraction < 1.0, "data.max_bad_fraction",
+    check_key(0.0 <= cfg.data.max_bad_fraction < 1.0, "data.max_bad_fraction",
            cfg.data.max_bad_fraction, "must be in [0, 1)")
-    _check(cfg.clustering.pca_sample == 0 or cfg.clustering.pca_sample > cfg.clustering.pca_dim,
-           "clustering.pca_sample", cfg.clustering.pca_sample,
-           f"must be 0 (all rows) or more than clustering.pca_dim ({cfg.clustering.pca_dim}) "
-           "rows, or the covariance cannot have pca_dim directions")
-    _check(0.0 < cfg.clustering.pic.alpha < 1.0, "clustering.pic.alpha",
+    check_key(cfg.clustering.pca_sample == 0
+              or cfg.clustering.pca_sample > cfg.clustering.pca_dim,
+              "clustering.pca_sample", cfg.clustering.pca_sample,
+              f"must be 0 (all rows) or more than clustering.pca_dim ({cfg.clustering.pca_dim}) "
+              "rows, or the covariance cannot have pca_dim directions")
+    check_key(0.0 < cfg.clustering.pic.alpha < 1.0, "clustering.pic.alpha",
            cfg.clustering.pic.alpha, "must be in (0, 1)")
-    _check(cfg.data.resize_size >= cfg.data.crop_size, "data.resize_size",
+    check_key(cfg.data.resize_size >= cfg.data.crop_size, "data.resize_size",
            cfg.data.resize_size, f"must be at least data.crop_size ({cfg.data.crop_size})")
-    _check(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
+    check_key(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
            cfg.name, "must be a plain directory name")
-    _check(0.0 < cfg.eval.val_fraction < 1.0, "eval.val_fraction", cfg.eval.val_fraction,
+    check_key(0.0 < cfg.eval.val_fraction < 1.0, "eval.val_fraction", cfg.eval.val_fraction,
            "must be in (0, 1)")
     if cfg.eval.val_path:
-        _check(Path(cfg.eval.val_path).is_dir(), "eval.val_path", cfg.eval.val_path,
+        check_key(Path(cfg.eval.val_path).is_dir(), "eval.val_path", cfg.eval.val_path,
                "is not an existing directory")
     if cfg.clustering.mode == "sharded":
         validate_sharded(cfg)
     if cfg.method == "mmdc":
         validate_mmdc(cfg)
     data_path = Path(cfg.data.path)
-    _check(data_path.is_dir(), "data.path", cfg.data.path, "is not an existing directory")
+    check_key(data_path.is_dir(), "data.path", cfg.data.path, "is not an existing directory")
 
 
 def validate_sharded(cfg: Config) -> None:
     """Sharded clustering is Lloyd's k-means over all points of all ranks: PIC needs the whole
     neighbour graph in one place, and subsampling would need a distributed draw it does not do."""
-    _check(cfg.clustering.method == "kmeans", "clustering.method", cfg.clustering.method,
+    check_key(cfg.clustering.method == "kmeans", "clustering.method", cfg.clustering.method,
            "clustering.mode=sharded runs k-means only; use clustering.mode=gather for PIC")
-    _check(cfg.clustering.max_points_per_centroid == 0, "clustering.max_points_per_centroid",
+    check_key(cfg.clustering.max_points_per_centroid == 0, "clustering.max_points_per_centroid",
            cfg.clustering.max_points_per_centroid,
            "clustering.mode=sharded trains on every point: set it to 0")
 
 
 def validate_mmdc(cfg: Config) -> None:
     m = cfg.mmdc
-    _check(m.k >= 2, "mmdc.k", m.k, "must be at least 2")
-    _check(m.dim >= 0, "mmdc.dim", m.dim, "must not be negative (0: dim = mmdc.k)")
+    check_key(m.k >= 2, "mmdc.k", m.k, "must be at least 2")
+    check_key(m.dim >= 0, "mmdc.dim", m.dim, "must not be negative (0: dim = mmdc.k)")
     if m.means == "onehot":
-        _check(m.dim in (0, m.k), "mmdc.dim", m.dim,
+        check_key(m.dim in (0, m.k), "mmdc.dim", m.dim,
                f"one-hot means live in R^k: use 0 or mmdc.k ({m.k}), or mmdc.means=uniform")
-    _check(m.sigma >= 0.0, "mmdc.sigma", m.sigma, "must not be negative")
-    _check(m.refine_epochs >= 0, "mmdc.refine_epochs", m.refine_epochs, "must not be negative")
-    _check(m.lr_decay_factor >= 1.0, "mmdc.lr_decay_factor", m.lr_decay_factor,
+    check_key(m.sigma >= 0.0, "mmdc.sigma", m.sigma, "must not be negative")
+    check_key(m.refine_epochs >= 0, "mmdc.refine_epochs", m.refine_epochs, "must not be negative")
+    check_key(m.lr_decay_factor >= 1.0, "mmdc.lr_decay_factor", m.lr_decay_factor,
            "must be at least 1 (the lr is divided by it)")
-    _check(all(e > 0 for e in m.lr_decay_epochs), "mmdc.lr_decay_epochs", m.lr_decay_epochs,
+    check_key(all(e > 0 for e in m.lr_decay_epochs), "mmdc.lr_decay_epochs", m.lr_decay_epochs,
            "must hold positive epoch numbers")
     # the Hungarian step permutes targets among a batch's images: one image cannot move any
-    _check(cfg.optim.batch_size >= 2, "optim.batch_size", cfg.optim.batch_size,
+    check_key(cfg.optim.batch_size >= 2, "optim.batch_size", cfg.optim.batch_size,
            "must be at least 2 for method=mmdc")
 
 

@@ -19,7 +19,7 @@ from dcluster.clustering.distributed_stage import (cluster_shards, global_mean, 
                                                    row_layout, rows_of, spread_labels)
 from dcluster.clustering.pca import l2_normalize
 from dcluster.clustering.sharded_kmeans import sharded_kmeans
-from dcluster.config import Config
+from dcluster.config import Config, check_key
 from dcluster.distributed import my_indices
 from dcluster.evaluation.network import Network
 from dcluster.extract import ShardFeatures, extract_features
@@ -37,6 +37,7 @@ log = logging.getLogger("dcluster.deepcluster")
 
 class DeepCluster:
     """The method: its network and optimisers, and the epoch."""
+    scored_at = "start"  # an epoch clusters the features it starts with, then trains
 
     def __init__(self, ctx: RunContext) -> None:
         cfg, env = ctx.cfg, ctx.env
@@ -52,6 +53,16 @@ class DeepCluster:
         self.body_optimizer = body_optimizer(self.model, cfg.optim, lr)
         self.head = Head(self.model, lambda params: sgd(params, cfg.optim, lr))
         self.net: nn.Module = self.model
+
+    @staticmethod
+    def check_data(cfg: Config, n_images: int) -> None:
+        """Refuse settings the number of images rules out, before an image is decoded."""
+        where = f"{n_images} images in {cfg.data.path}"
+        check_key(cfg.clustering.k <= n_images, "clustering.k", cfg.clustering.k,
+                  f"more clusters than images ({where})")
+        if cfg.clustering.method == "pic":
+            check_key(cfg.clustering.pic.knn < n_images, "clustering.pic.knn",
+                      cfg.clustering.pic.knn, f"needs more images than neighbours ({where})")
 
     def state(self) -> dict[str, Stateful]:
         return {"head": self.head, "model": self.model, "body_optimizer": self.body_optimizer}

@@ -25,8 +25,10 @@ def assignment_metrics(labels: np.ndarray, previous: Optional[np.ndarray],
     return out
 
 
-def format_epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
-    """The epoch's one INFO line: what each method measured, in a fixed order."""
+def format_epoch_line(epoch: int, epochs: int, m: dict[str, float], scored_at: str) -> str:
+    """The epoch's one INFO line: what each method measured, in a fixed order. The cluster
+    scores say which network they measure: ``scored_at`` is "start" for DeepCluster (its
+    clusters come from the features before the epoch's training), "end" for MMDC."""
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m['loss']:.4f}"]
     if "loss_rotation" in m:
         parts.append(f"rotation loss {m['loss_rotation']:.4f}")
@@ -34,11 +36,11 @@ def format_epoch_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
         parts.append(f"targets moved {100 * m['moved_fraction']:.1f}%")
     if "objective" in m:
         parts.append(f"objective {m['objective']:.4g}")
-    for key, label in (("nmi_prev", "NMI(prev)"), ("nmi_classes", "NMI(classes)"),
-                       ("acc_classes", "ACC(classes)"), ("probe_nmi", "kmeans-C NMI"),
-                       ("probe_acc", "kmeans-C ACC")):
-        if key in m:
-            parts.append(f"{label} {m[key]:.3f}")
+    scores = [f"{label} {m[key]:.3f}" for key, label in (
+        ("nmi_prev", "NMI(prev)"), ("nmi_classes", "NMI(classes)"), ("acc_classes", "ACC(classes)"),
+        ("probe_nmi", "kmeans-C NMI"), ("probe_acc", "kmeans-C ACC")) if key in m]
+    if scores:
+        parts.append(f"{scored_at}-of-epoch features: " + " ".join(scores))
     if "n_empty" in m:
         parts.append(f"empty {int(m['n_empty'])} (reseeded {int(m['n_reseeded'])})")
     if "clusters_empty" in m:

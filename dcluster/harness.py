@@ -16,6 +16,7 @@ marks (:meth:`RunContext.stop_point`) and after any training iteration of a pass
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -59,6 +60,12 @@ class Method(Protocol):
     """A training method on the harness; built as ``Method(ctx)``."""
     model: nn.Module  # the network: its buffers are saved per rank in mid-epoch checkpoints
     epochs: int  # the epochs of a whole run
+    scored_at: str  # "start" or "end": the epoch's cluster scores measure the network then
+
+    @staticmethod
+    def check_data(cfg: Config, n_images: int) -> None:
+        """Raise ConfigError for settings the number of images rules out (k above it): called
+        once the image list is known, before the run directory is made or an image decoded."""
 
     def state(self) -> dict[str, Stateful]:
         """The method's objects by checkpoint name, in the order a restore loads them."""
@@ -206,12 +213,13 @@ def checkpoint_step(in_epoch: InterruptedEpoch) -> int:
 
 
 def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
-               build: Callable[[RunContext], Method]) -> RunResult:
-    """One run of the method ``build`` makes, from wherever its run directory stands."""
+               build: type[Method]) -> RunResult:
+    """One run of the method ``build``, from wherever its run directory stands."""
+    source = open_source(cfg.data)
+    build.check_data(cfg, len(source))
     run = shared_run_dir(cfg, comm)
     set_torch_threads(cfg.threads)
     seed_everything(cfg.seed)
-    source = open_source(cfg.data)
     stops = StopPoints(stop_request, cfg.checkpoint, comm)
     ctx = RunContext(cfg, env, comm, run, source, build_pipelines(source, cfg.data, cfg.seed),
                      Clusters(), stops, StepLoop(env.device, cfg.progress, env.is_main, stops))
@@ -223,7 +231,8 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
     ctx.checkpointer = checkpointer = Checkpointer(ctx, method, progress, objects, chash,
                                                    fingerprint, resumed_from)
     tracker = make_tracker(cfg, env.is_main)
-    progress.mlflow_run_id = tracker.start(cfg, run, progress.mlflow_run_id)
+    progress.mlflow_run_id = tracker.start(cfg, run, progress.mlflow_run_id,
+                                           progress.history)
     try:
         for epoch in range(progress.next_epoch, method.epochs):
             resumed, progress.in_epoch = progress.in_epoch, None
@@ -233,13 +242,18 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
                 # interrupted one continues the stream it saved)
                 torch.manual_seed(derived_seed(cfg.seed, epoch, "dropout", env.rank))
             metrics = method.run_epoch(epoch, resumed)
-            report_epoch(ctx, progress, tracker, epoch, method.epochs, metrics)
+            report_epoch(ctx, progress, tracker, epoch, method.epochs, metrics, method.scored_at)
             if progress.next_epoch % cfg.checkpoint.interval == 0 or progress.next_epoch == method.epochs:
                 checkpointer.save(progress.next_epoch)
         if env.is_main:
             finish_plots(cfg, run, ctx.clusters, progress.history, tracker)
         # no rank reports success before rank 0's last checkpoint and plots are written
         comm.barrier()
+        if stop_request.signum:  # it came after the last stop point: nothing is left to stop
+            log.warning("received %s after the last epoch's stop point: the run is complete "
+                        "(final checkpoint %s), nothing to resume",
+                        signal.Signals(stop_request.signum).name,
+                        checkpointer.last or "written by rank 0")
     except BaseException as err:
         # the MLflow run shows why it stopped; a resumed job sets it RUNNING again
         tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, CleanStop)) else "FAILED")
@@ -284,10 +298,10 @@ def resume(ctx: RunContext, method: Method, progress: RunProgress,
         progress.in_epoch = InterruptedEpoch(**payload["in_epoch"])
         continue_streams(progress.in_epoch, progress.next_epoch, method.model, ctx.env, path)
         step = checkpoint_step(progress.in_epoch)
-        log.info("resuming from %s inside epoch %d, after its %s", path, progress.next_epoch,
+        log.info("resuming from %s inside epoch %d, after its %s", path, progress.next_epoch + 1,
                  f"iteration {step - 1}" if step > 1 else "clustering")
     else:
-        log.info("resuming from %s at epoch %d", path, progress.next_epoch)
+        log.info("resuming from %s after epoch %d", path, progress.next_epoch)
     return Path(path)
 
 
@@ -311,7 +325,7 @@ def continue_streams(in_epoch: InterruptedEpoch, epoch: int, model: nn.Module, e
     saved = len(in_epoch.ranks)
     if saved != env.world_size:
         raise CheckpointError(
-            f"{source}: saved in the middle of epoch {epoch} by {saved} rank(s), "
+            f"{source}: saved in the middle of epoch {epoch + 1} by {saved} rank(s), "
             f"this run has {env.world_size}: resume it with {saved}, or pass resume=<an "
             "epoch-boundary checkpoint (ckpt_e*_i0000000.pt)> to redo that epoch")
     mine = in_epoch.ranks[env.rank]
@@ -331,10 +345,12 @@ def record_bad_images(progress: RunProgress, found: dict[int, str], comm: Comm) 
         progress.bad_images.update(part)
 
 
-def report_epoch(ctx: RunContext, progress: RunProgress, tracker: RunTracker,
-                 epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+def report_epoch(ctx: RunContext, progress: RunProgress, tracker: RunTracker, epoch: int,
+                 epochs: int, metrics: dict[str, float], scored_at: str) -> None:
     """The epoch's one line, its MLflow metrics and assignments file (rank 0), and its entry
-    in the run's history (every rank)."""
+    in the run's history (every rank). ``epoch`` counts from 0, as Python's loops do; what a
+    user reads counts from 1 (the log, MLflow's steps, the history, the file names): epoch
+    ``n`` is the n-th, and checkpoint ``ckpt_e<n>`` holds the run after it."""
     record_bad_images(progress, ctx.pipelines.bad_indices, ctx.comm)
     metrics["bad_images"] = float(len(progress.bad_images))
     progress.next_epoch = epoch + 1
@@ -343,10 +359,10 @@ def report_epoch(ctx: RunContext, progress: RunProgress, tracker: RunTracker,
         if clusters.updated_epoch == epoch:
             metrics.update(assignment_metrics(clusters.labels, clusters.previous_labels,
                                               ctx.source.targets))
-        log.info(format_epoch_line(epoch, epochs, metrics))
-        tracker.log_metrics(metrics, step=epoch)
-        save_assignments(ctx.run, epoch, clusters.labels)
-    progress.history.append({"epoch": float(epoch), **metrics})
+        log.info(format_epoch_line(epoch, epochs, metrics, scored_at))
+        tracker.log_metrics(metrics, step=progress.next_epoch)
+        save_assignments(ctx.run, progress.next_epoch, clusters.labels)
+    progress.history.append({"epoch": float(progress.next_epoch), **metrics})
 
 
 def finish_plots(cfg: Config, run: RunDir, clusters: Clusters, history: list[dict[str, float]],

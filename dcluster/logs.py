@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Iterable, Iterator, Optional, TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -18,16 +18,30 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 log = logging.getLogger("dcluster")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes, not the one it was created with:
+    a caller that swaps stderr (pytest's capture, a notebook) still gets the records."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def configure_logging(level: int = logging.INFO) -> None:
-    """Send `dcluster.*` records to stderr once (idempotent, so tests may call it again)."""
+    """Send `dcluster.*` records to stderr at ``level``; one handler however often it is
+    called (tests and in-process callers call it again)."""
+    log.setLevel(level)
+    log.propagate = False
     if any(getattr(h, "_dcluster", False) for h in log.handlers):
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     handler._dcluster = True  # type: ignore[attr-defined]
     log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
 
 
 def progress(items: Iterable[T], total: Optional[int], desc: str, mode: str,

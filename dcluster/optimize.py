@@ -125,8 +125,8 @@ class StepLoop:
                     opt.step()
                 value = loss.item()
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"epoch {epoch}: training loss became {value}; lower "
-                                             f"optim.lr ({optimizers[0].defaults['lr']})")
+                    raise FloatingPointError(f"epoch {epoch + 1}: training loss became {value}; "
+                                             f"lower optim.lr ({optimizers[0].defaults['lr']})")
                 done.position = batch.next_position
                 done.iterations += 1
                 done.loss_sum += value * images

@@ -17,8 +17,10 @@ import numpy as np
 from dcluster.checkpoint import CheckpointError
 from dcluster.optimize import EpochProgress
 
-FORMAT_VERSION = 3  # 2 added mid-epoch checkpoints; 3 names every object's state
-OLD_FORMATS = (1, 2)  # read through upgraded()
+# 2 added mid-epoch checkpoints; 3 names every object's state; 4 numbers the history's epochs
+# from 1, as the log, MLflow and the checkpoint names do
+FORMAT_VERSION = 4
+OLD_FORMATS = (1, 2, 3)  # read through upgraded()
 
 
 class Stateful(Protocol):
@@ -85,11 +87,19 @@ class RunProgress:
 
 
 def upgraded(payload: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint of an older format in today's layout (formats 1 and 2 kept the labels
-    and the optimisers' states as top-level entries)."""
-    if payload.get("format") not in OLD_FORMATS:
+    """A checkpoint of an older format in today's layout."""
+    old = payload.get("format")
+    if old not in OLD_FORMATS:
         return payload
-    new = dict(payload, format=FORMAT_VERSION)
+    new = _named_objects(payload) if old in (1, 2) else dict(payload)
+    new["history"] = [dict(entry, epoch=entry["epoch"] + 1) for entry in new["history"]]
+    new["format"] = FORMAT_VERSION
+    return new
+
+
+def _named_objects(payload: dict[str, Any]) -> dict[str, Any]:
+    """Formats 1 and 2 kept the labels and the optimisers' states as top-level entries."""
+    new = dict(payload)
     in_epoch = new.get("in_epoch")
     new["clusters"] = {"labels": new.pop("labels"), "previous_labels": new.pop("previous_labels"),
                        "n_clusters": new.pop("n_clusters"),

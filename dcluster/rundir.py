@@ -8,7 +8,9 @@ aside, never deleted: a wrong command line should not cost a week of training.
 from __future__ import annotations
 
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,24 @@ class RunDir:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    @property
+    def uid_path(self) -> Path:
+        return self.root / "run_uid"
+
+    @property
+    def mlflow_run_id_path(self) -> Path:
+        return self.root / "mlflow_run_id"
+
+    def uid(self) -> str:
+        """This directory's identity: a run moved aside by overwrite=true and the new one in
+        its place share a path, never a uid (their MLflow runs are told apart by it)."""
+        return self.uid_path.read_text().strip()
+
+    def mlflow_run_id(self) -> str | None:
+        """The id of the directory's MLflow run, once one was created."""
+        path = self.mlflow_run_id_path
+        return path.read_text().strip() or None if path.is_file() else None
+
 
 def prepare_run_dir(cfg: Config) -> RunDir:
     """Create the run directory, or reuse it for a resume of the same run; see the module doc.
@@ -57,6 +77,7 @@ def prepare_run_dir(cfg: Config) -> RunDir:
     Only rank 0 should call this (it may rename directories); other ranks build
     ``RunDir(root)`` from the path once rank 0 is done.
     """
+    check_runs_root(Path(cfg.runs_root))
     root = (Path(cfg.runs_root) / cfg.name).resolve()
     resumed = False
     if root.exists() and any(root.iterdir()):
@@ -72,10 +93,26 @@ def prepare_run_dir(cfg: Config) -> RunDir:
     # config.yaml first: it is what marks a directory as holding a run, so a kill before the
     # sub-directories exist leaves a directory that is recognised on the next start.
     atomic_write_bytes(run_dir.config_path, to_yaml(cfg).encode())
+    if not run_dir.uid_path.is_file():
+        atomic_write_bytes(run_dir.uid_path, uuid.uuid4().hex.encode())
     for sub in (run_dir.checkpoints, run_dir.assignments, run_dir.plots):
         sub.mkdir(exist_ok=True)
     log.info("%s run directory %s", "resuming in" if resumed else "created", root)
     return run_dir
+
+
+def check_runs_root(runs_root: Path) -> None:
+    """Refuse a runs_root that cannot hold run directories, before anything is created: its
+    nearest existing ancestor (itself, once it exists) must be a writable directory."""
+    for existing in (runs_root, *runs_root.absolute().parents):
+        if existing.exists():
+            break
+    if not existing.is_dir():
+        raise RunDirError(f"config key 'runs_root' = {str(runs_root)!r}: {existing} is a file, "
+                          "not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"config key 'runs_root' = {str(runs_root)!r}: {existing} is not "
+                          "writable by this user")
 
 
 def _reuse_problem(root: Path, cfg: Config) -> str | None:

@@ -48,12 +48,12 @@ def preempt_signal() -> signal.Signals:
 
 class TrainingStopped(CleanStop):
     """The run stopped on a signal after committing ``checkpoint``; running the same command
-    (or requeuing the same job) resumes from it."""
+    (or requeuing the same job) resumes from it. ``epoch`` counts from 0, the message from 1."""
 
     def __init__(self, signum: int, checkpoint: Optional[Path], epoch: int, iteration: int) -> None:
         self.signum = signum
         written = checkpoint or "the checkpoint rank 0 wrote"  # only rank 0 writes
-        super().__init__(f"stopped on {signal.Signals(signum).name} in epoch {epoch} after "
+        super().__init__(f"stopped on {signal.Signals(signum).name} in epoch {epoch + 1} after "
                          f"{iteration} iteration(s); resume from {written}")
 
     @property

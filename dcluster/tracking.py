@@ -7,15 +7,15 @@ about 2 s to the start of every process.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Sequence
 
 from dcluster.config import Config
 from dcluster.rundir import RunDir
 
 
 class RunTracker(Protocol):
-    def start(self, cfg: Config, run_dir: RunDir,
-              resume_run_id: Optional[str] = None) -> Optional[str]: ...
+    def start(self, cfg: Config, run_dir: RunDir, resume_run_id: Optional[str] = None,
+              history: Sequence[dict[str, float]] = ()) -> Optional[str]: ...
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
@@ -35,7 +35,8 @@ def tracking_uri(cfg: Config) -> str:
 class NullTracker:
     """Tracking switched off, or a process other than rank 0: every call does nothing."""
 
-    def start(self, cfg: Config, run_dir: RunDir, resume_run_id: str | None = None) -> None:
+    def start(self, cfg: Config, run_dir: RunDir, resume_run_id: str | None = None,
+              history: Sequence[dict[str, float]] = ()) -> None:
         return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -8,11 +8,13 @@ directory is reported at once rather than hours later when the job starts.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import submitit
+from submitit import SlurmExecutor
 
 from dcluster.config import Config, SlurmConfig, load_config
 from dcluster.rundir import prepare_run_dir
@@ -62,6 +64,19 @@ def build_executor(cfg: Config, log_dir: Path, cluster: Optional[str] = None) ->
     return executor
 
 
+@contextmanager
+def _slurm_commands_optional() -> Iterator[None]:
+    """submitit refuses to build a Slurm executor where ``srun`` is not on PATH, though
+    writing the script needs no Slurm: for a dry run (a laptop preparing a job) that check is
+    lifted, and put back on exit."""
+    check = SlurmExecutor.__dict__["affinity"]
+    SlurmExecutor.affinity = classmethod(lambda cls: 1)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        SlurmExecutor.affinity = check  # type: ignore[method-assign]
+
+
 def sbatch_script(executor: submitit.AutoExecutor) -> str:
     """The sbatch file submitit would write. submitit has no public call for it: this uses
     its SlurmExecutor's own text builder, so the output is exactly what would be queued."""
@@ -75,7 +90,8 @@ def submit(config_path: str, overrides: Sequence[str], dry_run: bool = False) ->
     run_dir = Path(cfg.runs_root) / cfg.name
     log_dir = Path(cfg.slurm.log_dir) if cfg.slurm.log_dir else run_dir / "slurm"
     if dry_run:
-        return sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
+        with _slurm_commands_optional():
+            return sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
     run = prepare_run_dir(cfg)
     executor = build_executor(cfg, log_dir.resolve())
     # absolute paths: the job may start in another working directory

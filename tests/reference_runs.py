@@ -160,7 +160,7 @@ def assert_same_run(reference: Run, run: Run,
             assert np.array_equal(expected["targets"][key], got["targets"][key]), key
     assert comparable(got["history"]) == comparable(expected["history"])
     assert np.array_equal(got["clusters"]["labels"], expected["clusters"]["labels"])
-    for epoch in range(run.epochs):
+    for epoch in range(1, run.epochs + 1):
         name = f"epoch_{epoch:06d}.npy"
         assert np.array_equal(np.load(run.root / "assignments" / name),
                               np.load(reference.root / "assignments" / name)), name

@@ -50,12 +50,12 @@ class Case:
 
 CASES = [
     # two ranks, epoch 0's clustering pass: after its 3rd iteration
-    Case(2, "train:0:3", (0, 4), 0, "inside epoch 0, after its iteration 3"),
+    Case(2, "train:0:3", (0, 4), 0, "inside epoch 1, after its iteration 3"),
     # two ranks, the refinement epoch's rotation pass: 7 clustering + 3 rotation iterations
     Case(2, f"train:{MMDC_EPOCHS}:10", (MMDC_EPOCHS, 11), 1,
-         f"inside epoch {MMDC_EPOCHS}, after its iteration 10"),
+         f"inside epoch {MMDC_EPOCHS + 1}, after its iteration 10"),
     # one process, epoch 0's clustering pass
-    Case(1, "train:0:5", (0, 6), 0, "inside epoch 0, after its iteration 5"),
+    Case(1, "train:0:5", (0, 6), 0, "inside epoch 1, after its iteration 5"),
 ]
 
 

@@ -38,7 +38,7 @@ def test_paper_preset_has_the_papers_hyperparameters(digits_subset):
 
 def test_trains_checkpoints_and_resumes_exactly_into_refinement(tiny_mmdc, monkeypatch):
     straight = train(tiny_mmdc("name=straight"))
-    assert [h["epoch"] for h in straight.history] == [0.0, 1.0]
+    assert [h["epoch"] for h in straight.history] == [1.0, 2.0]
     main, refine = straight.history
     assert main["moved_fraction"] > 0 and refine["moved_fraction"] == 0  # Hungarian off
     assert all(np.isfinite(h["loss"]) and np.isfinite(h["loss_rotation"])
@@ -47,7 +47,7 @@ def test_trains_checkpoints_and_resumes_exactly_into_refinement(tiny_mmdc, monke
     targets, clusters = payload["targets"], payload["clusters"]
     assert np.array_equal(np.sort(targets["assignment"]), np.arange(400))  # a permutation
     assert targets["refined"].min() >= 0 and clusters["labels"].max() < 10
-    labels = np.load(straight.run_dir / "assignments" / "epoch_000001.npy")
+    labels = np.load(straight.run_dir / "assignments" / "epoch_000002.npy")
     assert np.array_equal(labels, clusters["labels"])
 
     # the same run, killed when its refinement stage begins, then started again

@@ -219,8 +219,8 @@ def test_timeout_signal_mid_epoch_and_mid_clustering_requeues_and_ends_alike(
             assert (orders / file).read_text() == (local_orders / file).read_text(), file
     log = (runs_root(job_yaml) / name / "train.log").read_text()
     assert log.count("received SIGUSR2") >= 2
-    assert "inside epoch 1, after its iteration 5" in log
-    assert "inside epoch 2, after its clustering" in log
+    assert "inside epoch 2, after its iteration 5" in log
+    assert "inside epoch 3, after its clustering" in log
     assert clusterings(orders) == EPOCHS  # epoch 2 was not clustered twice
     client = MlflowClient(f"sqlite:///{runs_root(job_yaml) / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -325,4 +325,4 @@ def test_mmdc_timeout_signal_mid_epoch_requeues_and_ends_like_the_local_run(
     assert_same_run(mmdc_pair_reference, Run(runs_root(mmdc_job_yaml) / name, orders, epochs),
                     MMDC_OPTIMIZERS)
     log = (runs_root(mmdc_job_yaml) / name / "train.log").read_text()
-    assert "received SIGUSR2" in log and "inside epoch 1, after its iteration 9" in log
+    assert "received SIGUSR2" in log and "inside epoch 2, after its iteration 9" in log

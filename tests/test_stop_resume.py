@@ -50,14 +50,14 @@ class StopCase:
 STOP_CASES = [
     # mid training pass: after the iteration during which the signal arrived
     StopCase("train:1:5", "SIGUSR2", {}, (1, 6), 5 * BATCH,
-             "inside epoch 1, after its iteration 5", clusterings_before=2),
+             "inside epoch 2, after its iteration 5", clusterings_before=2),
     # during the clustering: the epoch is saved clustered, before its first iteration
     StopCase("clustering:2", "SIGTERM", {}, (2, 1), 0,
-             "inside epoch 2, after its clustering", clusterings_before=3),
+             "inside epoch 3, after its clustering", clusterings_before=3),
     # during the feature pass: nothing of the epoch is worth keeping, the boundary checkpoint
     # already written is the one to resume from; the preemption signal is the configured one
     StopCase("features:1", "SIGUSR1", {"SUBMITIT_PREEMPT_SIGNAL": "USR1"}, (1, 0), None,
-             "at epoch 1", clusterings_before=1),
+             "after epoch 1", clusterings_before=1),
 ]
 
 
@@ -74,7 +74,7 @@ def test_a_stopped_run_checkpoints_where_it_stood_and_resumes_to_the_uninterrupt
     epoch, step = case.checkpoint
     expected = run.checkpoint(epoch, step).resolve()
     iterations = 0 if case.position is None else case.position // BATCH
-    assert (f"stopped on {case.signame} in epoch {epoch} after {iterations} iteration(s); "
+    assert (f"stopped on {case.signame} in epoch {epoch + 1} after {iterations} iteration(s); "
             f"resume from {expected}") in stopped.output, stopped.output[-4000:]
     # the newest checkpoint is the one named; nothing was written after it
     assert run.checkpoint_names()[-1] == expected.name, run.checkpoint_names()
@@ -82,7 +82,7 @@ def test_a_stopped_run_checkpoints_where_it_stood_and_resumes_to_the_uninterrupt
 
     payload = load_checkpoint(expected)
     assert (payload["epoch"], payload["iteration"]) == (epoch, step)
-    assert [h["epoch"] for h in payload["history"]] == [float(e) for e in range(epoch)]
+    assert [h["epoch"] for h in payload["history"]] == [float(e) for e in range(1, epoch + 1)]
     if case.position is None:
         assert payload["in_epoch"] is None
     else:
@@ -155,7 +155,7 @@ def test_resuming_from_a_named_periodic_checkpoint_ends_like_the_uninterrupted_r
         digits_subset, runs, "periodic", f"checkpoint.every_iterations={EVERY}",
         f"resume={start}")), tmp_path / "logs")
     assert outcome.returncode == 0, outcome.output[-4000:]
-    assert (f"resuming from {start.resolve()} inside epoch 1, after its iteration {step - 1}"
+    assert (f"resuming from {start.resolve()} inside epoch 2, after its iteration {step - 1}"
             in outcome.output), outcome.output[-4000:]
     assert run.clusterings() == EPOCHS - 2
     # the checkpoints of the abandoned timeline are renamed, not deleted
@@ -196,7 +196,7 @@ def test_two_ranks_stop_together_on_one_ranks_signal_and_resume_to_the_same_weig
     checkpoint = run.checkpoint(1, PAIR_STEP).resolve()
     assert run.checkpoint_names()[-1] == checkpoint.name
     for outcome in outcomes:
-        assert "stopped on SIGUSR2 in epoch 1 after 7 iteration(s)" in outcome.output
+        assert "stopped on SIGUSR2 in epoch 2 after 7 iteration(s)" in outcome.output
     payload = load_checkpoint(checkpoint)
     ranks = payload["in_epoch"]["ranks"]
     progress = [r["progress"] for r in ranks]
@@ -211,7 +211,7 @@ def test_two_ranks_stop_together_on_one_ranks_signal_and_resume_to_the_same_weig
     resumed = run_pair(["--record-orders", str(run.orders)], args,
                        run.root.parent.parent / "resumed")
     assert [o.returncode for o in resumed] == [0, 0], describe(resumed)
-    assert "inside epoch 1, after its iteration 7" in resumed[0].output, describe(resumed)
+    assert "inside epoch 2, after its iteration 7" in resumed[0].output, describe(resumed)
     assert [len(lines) for lines in orders_of(run.orders).values()] == [RANK_BATCHES] * 2 * EPOCHS
     assert_same_run(pair_reference, run)
 
@@ -224,7 +224,7 @@ def test_two_ranks_stop_together_on_one_ranks_signal_and_resume_to_the_same_weig
     assert len(mlflow_runs) == 1 and mlflow_runs[0].info.status == "FINISHED"
     assert mlflow_runs[0].info.run_id == payload["mlflow_run_id"]
     losses = client.get_metric_history(payload["mlflow_run_id"], "loss")
-    assert sorted(m.step for m in losses) == list(range(EPOCHS))
+    assert sorted(m.step for m in losses) == list(range(1, EPOCHS + 1))
     assert [m.value for m in sorted(losses, key=lambda m: m.step)] == \
         [h["loss"] for h in pair_reference.final()["history"]]
 
@@ -242,7 +242,7 @@ def test_a_two_rank_mid_epoch_checkpoint_refuses_to_resume_in_one_process(
                          tmp_path / "logs")
     assert outcome.returncode == 2, outcome.output[-4000:]
     checkpoint = run.checkpoint(1, PAIR_STEP).resolve()
-    assert (f"dcluster train: error: {checkpoint}: saved in the middle of epoch 1 by 2 rank(s), "
+    assert (f"dcluster train: error: {checkpoint}: saved in the middle of epoch 2 by 2 rank(s), "
             "this run has 1: resume it with 2") in outcome.output, outcome.output[-4000:]
     assert "Traceback" not in outcome.output
     # it failed before doing any work, and wrote nothing

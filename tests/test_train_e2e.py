@@ -28,14 +28,14 @@ def straight(demo_digits, tmp_path_factory):
 def test_two_epochs_end_to_end(small_demo_config):
     cfg = small_demo_config()
     result = train(cfg)
-    assert [h["epoch"] for h in result.history] == [0.0, 1.0]
+    assert [h["epoch"] for h in result.history] == [1.0, 2.0]
     for h in result.history:
         assert np.isfinite(h["loss"]) and 0.0 <= h["nmi_classes"] <= 1.0
         assert h["time_features"] > 0 and h["time_clustering"] > 0 and h["time_training"] > 0
     assert "nmi_prev" in result.history[1] and "nmi_prev" not in result.history[0]
     run = result.run_dir
     assert (run / "config.yaml").is_file() and (run / "train.log").stat().st_size > 0
-    labels = np.load(run / "assignments" / "epoch_000001.npy")
+    labels = np.load(run / "assignments" / "epoch_000002.npy")
     assert labels.shape == (1797,) and labels.min() >= 0 and labels.max() < 10
     payload = load_checkpoint(result.checkpoint)
     assert payload["epoch"] == 2 and np.array_equal(payload["clusters"]["labels"], labels)
@@ -55,7 +55,7 @@ def test_resume_reproduces_the_uninterrupted_run(small_demo_config, straight):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     client = MlflowClient(resumed.mlflow_uri)
     losses = client.get_metric_history(resumed.mlflow_run_id, "loss")
-    assert sorted(m.step for m in losses) == [0, 1, 2]  # one MLflow run across both sessions
+    assert sorted(m.step for m in losses) == [1, 2, 3]  # one MLflow run across both sessions
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_still_matches(small_demo_config, straight):
@@ -101,9 +101,10 @@ def test_a_format_2_checkpoint_resumes_to_the_same_weights(straight, tmp_path):
     clusters = payload.pop("clusters")
     old = {key: value for key, value in payload.items() if key not in ("head", "method")}
     old.update(format=2, labels=clusters["labels"], previous_labels=clusters["previous_labels"],
-               n_clusters=clusters["n_clusters"], head_optimizer=payload["head"]["optimizer"])
+               n_clusters=clusters["n_clusters"], head_optimizer=payload["head"]["optimizer"],
+               history=[dict(h, epoch=h["epoch"] - 1) for h in payload["history"]])  # from 0
     save_checkpoint(checkpoints, old, epoch=2)
     cfg = load_config(run / "config.yaml", [f"runs_root={tmp_path / 'runs'}"])
     resumed = train(cfg)
-    assert [h["epoch"] for h in resumed.history] == [0.0, 1.0, 2.0]
+    assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0]
     assert_same_weights(final_weights(straight), final_weights(resumed))

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcluster.checkpoint import CheckpointError
 from dcluster.config import Config
+from dcluster.evaluation.target import describe_network
 from dcluster.methods import method_module
 from dcluster.models import DeepClusterNet
 from dcluster.seeding import seed_everything
@@ -31,7 +33,13 @@ def load_network(cfg: Config, payload: Optional[dict[str, Any]], device: torch.d
     seed_everything(cfg.seed)
     net = method_module(cfg.method).eval_network(cfg, payload)
     if payload is not None:
-        net.module.load_state_dict(payload["model"])
+        try:
+            net.module.load_state_dict(payload["model"])
+        except RuntimeError as err:  # a checkpoint copied between run directories, say
+            first = str(err).splitlines()[1:2] or [str(err)]
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit the {describe_network(cfg)} network its "
+                f"run directory's config.yaml describes: {first[0].strip()}") from None
     net.module.to(device).eval()
     for p in net.module.parameters():
         p.requires_grad_(False)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dcluster.collectives import Comm
-from dcluster.config import ConfigError
+from dcluster.config import ConfigError, check_key
 from dcluster.distributed import Env, detect_env, process_group
 from dcluster.evaluation.clusters import kmeans_scores
 from dcluster.evaluation.features import split_features
@@ -38,6 +38,8 @@ def knn_protocol(target: EvalTarget, net: Network, env: Env, comm: Comm) -> Opti
     """Weighted kNN on the penultimate features: train split as the memory, val split scored."""
     cfg = target.cfg
     train, val = open_splits(cfg)
+    check_key(cfg.eval.knn.k <= len(train.indices), "eval.knn.k", cfg.eval.knn.k,
+              f"more neighbours than images in the train split ({len(train.indices)})")
     train_rows = _penultimate(net, train, target, env, comm)
     val_rows = _penultimate(net, val, target, env, comm)
     if train_rows is None or val_rows is None:

@@ -22,8 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from dcluster.atomic import atomic_write_bytes
 from dcluster.evaluation.target import EvalTarget
-from dcluster.mlflow_run import experiment_id
-from dcluster.tracking import tracking_uri
+from dcluster.mlflow_run import experiment_id, open_client
 
 log = logging.getLogger("dcluster.eval")
 
@@ -65,8 +64,7 @@ def log_to_mlflow(result: EvalResult, json_path: Path) -> Optional[str]:
     cfg, target = result.target.cfg, result.target
     if not cfg.tracking.enabled:
         return None
-    uri = tracking_uri(cfg)
-    client = MlflowClient(tracking_uri=uri)
+    client, uri = open_client(cfg)
     tags = {"dcluster.eval": result.name,
             "dcluster.eval_target": str(target.checkpoint) if target.checkpoint else "random-init"}
     parent = _parent_experiment(client, target.mlflow_run_id)

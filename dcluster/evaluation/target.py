@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from dcluster.checkpoint import CheckpointError, load_checkpoint, load_latest
-from dcluster.config import Config, ConfigError, load_config
+from dcluster.config import Config, ConfigError, flatten, load_config
 from dcluster.run_state import upgraded
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
+# the keys that shape a trained network's weights (besides model.*): an override of one of
+# them asks for a network the checkpoint does not hold
+NETWORK_KEYS = ("method", "data.crop_size", "mmdc.k", "mmdc.dim", "mmdc.rotation")
 
 
 @dataclass
@@ -67,5 +70,32 @@ def resolve_target(target: str | Path, overrides: Sequence[str] = ()) -> EvalTar
         raise ConfigError(f"eval target {path}: {config} is missing, so the network and data "
                           "of this checkpoint are unknown (is it inside a run directory?)")
     # the store and run directory are where the run is now, wherever it was trained from
-    cfg = load_config(config, [f"runs_root={run_dir.parent}", *overrides])
+    here = f"runs_root={run_dir.parent}"
+    cfg = load_config(config, [here, *overrides])
+    check_same_network(load_config(config, [here]), cfg, checkpoint)
     return EvalTarget(cfg, upgraded(payload), checkpoint, run_dir)
+
+
+def network_settings(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint's weights depend on: the model.* keys and NETWORK_KEYS."""
+    return {key: value for key, value in flatten(cfg).items()
+            if key.startswith("model.") or key in NETWORK_KEYS}
+
+
+def check_same_network(trained: Config, asked: Config, checkpoint: Path) -> None:
+    """Refuse overrides that ask for another network than the checkpoint holds, naming both
+    (the alternative is load_state_dict's size-mismatch traceback)."""
+    held, wanted = network_settings(trained), network_settings(asked)
+    changed = [key for key in held if held[key] != wanted[key]]
+    if changed:
+        raise ConfigError(
+            f"eval target {checkpoint}: holds a {describe_network(trained)} network, the "
+            f"overrides ask for {', '.join(f'{k}={wanted[k]!r}' for k in changed)} "
+            f"(trained with {', '.join(f'{k}={held[k]!r}' for k in changed)}); "
+            "drop those overrides")
+
+
+def describe_network(cfg: Config) -> str:
+    """One phrase naming a config's network, for error messages."""
+    return (f"{cfg.method} {cfg.model.arch} (width {cfg.model.width}, fc_dim "
+            f"{cfg.model.fc_dim}, crop {cfg.data.crop_size})")

@@ -18,7 +18,7 @@ import numpy as np
 
 from dcluster.clustering import kmeans_labels
 from dcluster.clustering.distributed_stage import row_layout, rows_of, spread_labels
-from dcluster.config import Config, MMDCConfig
+from dcluster.config import Config, MMDCConfig, check_key
 from dcluster.distributed import my_indices
 from dcluster.evaluation.network import Network
 from dcluster.extract import ShardFeatures, extract_features
@@ -45,6 +45,7 @@ def lr_at(cfg: MMDCConfig, base_lr: float, epoch: int) -> float:
 
 class MMDC:
     """The method: its network, optimiser and targets, and the epoch."""
+    scored_at = "end"  # the clusters are the trained embeddings' nearest components
 
     def __init__(self, ctx: RunContext) -> None:
         cfg, env = ctx.cfg, ctx.env
@@ -69,6 +70,12 @@ class MMDC:
                  self.bank.means.shape[1], cfg.mmdc.means, cfg.mmdc.sigma,
                  "on" if cfg.mmdc.rotation else "off", cfg.epochs, cfg.mmdc.refine_epochs,
                  cfg.optim.batch_size)
+
+    @staticmethod
+    def check_data(cfg: Config, n_images: int) -> None:
+        """Refuse settings the number of images rules out, before an image is decoded."""
+        check_key(cfg.mmdc.k <= n_images, "mmdc.k", cfg.mmdc.k,
+                  f"more mixture components than images ({n_images} in {cfg.data.path})")
 
     def state(self) -> dict[str, Stateful]:
         return {"model": self.model, "optimizer": self.optimizer, "targets": self.targets}

@@ -53,7 +53,7 @@ def lockstep(centre: Iterator[FeatureBatch], augmented: Iterator[TrainBatch],
              epoch: int) -> Iterator[PairedBatch]:
     for plain, batch in zip(centre, augmented):
         if not torch.equal(plain.indices, batch.indices):
-            raise RuntimeError(f"epoch {epoch}: the centre-crop and augmented passes disagree "
+            raise RuntimeError(f"epoch {epoch + 1}: the centre-crop and augmented passes disagree "
                                "on a batch's images (an image readable in one only?)")
         yield PairedBatch(plain, batch)
 
