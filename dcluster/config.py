@@ -382,10 +382,11 @@ def validate(cfg: Config) -> None:
            "must be in (0, 1]")
     check_key(0.0 <= cfg.data.max_bad_fraction < 1.0, "data.max_bad_fraction",
            cfg.data.max_bad_fraction, "must be in [0, 1)")
-    check_key(cfg.clustering.pca_sample == 0 or cfg.clustering.pca_sample > cfg.clustering.pca_dim,
-           "clustering.pca_sample", cfg.clustering.pca_sample,
-           f"must be 0 (all rows) or more than clustering.pca_dim ({cfg.clustering.pca_dim}) "
-           "rows, or the covariance cannot have pca_dim directions")
+    check_key(cfg.clustering.pca_sample == 0
+              or cfg.clustering.pca_sample > cfg.clustering.pca_dim,
+              "clustering.pca_sample", cfg.clustering.pca_sample,
+              f"must be 0 (all rows) or more than clustering.pca_dim ({cfg.clustering.pca_dim}) "
+              "rows, or the covariance cannot have pca_dim directions")
     check_key(0.0 < cfg.clustering.pic.alpha < 1.0, "clustering.pic.alpha",
            cfg.clustering.pic.alpha, "must be in (0, 1)")
     check_key(cfg.data.resize_size >= cfg.data.crop_size, "data.resize_size",

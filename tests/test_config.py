@@ -70,6 +70,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path, data_dir):
     ("model.arch=resnet", "model.arch"),
     ("clustering.method=dbscan", "clustering.method"),
     ("data.resize_size=16", "data.resize_size"),
+    ("clustering.pca_sample=50", "clustering.pca_sample"),  # demo.yaml: pca_dim 64
 ])
 def test_bad_values_name_the_key(override, key, data_dir):
     with pytest.raises(ConfigError) as err:
