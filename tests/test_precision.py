@@ -57,7 +57,7 @@ def test_a_stopped_and_resumed_bf16_run_ends_equal_to_the_uninterrupted_one(
     stopped = run_single(interrupted_command("train:1:5", "SIGUSR2", run.orders, args),
                          tmp_path / "stopped")
     assert stopped.returncode == 140, stopped.output[-4000:]
-    assert "stopped on SIGUSR2 in epoch 1 after 5 iteration(s)" in stopped.output
+    assert "stopped on SIGUSR2 in epoch 2 after 5 iteration(s)" in stopped.output
     resumed = run_single(recording(run.orders, args), tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert "inside epoch 1, after its iteration 5" in resumed.output
