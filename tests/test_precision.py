@@ -60,7 +60,7 @@ def test_a_stopped_and_resumed_bf16_run_ends_equal_to_the_uninterrupted_one(
     assert "stopped on SIGUSR2 in epoch 2 after 5 iteration(s)" in stopped.output
     resumed = run_single(recording(run.orders, args), tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.output[-4000:]
-    assert "inside epoch 1, after its iteration 5" in resumed.output
+    assert "inside epoch 2, after its iteration 5" in resumed.output
     assert_same_run(bf16_reference, run)
 
 
