@@ -246,8 +246,8 @@ def fit_whitening(stats: PCAStats, dim: int, whiten: bool = True,
         if not float(values[0]) > 0.0:
             raise ValueError("cannot whiten: the features have zero variance (all rows equal)")
         projection = vectors / values.clamp(min=eps * float(values[0])).sqrt()
-    log.info("PCA %d -> %d on %d rows (%s, %s): eigenvalues %.3g .. %.3g", stats.dim, dim,
-             stats.count, stats.device, pairs.solver, float(values[0]), float(values[-1]))
+    log.debug("PCA %d -> %d on %d rows (%s, %s): eigenvalues %.3g .. %.3g", stats.dim, dim,
+              stats.count, stats.device, pairs.solver, float(values[0]), float(values[-1]))
     return PCATransform(mean=stats.mean().float(), projection=projection.float().contiguous(),
                         eigenvalues=values, whitened=whiten, solver=pairs.solver)
 
