@@ -8,6 +8,13 @@ Old checkpoints are pruned only after the new one is committed.
 
 One writer per directory is assumed (rank 0): temp files found at the start of a save can only
 come from a killed writer and are removed.
+
+State too large for one rank to gather (the feature bank: every rank holds a slice) goes into
+shard files beside the checkpoint, ``<checkpoint name>.shard-<what>-r<rank>``, one per rank,
+each written atomically by its own rank before rank 0 commits the checkpoint. The checkpoint
+lists them (``shard_files``: name, size, sha256), so it is committed only once every shard is
+complete; a resume skips a checkpoint whose shards are missing or truncated, and a shard's
+hash is checked by the rank that reads it.
 """
 from __future__ import annotations
 
@@ -32,6 +39,8 @@ log = logging.getLogger(__name__)
 SIDECAR_SUFFIX = ".sha256"
 BEST_NAME = "best.pt"  # checkpoint.keep_best's copy; outside _NAME, so resume never picks it
 SUPERSEDED_SUFFIX = ".superseded"
+SHARD_INFIX = ".shard-"
+SHARD_FILES = "shard_files"  # the checkpoint's list of its shard files
 _NAME = re.compile(r"^ckpt_e(\d+)_i(\d+)\.pt$")
 
 
@@ -46,6 +55,42 @@ def checkpoint_name(epoch: int, iteration: int) -> str:
 
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def shard_path(checkpoint: Path, what: str, rank: int) -> Path:
+    """Where rank ``rank`` writes its part of ``what`` for ``checkpoint``."""
+    return checkpoint.with_name(f"{checkpoint.name}{SHARD_INFIX}{what}-r{rank:05d}")
+
+
+def _shards_of(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + SHARD_INFIX + "*"))
+
+
+def save_shard(path: Path, state: Any) -> dict[str, Any]:
+    """Write one rank's shard atomically; what the checkpoint records of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def load_shard(directory: Path, described: dict[str, Any]) -> Any:
+    """A shard file a checkpoint in ``directory`` lists, after checking its hash."""
+    path = Path(directory) / described["file"]
+    _check_shard_size(path, described)
+    actual = _sha256(path)
+    if actual != described["sha256"]:
+        raise CheckpointError(f"checkpoint shard {path}: corrupt, sha256 {actual} does not "
+                              f"match {described['sha256']} recorded in its checkpoint; resume "
+                              "from the previous checkpoint (resume=<its path>)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _check_shard_size(path: Path, described: dict[str, Any]) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint shard {path}: no such file")
+    if path.stat().st_size != described["bytes"]:
+        raise CheckpointError(f"checkpoint shard {path}: {path.stat().st_size} bytes, its "
+                              f"checkpoint recorded {described['bytes']} (truncated?)")
 
 
 def _sha256(path: Path) -> str:
@@ -96,9 +141,9 @@ def _set_aside_newer(directory: Path, key: tuple[int, int]) -> None:
         if other_key > key:
             log.warning("%s is newer than the checkpoint just written (resumed from an older "
                         "one?): renaming it to %s", path, path.name + SUPERSEDED_SUFFIX)
-            sidecar = _sidecar(path)
-            if sidecar.exists():
-                sidecar.rename(sidecar.with_name(sidecar.name + SUPERSEDED_SUFFIX))
+            for companion in (_sidecar(path), *_shards_of(path)):
+                if companion.exists():
+                    companion.rename(companion.with_name(companion.name + SUPERSEDED_SUFFIX))
             path.rename(path.with_name(path.name + SUPERSEDED_SUFFIX))
 
 
@@ -114,10 +159,17 @@ def _prune(directory: Path, keep_last: int) -> None:
         if key < oldest_kept:
             _sidecar(path).unlink(missing_ok=True)
             path.unlink()
+            for shard in _shards_of(path):
+                shard.unlink()
             log.debug("pruned checkpoint %s", path)
     for sidecar in directory.glob(f"*.pt{SIDECAR_SUFFIX}"):
         if not sidecar.with_suffix("").exists():
             sidecar.unlink()
+    # shards whose checkpoint was never committed (a kill between the two) or is gone
+    for shard in directory.glob(f"ckpt_*.pt{SHARD_INFIX}*"):
+        if (not shard.name.endswith(SUPERSEDED_SUFFIX)
+                and not shard.with_name(shard.name.split(SHARD_INFIX)[0]).exists()):
+            shard.unlink()
 
 
 def keep_as_best(path: Path) -> Path:
@@ -141,8 +193,10 @@ def keep_as_best(path: Path) -> Path:
     return best
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load one checkpoint after checking its commit marker and hash; CheckpointError if not."""
+def load_checkpoint(path: Path, with_shards: bool = False) -> dict[str, Any]:
+    """Load one checkpoint after checking its commit marker and hash; CheckpointError if not.
+    ``with_shards`` (a resume): its shard files must be there too, at their recorded sizes
+    (an evaluation reads the model alone, from best.pt say, whose shards may be pruned)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -165,10 +219,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path}: unreadable by torch.load: {err}") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path}: holds a {type(state).__name__}, not a dict")
+    for described in state.get(SHARD_FILES, ()) if with_shards else ():
+        _check_shard_size(path.parent / described["file"], described)  # hashes: by readers
     return state
 
 
-def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
+def load_latest(directory: Path, with_shards: bool = False) -> tuple[dict[str, Any], Path] | None:
     """The newest checkpoint in `directory` that verifies and loads, with its path; None if
     there is none. Each one skipped is logged with the reason, so a silent fallback to an
     older epoch cannot go unnoticed."""
@@ -177,7 +233,7 @@ def load_latest(directory: Path) -> tuple[dict[str, Any], Path] | None:
         return None
     for _, path in reversed(_checkpoints(directory)):
         try:
-            return load_checkpoint(path), path
+            return load_checkpoint(path, with_shards), path
         except CheckpointError as err:
             log.warning("skipping %s; trying the previous checkpoint", err)
     return None

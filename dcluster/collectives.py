@@ -134,6 +134,20 @@ class Comm:
                     out[start:start + m] = received[src][:m].cpu().numpy()
         return out if self.is_main else None
 
+    def all_to_all_rows(self, rows: torch.Tensor, send_counts: Sequence[int],
+                        recv_counts: Sequence[int]) -> torch.Tensor:
+        """Personalised exchange: this rank's ``rows``, grouped by destination rank in rank
+        order (``send_counts[r]`` rows for rank r), go to their ranks; returns the rows this
+        rank receives, grouped by source rank (``recv_counts[s]`` from rank s), on the device
+        ``rows`` came from. Each row travels once, to its one destination."""
+        if self.world_size == 1:
+            return rows
+        staged = rows.to(self.device)
+        out = staged.new_empty((int(sum(recv_counts)), *rows.shape[1:]))
+        dist.all_to_all_single(out, staged, [int(n) for n in recv_counts],
+                               [int(n) for n in send_counts], group=self.group)
+        return out.to(rows.device)
+
     def all_gather_segments(self, full: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
         """Fill ``full`` (the same shape everywhere) on every rank from its owners: rank r
         owns ``full[bounds[r]:bounds[r + 1]]``. In place; returns ``full``."""

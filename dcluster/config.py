@@ -83,8 +83,26 @@ class PICConfig:
 
 
 @dataclass
+class BankConfig:
+    """The feature bank of clustering.features=training_pass (dcluster/feature_bank.py)."""
+    # a row the training passes have not rewritten for more than this many epochs is
+    # recomputed (centre crop, eval mode) before the clustering; 1: every image the last
+    # epoch did not draw (README: "Clustering the training pass's features")
+    max_age: int = 1
+    dtype: str = "float32"  # float32 | float16 | bfloat16: how the rows are stored
+    # device: the rank's GPU (its CPU without one); host: host memory (for a bank larger
+    # than the GPU can spare)
+    memory: str = "device"
+
+
+@dataclass
 class ClusteringConfig:
     method: str = "kmeans"  # kmeans | pic
+    # extra_pass: a forward pass over every image (centre crops, eval mode) before each
+    # clustering (the paper); training_pass: the features the last epoch's training forward
+    # computed, kept in a bank sharded across ranks (SwAV's DeepClusterV2)
+    features: str = "extra_pass"
+    bank: BankConfig = field(default_factory=BankConfig)
     k: int = 10000
     pca_dim: int = 256  # 0 keeps the full dimension
     # rows the PCA covariance is computed from, drawn per (seed, epoch); 0: all rows (the
@@ -263,6 +281,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "clustering.method": ("kmeans", "pic"),
     "clustering.device": ("auto", "cpu", "gpu"),
     "clustering.mode": ("gather", "sharded"),
+    "clustering.features": ("extra_pass", "training_pass"),
+    "clustering.bank.dtype": ("float32", "float16", "bfloat16"),
+    "clustering.bank.memory": ("device", "host"),
     "distributed.backend": ("auto", "gloo", "nccl"),
     "progress": ("auto", "always", "never"),
     "method": tuple(METHODS),
@@ -275,7 +296,8 @@ EXECUTION_ONLY_KEYS = frozenset(
     {"epochs", "resume", "overwrite", "threads", "progress", "data.workers", "tracking.uri",
      "tracking.plots", "checkpoint.keep_last", "checkpoint.interval", "data.path", "runs_root",
      "checkpoint.every_iterations", "checkpoint.every_minutes", "checkpoint.poll_every",
-     "distributed.backend", "distributed.timeout_s", "monitor.every", "checkpoint.keep_best"}
+     "distributed.backend", "distributed.timeout_s", "monitor.every", "checkpoint.keep_best",
+     "clustering.bank.memory"}
     # what `dcluster eval` measures afterwards never changes what training computes
     | {f"eval.{key}" for key in ("val_path", "val_fraction", "batch_size")}
     | {f"eval.knn.{f.name}" for f in dataclasses.fields(KnnEvalConfig)}
@@ -364,7 +386,7 @@ def validate(cfg: Config) -> None:
                 "data.crop_size", "data.resize_size", "clustering.pic.knn",
                 "clustering.pic.iterations", "model.width", "eval.batch_size", "eval.knn.k",
                 "eval.linear.pooled_dim", "eval.linear.epochs", "eval.linear.batch_size",
-                "extract.batch_size"):
+                "extract.batch_size", "clustering.bank.max_age"):
         check_key(flat[key] > 0, key, flat[key], "must be positive")
     for key in ("optim.lr", "clustering.pic.sigma", "eval.knn.temperature", "eval.linear.lr",
                 "distributed.timeout_s"):
@@ -403,6 +425,9 @@ def validate(cfg: Config) -> None:
     validate_monitor(cfg)
     if cfg.method == "mmdc":
         validate_mmdc(cfg)
+        check_key(cfg.clustering.features == "extra_pass", "clustering.features",
+                  cfg.clustering.features, "training_pass is DeepCluster's (method=deepcluster); "
+                  "MMDC assigns its targets from its own passes")
     data_path = Path(cfg.data.path)
     check_key(data_path.is_dir(), "data.path", cfg.data.path, "is not an existing directory")
 

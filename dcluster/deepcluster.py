@@ -3,13 +3,18 @@
     features of my shard -> PCA/whiten/L2 + k-means across ranks -> fresh head
     -> balanced order, my slice -> train (DDP) -> (the harness:) report -> checkpoint
 
+The features of my shard come from the paper's extra pass (clustering.features=extra_pass),
+or from the feature bank the last epoch's training forward filled (training_pass), with
+only its too-old rows recomputed (dcluster/feature_bank.py).
+
 Each step lives in its own module; this one wires them together. The same code runs for one
 process and for many: with one, every collective is the identity (dcluster/collectives.py).
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -23,11 +28,12 @@ from dcluster.config import Config, check_key
 from dcluster.distributed import my_indices
 from dcluster.evaluation.network import Network
 from dcluster.extract import ShardFeatures, extract_features
+from dcluster.feature_bank import FeatureBank, TrainingFeatureTap
 from dcluster.harness import RunContext, timed
 from dcluster.metrics import clustering_accuracy, nmi
 from dcluster.models import DeepClusterNet, build_model
-from dcluster.optimize import (EpochProgress, align_replicas, body_optimizer, data_parallel,
-                               pass_loss, sgd, train_one_epoch)
+from dcluster.optimize import (AfterForward, EpochProgress, align_replicas, body_optimizer,
+                               data_parallel, pass_loss, sgd, train_one_epoch)
 from dcluster.run_state import InterruptedEpoch, Stateful
 from dcluster.sampler import balanced_order, rank_slice
 from dcluster.seeding import derived_seed
@@ -37,7 +43,6 @@ log = logging.getLogger("dcluster.deepcluster")
 
 class DeepCluster:
     """The method: its network and optimisers, and the epoch."""
-    scored_at = "start"  # an epoch clusters the features it starts with, then trains
 
     def __init__(self, ctx: RunContext) -> None:
         cfg, env = ctx.cfg, ctx.env
@@ -53,6 +58,16 @@ class DeepCluster:
         self.body_optimizer = body_optimizer(self.model, cfg.optim, lr, env.device)
         self.head = Head(self.model, lambda params: sgd(params, cfg.optim, lr, env.device))
         self.net: nn.Module = self.model
+        self.bank: Optional[FeatureBank] = None
+        # an epoch clusters the features it starts with (the extra pass), or those of the
+        # last epoch's training forward (the bank), then trains
+        self.scored_at = "start"
+        if cfg.clustering.features == "training_pass":
+            self.bank = FeatureBank(len(ctx.source), ctx.comm, cfg.clustering.bank, env.device)
+            self.scored_at = "bank"
+            log.info("clustering features: the training pass's, in a feature bank (%s, %s "
+                     "memory), rows older than %d epoch(s) recomputed", cfg.clustering.bank.dtype,
+                     self.bank.storage, cfg.clustering.bank.max_age)
 
     @staticmethod
     def check_data(cfg: Config, n_images: int) -> None:
@@ -65,13 +80,20 @@ class DeepCluster:
                       cfg.clustering.pic.knn, f"needs more images than neighbours ({where})")
 
     def state(self) -> dict[str, Stateful]:
-        return {"head": self.head, "model": self.model, "body_optimizer": self.body_optimizer}
+        objects: dict[str, Stateful] = {"head": self.head, "model": self.model,
+                                        "body_optimizer": self.body_optimizer}
+        if self.bank is not None:
+            objects["bank"] = self.bank
+        return objects
 
     def after_restore(self) -> None:
         self.net = data_parallel(self.model, self.ctx.env, cfg=self.ctx.cfg.distributed)
 
     def share_state(self) -> None:
-        pass  # every rank holds the same labels, weights and optimiser state
+        """Every rank holds the same labels, weights and optimiser state; the bank's rows go
+        to the ranks that own them, which write them to their shard files."""
+        if self.bank is not None:
+            self.bank.flush()
 
     def run_epoch(self, epoch: int, resumed: Optional[InterruptedEpoch]) -> dict[str, float]:
         ctx, cfg, clusters = self.ctx, self.ctx.cfg, self.ctx.clusters
@@ -81,13 +103,10 @@ class DeepCluster:
             metrics = {"time_features": 0.0, "time_clustering": 0.0}
             recluster = clusters.labels is None or epoch % cfg.clustering.every == 0
         if recluster and not resumed:
-            # 1. features of this rank's shard (centre crops, eval mode)
+            # 1. features of this rank's shard: the extra pass (centre crops, eval mode), or
+            # the bank with its too-old rows recomputed so
             with timed(metrics, "time_features"):
-                shard = extract_features(self.model, ctx.pipelines, self.mine,
-                                         cfg.extract.batch_size, ctx.device, cfg.progress,
-                                         ctx.show, stop=ctx.stops.requested,
-                                         keep_on_device=True, execution=ctx.execution)
-            metrics["images_features"] = float(len(shard.indices))
+                shard = self.features_to_cluster(epoch, metrics)
             ctx.stop_point(epoch)
             # 2. PCA/whitening/L2 and k-means across ranks: every rank gets all N labels
             with timed(metrics, "time_clustering"):
@@ -116,12 +135,48 @@ class DeepCluster:
         # mid-epoch checkpoint or a stop
         done = resumed.progress(ctx.env.rank) if resumed else EpochProgress()
         optimizers = [self.body_optimizer, self.head.optimizer]
-        ctx.train_pass(epoch, lambda: train_one_epoch(
-            self.net, ctx.pipelines, order, clusters.labels, epoch, cfg.optim.batch_size,
-            optimizers, ctx.steps, done), done, metrics, reclustered=recluster)
+        with self.banking(epoch, len(order) - done.position) as after_forward:
+            ctx.train_pass(epoch, lambda: train_one_epoch(
+                self.net, ctx.pipelines, order, clusters.labels, epoch, cfg.optim.batch_size,
+                optimizers, ctx.steps, done, after_forward), done, metrics,
+                reclustered=recluster)
         align_replicas(self.model, ctx.comm)
         metrics["loss"] = pass_loss(done, ctx.comm)
         return metrics
+
+
+    def features_to_cluster(self, epoch: int, metrics: dict[str, float]) -> ShardFeatures:
+        """This rank's shard of the features the epoch clusters: the extra pass over all its
+        images, or the bank after a pass over just its rows older than max_age (all of them
+        in the first epoch). The pass ends early on a stop request."""
+        ctx, cfg, bank = self.ctx, self.ctx.cfg, self.bank
+        wanted = self.mine if bank is None else bank.stale(
+            epoch, cfg.clustering.bank.max_age, set(ctx.pipelines.bad_indices))
+        computed = extract_features(self.model, ctx.pipelines, wanted, cfg.extract.batch_size,
+                                    ctx.device, cfg.progress, ctx.show,
+                                    stop=ctx.stops.requested, keep_on_device=True,
+                                    execution=ctx.execution)
+        metrics["images_features"] = float(len(computed.indices))
+        if bank is None:
+            return computed
+        bank.refresh(computed, epoch)
+        refreshed = ctx.comm.all_reduce_sum(np.array([len(computed.indices)], dtype=np.float64))
+        metrics["bank_refreshed"] = float(refreshed[0]) / len(ctx.source)
+        return bank.features()
+
+    @contextmanager
+    def banking(self, epoch: int, capacity: int) -> Iterator[Optional[AfterForward]]:
+        """Around the training pass: with the bank, what each training step calls to record
+        the features its forward computed, and the rows' delivery to their owners after the
+        pass; without it, nothing."""
+        bank = self.bank
+        if bank is None:
+            yield None
+            return
+        bank.begin_pass(epoch, capacity)
+        with TrainingFeatureTap(self.model.clustering_feature_layer()) as tap:
+            yield lambda batch, iteration: bank.record(batch.indices, iteration, tap.take())
+        bank.flush()
 
 
 class Head:

@@ -26,10 +26,17 @@ def assignment_metrics(labels: np.ndarray, previous: Optional[np.ndarray],
     return out
 
 
+# which network the epoch's cluster scores measure (a method's ``scored_at``)
+SCORED_AT = {
+    "start": "start-of-epoch features",  # DeepCluster: the extra pass before the training
+    "bank": "training-pass features",  # DeepCluster: the bank of the last epoch's training
+    "end": "end-of-epoch features",  # MMDC: the trained embeddings
+}
+
+
 def format_epoch_line(epoch: int, epochs: int, m: dict[str, float], scored_at: str) -> str:
     """The epoch's one INFO line: what each method measured, in a fixed order. The cluster
-    scores say which network they measure: ``scored_at`` is "start" for DeepCluster (its
-    clusters come from the features before the epoch's training), "end" for MMDC."""
+    scores say which network they measure (``scored_at``, a key of SCORED_AT)."""
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m['loss']:.4f}"]
     if "loss_rotation" in m:
         parts.append(f"rotation loss {m['loss_rotation']:.4f}")
@@ -41,12 +48,14 @@ def format_epoch_line(epoch: int, epochs: int, m: dict[str, float], scored_at: s
         ("nmi_prev", "NMI(prev)"), ("nmi_classes", "NMI(classes)"), ("acc_classes", "ACC(classes)"),
         ("probe_nmi", "kmeans-C NMI"), ("probe_acc", "kmeans-C ACC")) if key in m]
     if scores:
-        parts.append(f"{scored_at}-of-epoch features: " + " ".join(scores))
+        parts.append(f"{SCORED_AT[scored_at]}: " + " ".join(scores))
     if "monitor_knn_top1" in m:
         parts.append(f"monitor (end of epoch): kNN top1 {m['monitor_knn_top1']:.3f} k-means NMI "
                      f"{m['monitor_kmeans_nmi']:.3f} ACC {m['monitor_kmeans_acc']:.3f}")
     if "n_empty" in m:
         parts.append(f"empty {int(m['n_empty'])} (reseeded {int(m['n_reseeded'])})")
+    if "bank_refreshed" in m:
+        parts.append(f"bank refreshed {100 * m['bank_refreshed']:.0f}%")
     if "clusters_empty" in m:
         parts.append(f"empty {int(m['clusters_empty'])}")
     parts.append(f"time features {m['time_features']:.1f}s clustering {m['time_clustering']:.1f}s "

@@ -16,16 +16,17 @@ from dcluster.logs import progress
 
 @dataclass
 class ShardFeatures:
-    # float32 (n, D), row i belongs to global image indices[i]: a host array, or with
-    # keep_on_device a tensor on the device that computed it (the clustering stage's PCA
-    # runs there)
+    # (n, D), row i belongs to global image indices[i]: a float32 host array, or with
+    # keep_on_device a float32 tensor on the device that computed it (the clustering stage's
+    # PCA runs there); from a feature bank, a tensor in the bank's dtype
     features: Union[np.ndarray, torch.Tensor]
     indices: np.ndarray  # int64 (n,), in the order the shard was given, unreadable ones absent
 
     def host_features(self) -> np.ndarray:
-        """The features as a host array (a copy only if they are on a GPU)."""
+        """The features as a float32 host array (a copy only if they are on a GPU or stored
+        in another dtype, as a feature bank may store them)."""
         f = self.features
-        return f.cpu().numpy() if isinstance(f, torch.Tensor) else f
+        return f.float().cpu().numpy() if isinstance(f, torch.Tensor) else f
 
 
 def extract_features(model: nn.Module, pipelines: Pipelines, indices: Sequence[int],

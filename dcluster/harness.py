@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterator, Optional, Protocol
 import torch
 from torch import nn
 
-from dcluster.checkpoint import (CheckpointError, capture_rng_state, keep_as_best, load_checkpoint,
-                                 load_latest, restore_rng_state, save_checkpoint)
+from dcluster.checkpoint import (SHARD_FILES, CheckpointError, capture_rng_state, checkpoint_name,
+                                 keep_as_best, load_checkpoint, load_latest, restore_rng_state,
+                                 save_checkpoint, save_shard, shard_path)
 from dcluster.collectives import Comm
 from dcluster.config import Config, config_hash
 from dcluster.data import ImageSource, Pipelines, build_pipelines, open_source
@@ -40,7 +41,8 @@ from dcluster.monitor import Monitor, is_best_epoch, monitored
 from dcluster.optimize import EpochProgress, Pause, StepLoop
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
-                                Stateful, check_compatible, restore_objects, upgraded)
+                                Stateful, check_compatible, restore_objects, sharded_objects,
+                                upgraded)
 from dcluster.seeding import derived_seed, seed_everything
 from dcluster.stop import StopPoints, StopRequest, TrainingStopped
 from dcluster.telemetry import speed_metrics
@@ -63,7 +65,7 @@ class Method(Protocol):
     """A training method on the harness; built as ``Method(ctx)``."""
     model: nn.Module  # the network: its buffers are saved per rank in mid-epoch checkpoints
     epochs: int  # the epochs of a whole run
-    scored_at: str  # "start" or "end": the epoch's cluster scores measure the network then
+    scored_at: str  # which network the epoch's cluster scores measure (epoch_report.SCORED_AT)
 
     @staticmethod
     def check_data(cfg: Config, n_images: int) -> None:
@@ -182,8 +184,10 @@ class Checkpointer:
         if self.saved_at == (epoch, step):
             return
         ctx = self.ctx
+        shards = self.write_shards(ctx.run.checkpoints / checkpoint_name(epoch, step))
         if ctx.env.is_main:
-            self.last = save_checkpoint(ctx.run.checkpoints, self.payload(epoch, step, in_epoch),
+            self.last = save_checkpoint(ctx.run.checkpoints,
+                                        self.payload(epoch, step, in_epoch, shards),
                                         epoch=epoch, iteration=step,
                                         keep_last=ctx.cfg.checkpoint.keep_last)
             if step == 0 and is_best_epoch(ctx.cfg, self.progress.history, epoch):
@@ -191,6 +195,15 @@ class Checkpointer:
         ctx.comm.barrier()
         ctx.stops.saved()
         self.saved_at = (epoch, step)
+
+    def write_shards(self, checkpoint: Path) -> dict[str, list[dict[str, Any]]]:
+        """Every rank writes its part of each sharded object (the feature bank) beside the
+        checkpoint about to be committed; what each rank wrote, by object, in rank order (a
+        collective: a rank returns only once every shard is complete)."""
+        rank = self.ctx.env.rank
+        return {name: self.ctx.comm.all_gather_object(
+                    save_shard(shard_path(checkpoint, name, rank), obj.shard_state()))
+                for name, obj in sharded_objects(self.objects).items()}
 
     def stop(self, signum: int, epoch: int, step: int = 0,
              in_epoch: Optional[InterruptedEpoch] = None, iterations: int = 0) -> None:
@@ -210,7 +223,8 @@ class Checkpointer:
         return InterruptedEpoch(stage, offset, dict(metrics), dict(extra),
                                 self.ctx.comm.all_gather_object(mine))
 
-    def payload(self, epoch: int, step: int, in_epoch: Optional[InterruptedEpoch]) -> dict[str, Any]:
+    def payload(self, epoch: int, step: int, in_epoch: Optional[InterruptedEpoch],
+                shards: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         progress = self.progress
         return {
             "format": FORMAT_VERSION,
@@ -223,7 +237,9 @@ class Checkpointer:
             "history": list(progress.history),
             "bad_images": dict(progress.bad_images),
             "mlflow_run_id": progress.mlflow_run_id,
-            **{name: obj.state_dict() for name, obj in self.objects.items()},
+            **{name: {**obj.state_dict(), **({"shards": shards[name]} if name in shards else {})}
+               for name, obj in self.objects.items()},
+            SHARD_FILES: [described for files in shards.values() for described in files],
             "rng": capture_rng_state(),  # last, after everything else is decided
         }
 
@@ -318,7 +334,7 @@ def resume(ctx: RunContext, method: Method, progress: RunProgress,
         return None
     payload = upgraded(found[0] if found else load_checkpoint(Path(path)))
     check_compatible(payload, chash, fingerprint, path)
-    restore_objects(payload, objects, path)
+    restore_objects(payload, objects, Path(path))
     method.after_restore()
     restore_rng_state(payload["rng"])
     progress.next_epoch, progress.history = payload["epoch"], list(payload["history"])
@@ -340,9 +356,9 @@ def find_resume_checkpoint(cfg: Config, run: RunDir) -> Optional[tuple[dict[str,
     if cfg.resume == "never":
         return None
     if cfg.resume == "auto":
-        return load_latest(run.checkpoints)
+        return load_latest(run.checkpoints, with_shards=True)
     path = Path(cfg.resume)
-    return load_checkpoint(path), path
+    return load_checkpoint(path, with_shards=True), path
 
 
 def continue_streams(in_epoch: InterruptedEpoch, epoch: int, model: nn.Module, env: Env,

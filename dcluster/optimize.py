@@ -211,17 +211,27 @@ class StepLoop:
             yield item
 
 
+# called after each training forward with its batch and the pass's iteration (the bank)
+AfterForward = Callable[[Any, int], None]
+
+
 def train_one_epoch(net: nn.Module, pipelines: Pipelines, order: Sequence[int], labels: np.ndarray,
                     epoch: int, batch_size: int, optimizers: Sequence[torch.optim.Optimizer],
-                    steps: StepLoop, done: EpochProgress) -> Optional[Pause]:
+                    steps: StepLoop, done: EpochProgress,
+                    after_forward: Optional[AfterForward] = None) -> Optional[Pause]:
     """DeepCluster's training pass: cross-entropy of ``net`` on the pseudo-labels ``labels``
-    over this rank's ``order``, from ``done.position`` on (see :meth:`StepLoop.run`)."""
+    over this rank's ``order``, from ``done.position`` on (see :meth:`StepLoop.run`).
+    ``after_forward(batch, iteration)``: told of each forward (the feature bank reads the
+    features it computed)."""
     criterion = nn.CrossEntropyLoss()
 
     def loss_of(batch) -> tuple[torch.Tensor, int]:
         images = steps.execution.images(batch.images)
         targets = batch.targets.to(steps.device, non_blocking=True)
-        return criterion(net(images), targets), images.shape[0]
+        loss = criterion(net(images), targets)
+        if after_forward is not None:
+            after_forward(batch, done.iterations)
+        return loss, images.shape[0]
 
     batches = pipelines.train_batches(order, labels, epoch, batch_size, done.position)
     return steps.run(net, batches, num_batches(len(order), batch_size, done.position), "train",

@@ -10,11 +10,12 @@ pack and one unpack for every method (the idiom of SwAV's ``restart_from_checkpo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
-from dcluster.checkpoint import CheckpointError
+from dcluster.checkpoint import CheckpointError, load_shard
 from dcluster.optimize import EpochProgress
 
 # 2 added mid-epoch checkpoints; 3 names every object's state; 4 numbers the history's epochs
@@ -31,6 +32,24 @@ class Stateful(Protocol):
 
     def load_state_dict(self, state: dict[str, Any]) -> Any:
         ...
+
+
+class ShardedStateful(Stateful, Protocol):
+    """An object too large for rank 0 to gather (the feature bank): every rank writes its own
+    part to a shard file beside the checkpoint (Checkpointer.write_shards), and the checkpoint
+    holds ``state_dict()`` with the list of those files under "shards"."""
+
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's part, for its shard file."""
+        ...
+
+    def load_shards(self, state: dict[str, Any], read: Callable[[int], dict[str, Any]]) -> None:
+        """Restore from the checkpoint's ``state``; ``read(r)`` loads the part rank r wrote."""
+        ...
+
+
+def sharded_objects(objects: dict[str, Stateful]) -> dict[str, ShardedStateful]:
+    return {name: obj for name, obj in objects.items() if hasattr(obj, "shard_state")}
 
 
 @dataclass
@@ -134,12 +153,19 @@ def check_compatible(payload: dict[str, Any], config_hash: str, data_fingerprint
                               "folder or start a new run")
 
 
-def restore_objects(payload: dict[str, Any], objects: dict[str, Stateful], source: str) -> None:
+def restore_objects(payload: dict[str, Any], objects: dict[str, Stateful], source: Path) -> None:
     """Load every named object's state, in the mapping's order (a method lists first what
-    shapes the others: DeepCluster's head before the model that holds it)."""
+    shapes the others: DeepCluster's head before the model that holds it); a sharded
+    object's parts from the shard files beside the checkpoint ``source``."""
     missing = [name for name in objects if name not in payload]
     if missing:
         raise CheckpointError(f"{source}: holds no {', '.join(missing)} (a checkpoint of "
-                              "another method?)")
+                              "another method, or of another clustering.features?)")
+    sharded = sharded_objects(objects)
     for name, obj in objects.items():
-        obj.load_state_dict(payload[name])
+        if name in sharded:
+            files = payload[name]["shards"]
+            sharded[name].load_shards(payload[name], lambda rank, files=files: load_shard(
+                source.parent, files[rank]))
+        else:
+            obj.load_state_dict(payload[name])

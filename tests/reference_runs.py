@@ -209,6 +209,17 @@ def pair_reference(digits_subset, tmp_path_factory) -> Run:
                          "pair_reference", 2, EPOCHS, "--save-weights", str(new_dir(tmp / "weights")))
 
 
+BANK = ("clustering.features=training_pass",)  # DeepCluster on the feature bank
+
+
+@pytest.fixture(scope="session")
+def bank_pair_reference(digits_subset, tmp_path_factory) -> Run:
+    """The DeepCluster run on the feature bank never stopped, two ranks."""
+    tmp = tmp_path_factory.mktemp("bank_pair_reference")
+    return reference_run(tmp, train_args(digits_subset, tmp / "runs", "bank_pair_reference",
+                                         *BANK), "bank_pair_reference", 2, EPOCHS)
+
+
 @pytest.fixture(scope="session")
 def mmdc_reference(digits_subset, tmp_path_factory) -> Run:
     """The tiny MMDC run never stopped, one process."""

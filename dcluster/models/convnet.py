@@ -86,6 +86,12 @@ class DeepClusterNet(nn.Module):
             h = layer(h)
         return h
 
+    def clustering_feature_layer(self) -> nn.Module:
+        """The module whose output, flattened, is :meth:`clustering_features`: a forward hook
+        on it reads the features of a training forward without a second pass (the feature
+        bank). Its output is taken before the in-place ReLU that follows overwrites it."""
+        return self.classifier[-2] if len(self.classifier) else self.body
+
     def reset_head(self, k: int, generator: torch.Generator) -> nn.Linear:
         """A fresh k-way head with the paper's init, drawn from `generator` so that every
         process that draws from the same seed builds the identical head."""

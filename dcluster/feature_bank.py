@@ -1,0 +1,264 @@
+"""The feature bank of ``clustering.features=training_pass``: the clustering features the
+training forward already computed, so that an epoch needs no second pass over the data (the
+paper's extra pass takes about a third of an epoch; SwAV's DeepClusterV2 keeps such a bank).
+
+Rows are sharded across ranks by global index, exactly as the extra pass shards its images
+(contiguous ranges, distributed.shard_bounds), so the clustering stage reads the bank as it
+reads the extra pass's output. The rank that trains on an image is another matter: the
+balanced order deals images to ranks without regard to their index. So each rank keeps the
+rows it computes in an outbox, and :meth:`FeatureBank.flush` (at the end of the training
+pass, and before a mid-epoch checkpoint) sends each row once to the rank that owns it.
+
+Every row carries a stamp saying when it was computed: ``epoch * STAMP_EPOCH`` for a row the
+refresh pass (centre crop, eval mode) computed at the start of ``epoch``, and
+``epoch * STAMP_EPOCH + 1 + iteration * world_size + rank`` for one a training step computed.
+An image the balanced sampler drew twice keeps its latest row, whichever rank sent it and in
+whatever order the rows arrive, and a resumed epoch stamps its rows as the uninterrupted one
+would. Before a clustering, the rows older than ``clustering.bank.max_age`` epochs (and those
+never computed: the first epoch's whole bank) are recomputed by the refresh pass, so every
+clustered row is at most that old.
+
+The bank is part of the run state: each rank writes its rows to its own shard file beside the
+checkpoint (checkpoint.py), none gathered to one rank, and a resume with another number of
+ranks reads the overlapping parts of the old shards.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from dcluster.collectives import Comm
+from dcluster.config import BankConfig
+from dcluster.distributed import shard_bounds
+from dcluster.extract import ShardFeatures
+
+log = logging.getLogger(__name__)
+
+STAMP_EPOCH = 1 << 40
+"""Stamps per epoch: more than any epoch's iterations times ranks (plus the refresh's one)."""
+NEVER = -1  # the stamp of a row nothing has computed yet
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def stamp_epoch(stamps: np.ndarray) -> np.ndarray:
+    """The epoch each row was computed in (meaningless for NEVER)."""
+    return stamps // STAMP_EPOCH
+
+
+def training_stamp(epoch: int, iteration: int, rank: int, world_size: int) -> int:
+    return epoch * STAMP_EPOCH + 1 + iteration * world_size + rank
+
+
+class FeatureBank:
+    """This rank's rows of the bank (global indices ``lo..hi-1``) and its outbox."""
+
+    def __init__(self, n_images: int, comm: Comm, cfg: BankConfig, device: torch.device) -> None:
+        self.n_images, self.comm = n_images, comm
+        self.bounds = shard_bounds(n_images, comm.world_size)
+        self.lo, self.hi = int(self.bounds[comm.rank]), int(self.bounds[comm.rank + 1])
+        self.dtype = DTYPES[cfg.dtype]
+        self.storage = device if cfg.memory == "device" else torch.device("cpu")
+        self.rows: Optional[torch.Tensor] = None  # (hi - lo, dim), allocated at the first row
+        self.stamps = np.full(self.hi - self.lo, NEVER, dtype=np.int64)
+        self._outbox = Outbox()
+
+    # ---------------------------------------------------------------- the training pass
+
+    def begin_pass(self, epoch: int, capacity: int) -> None:
+        """Get ready for a training pass (or the rest of one) of at most ``capacity`` images."""
+        self._outbox = Outbox(epoch, capacity, self.dtype, self.storage)
+
+    def record(self, indices: torch.Tensor, iteration: int, features: torch.Tensor) -> None:
+        """The features a training step computed for the images ``indices`` (global, host
+        int64), the step's ``iteration`` in the pass (equal on every rank)."""
+        self._outbox.add(indices, training_stamp(self._outbox.epoch, iteration, self.comm.rank,
+                                                 self.comm.world_size), features)
+
+    def flush(self) -> None:
+        """Send every row of every rank's outbox to its owner, which keeps the newest row of
+        each image; called on every rank (a collective), after which the outboxes are empty."""
+        indices, stamps, rows = self._outbox.take()
+        owner = np.searchsorted(self.bounds, indices, side="right") - 1
+        by_owner = np.argsort(owner, kind="stable")
+        send_counts = np.bincount(owner, minlength=self.comm.world_size)
+        counts = self.comm.all_gather_object((send_counts.tolist(), rows.shape[1] if rows.numel()
+                                              else 0))
+        self._allocate(max(dim for _, dim in counts))
+        if self.rows is None:  # no row anywhere yet
+            return
+        recv_counts = [sent[self.comm.rank] for sent, _ in counts]
+        meta = torch.from_numpy(np.stack([indices, stamps], axis=1)[by_owner])
+        meta = self.comm.all_to_all_rows(meta, send_counts, recv_counts).numpy()
+        payload = as_bytes(rows.reshape(-1, self.rows.shape[1])[torch.from_numpy(by_owner)
+                                                                .to(rows.device)])
+        received = from_bytes(self.comm.all_to_all_rows(payload, send_counts, recv_counts),
+                              self.dtype)
+        self._keep_newest(meta[:, 0] - self.lo, meta[:, 1], received)
+
+    # ---------------------------------------------------------------- before a clustering
+
+    def stale(self, epoch: int, max_age: int, unreadable: Optional[set[int]] = None) -> np.ndarray:
+        """This rank's images (global, ascending) whose rows are older than ``max_age`` epochs
+        at the start of ``epoch``, or were never computed; ``unreadable`` ones are left out."""
+        old = (self.stamps == NEVER) | (epoch - stamp_epoch(self.stamps) > max_age)
+        found = self.lo + np.flatnonzero(old)
+        if unreadable:
+            found = found[~np.isin(found, np.fromiter(unreadable, dtype=np.int64))]
+        return found
+
+    def refresh(self, computed: ShardFeatures, epoch: int) -> None:
+        """Rows the refresh pass computed at the start of ``epoch`` (a collective: every rank
+        calls it, with or without rows)."""
+        dims = self.comm.all_gather_object(int(computed.features.shape[1])
+                                           if len(computed.indices) else 0)
+        self._allocate(max(dims))
+        if len(computed.indices):
+            self._keep_newest(computed.indices - self.lo,
+                              np.full(len(computed.indices), epoch * STAMP_EPOCH),
+                              torch.as_tensor(computed.features))
+
+    def features(self) -> ShardFeatures:
+        """What the clustering stage reads: this rank's rows that hold a feature, in index
+        order (a copy in the bank's dtype, on its memory; the PCA works in float32 chunks)."""
+        present = np.flatnonzero(self.stamps != NEVER)
+        if self.rows is None:
+            return ShardFeatures(features=torch.empty((0, 0)), indices=present)
+        return ShardFeatures(features=self.rows[torch.from_numpy(present).to(self.storage)],
+                             indices=self.lo + present)
+
+    def ages(self, epoch: int) -> np.ndarray:
+        """How many epochs old each present row is at the start of ``epoch`` (0: refreshed)."""
+        present = self.stamps != NEVER
+        return epoch - stamp_epoch(self.stamps[present])
+
+    # ---------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the checkpoint itself records; the rows are in the ranks' shard files."""
+        return {"n_images": self.n_images, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's shard file: its rows and stamps (the outbox is flushed before a save)."""
+        assert not self._outbox.count, "flush the outbox before a checkpoint"
+        return {"lo": self.lo, "hi": self.hi, "stamps": self.stamps.copy(),
+                "rows": None if self.rows is None else self.rows.cpu()}
+
+    def load_shards(self, state: dict[str, Any], read: Callable[[int], dict[str, Any]]) -> None:
+        """Restore this rank's rows from the shards of the ``len(state["shards"])`` ranks that
+        wrote them, reading (``read(rank)``) only those that overlap its range."""
+        if state["n_images"] != self.n_images or state["dtype"] != self.state_dict()["dtype"]:
+            raise ValueError(f"the checkpoint's feature bank holds {state['n_images']} "
+                             f"{state['dtype']} rows, this run's has {self.n_images} "
+                             f"{self.state_dict()['dtype']}")
+        old = shard_bounds(self.n_images, len(state["shards"]))
+        for rank in range(len(state["shards"])):
+            lo, hi = max(self.lo, int(old[rank])), min(self.hi, int(old[rank + 1]))
+            if lo >= hi:
+                continue
+            shard = read(rank)
+            part = slice(lo - shard["lo"], hi - shard["lo"])
+            self.stamps[lo - self.lo:hi - self.lo] = shard["stamps"][part]
+            if shard["rows"] is not None:
+                self._allocate(shard["rows"].shape[1])
+                self.rows[lo - self.lo:hi - self.lo] = shard["rows"][part].to(self.storage)
+
+    # ---------------------------------------------------------------- internals
+
+    def _allocate(self, dim: int) -> None:
+        if self.rows is None and dim:
+            self.rows = torch.zeros((self.hi - self.lo, dim), dtype=self.dtype,
+                                    device=self.storage)
+            log.debug("feature bank: %d x %d %s rows on %s (%.1f MB)", self.hi - self.lo, dim,
+                      self.dtype, self.storage, self.rows.numel() * self.rows.element_size() / 1e6)
+
+    def _keep_newest(self, local: np.ndarray, stamps: np.ndarray, rows: torch.Tensor) -> None:
+        """Write the rows that are newer than what the bank holds (a row is never replaced by
+        an older one); of an image given several times, the newest."""
+        newest_first = np.argsort(-stamps, kind="stable")
+        _, first = np.unique(local[newest_first], return_index=True)
+        chosen = newest_first[first]
+        chosen = chosen[stamps[chosen] > self.stamps[local[chosen]]]
+        self._write(local[chosen], stamps[chosen], rows[torch.from_numpy(chosen).to(rows.device)])
+
+    def _write(self, local: np.ndarray, stamps: np.ndarray, rows: torch.Tensor) -> None:
+        """Rows at local positions ``local`` (distinct) with their stamps."""
+        assert self.rows is not None
+        self.rows[torch.from_numpy(local).to(self.storage)] = rows.to(self.storage, self.dtype)
+        self.stamps[local] = stamps
+
+
+class Outbox:
+    """The rows a rank computed in its training pass, kept until the next flush."""
+
+    def __init__(self, epoch: int = 0, capacity: int = 0, dtype: torch.dtype = torch.float32,
+                 storage: torch.device = torch.device("cpu")) -> None:
+        self.epoch, self.capacity, self.dtype, self.storage = epoch, capacity, dtype, storage
+        self.indices = np.empty(capacity, dtype=np.int64)
+        self.stamps = np.empty(capacity, dtype=np.int64)
+        self.rows: Optional[torch.Tensor] = None  # allocated at the first row (its width)
+        self.count = 0
+
+    def add(self, indices: torch.Tensor, stamp: int, features: torch.Tensor) -> None:
+        n = indices.shape[0]
+        if self.count + n > self.capacity:
+            raise RuntimeError(f"feature bank outbox: {self.count + n} rows in a pass of "
+                               f"{self.capacity} images")
+        if self.rows is None:
+            self.rows = torch.empty((self.capacity, features.shape[1]), dtype=self.dtype,
+                                    device=self.storage)
+        self.rows[self.count:self.count + n] = features.detach().to(self.storage, self.dtype)
+        self.indices[self.count:self.count + n] = indices.numpy()
+        self.stamps[self.count:self.count + n] = stamp
+        self.count += n
+
+    def take(self) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+        """The rows so far (indices, stamps, rows), leaving the outbox empty."""
+        n = self.count
+        rows = self.rows[:n] if self.rows is not None else torch.empty((0, 0), dtype=self.dtype)
+        taken = (self.indices[:n].copy(), self.stamps[:n].copy(), rows.clone())
+        self.count = 0
+        return taken
+
+
+def as_bytes(rows: torch.Tensor) -> torch.Tensor:
+    """(n, dim) rows of any dtype as (n, dim * itemsize) uint8: every backend exchanges bytes
+    (gloo has no bfloat16)."""
+    return rows.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)
+
+
+def from_bytes(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return data.contiguous().view(dtype)
+
+
+class TrainingFeatureTap:
+    """Reads the clustering features of each training forward through a hook on the layer
+    that computes them (DeepClusterNet.clustering_feature_layer), before the in-place ReLU
+    after it overwrites them; used as a context manager around a training pass."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.last: Optional[torch.Tensor] = None
+        self._handle: Any = None
+
+    def __enter__(self) -> "TrainingFeatureTap":
+        def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            self.last = output.detach().flatten(1).clone()
+
+        self._handle = self.layer.register_forward_hook(keep)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+        self.last = None
+
+    def take(self) -> torch.Tensor:
+        """The features of the forward just run."""
+        if self.last is None:
+            raise RuntimeError("no training forward has run through the tapped layer")
+        features, self.last = self.last, None
+        return features
