@@ -9,7 +9,8 @@
 3. the clustering stage on the GPU against bare FAISS GPU k-means on the same vectors
    (``benchmarks/bench_clustering.py --device cuda``, N=200k x 4096, k=10,000; goal 1.10x);
 4. a 2-epoch ``dcluster train`` on the GPU, killed with SIGKILL after its first mid-epoch
-   checkpoint and run again: it must resume and finish;
+   checkpoint and run again: it must resume and finish; the same with the feature bank
+   (``clustering.features=training_pass``, float16 rows in GPU memory);
 5. the code paths that ran, from the logs.
 
 It writes a few thousand ImageNet-sized JPEGs to a temporary folder first. Without a GPU it
@@ -47,6 +48,7 @@ PATH_MARKERS = {
     "passes": "passes on cuda",
     "stop_poll": "stop and checkpoint agreement every",
     "resumed": "resuming from",
+    "feature_bank_on_gpu": "in a feature bank (float16, cuda",
 }
 
 
@@ -168,18 +170,19 @@ def pass_rates(data: Path, decode: str, workers: int, arch: str, batch: int,
     return {key: round(value, 3) for key, value in out.items()}
 
 
-def kill_and_resume(data: Path, runs: Path, logs: Path, timeout: float) -> dict[str, Any]:
+def kill_and_resume(data: Path, runs: Path, logs: Path, timeout: float, name: str = "gpu_check",
+                    extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """`dcluster train` for 2 epochs on the GPU, SIGKILLed once its first mid-epoch checkpoint
-    of epoch 1 is on disk, then run again to the end."""
-    args = [sys.executable, "-m", "dcluster", "train", "configs/demo.yaml", "name=gpu_check",
+    of epoch 1 is on disk, then run again to the end (with ``extra`` overrides)."""
+    args = [sys.executable, "-m", "dcluster", "train", "configs/demo.yaml", f"name={name}",
             f"data.path={data}", f"runs_root={runs}", "epochs=2", "model.arch=alexnet",
             "model.fc_dim=4096", "model.fc_init=paper", "data.crop_size=224",
             "data.resize_size=256", "data.workers=8", "optim.batch_size=256", "clustering.k=100",
             "clustering.pca_dim=256", "checkpoint.every_iterations=4", "optim.precision=bf16",
-            "progress=never", "threads=8", "eval.class_kmeans=false"]
-    checkpoints = runs / "gpu_check" / "checkpoints"
+            "progress=never", "threads=8", "eval.class_kmeans=false", *extra]
+    checkpoints = runs / name / "checkpoints"
     start = time.perf_counter()
-    with open(logs / "train_killed.log", "w") as out:
+    with open(logs / f"{name}_killed.log", "w") as out:
         proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         killed = False
         while proc.poll() is None and time.perf_counter() - start < timeout:
@@ -194,8 +197,8 @@ def kill_and_resume(data: Path, runs: Path, logs: Path, timeout: float) -> dict[
         proc.wait()
     result: dict[str, Any] = {"killed": killed,
                               "killed_after_s": round(time.perf_counter() - start, 1)}
-    resumed = run_command(args, timeout, logs / "train_resumed.log")
-    text = (logs / "train_resumed.log").read_text()
+    resumed = run_command(args, timeout, logs / f"{name}_resumed.log")
+    text = (logs / f"{name}_resumed.log").read_text()
     result.update(resume_rc=resumed["rc"], resume_seconds=resumed["seconds"],
                   resumed_inside_epoch="inside epoch 1" in text,
                   finished=(checkpoints / "ckpt_e000002_i0000000.pt").is_file())
@@ -253,6 +256,11 @@ def main() -> int:
     print("clustering", json.dumps(report["clustering"])[:2000], flush=True)
     report["kill_resume"] = kill_and_resume(data, work / "runs", logs, 150)
     print("kill_resume", json.dumps(report["kill_resume"]), flush=True)
+    # the feature bank on the GPU: float16 rows in GPU memory, written under bf16 autocast
+    report["bank_kill_resume"] = kill_and_resume(
+        data, work / "runs", logs, 150, "gpu_check_bank",
+        ("clustering.features=training_pass", "clustering.bank.dtype=float16"))
+    print("bank_kill_resume", json.dumps(report["bank_kill_resume"]), flush=True)
     report["code_paths"] = code_paths(logs)
     report["goals"] = goals(report)
     print(f"logs and images in {work}")

@@ -90,6 +90,8 @@ class BankConfig:
     # epoch did not draw (README: "Clustering the training pass's features")
     max_age: int = 1
     dtype: str = "float32"  # float32 | float16 | bfloat16: how the rows are stored
+    # a training row blends into the row held: m * held + (1 - m) * new (0: replaces it)
+    momentum: float = 0.9
     # device: the rank's GPU (its CPU without one); host: host memory (for a bank larger
     # than the GPU can spare)
     memory: str = "device"
@@ -400,6 +402,8 @@ def validate(cfg: Config) -> None:
         check_key(flat[key] >= 0, key, flat[key], "must not be negative")
     check_key(0.0 <= cfg.model.dropout < 1.0, "model.dropout", cfg.model.dropout,
               "must be in [0, 1)")
+    check_key(0.0 <= cfg.clustering.bank.momentum < 1.0, "clustering.bank.momentum",
+              cfg.clustering.bank.momentum, "must be in [0, 1)")
     check_key(0.0 < cfg.data.min_scale <= 1.0, "data.min_scale", cfg.data.min_scale,
            "must be in (0, 1]")
     check_key(0.0 <= cfg.data.max_bad_fraction < 1.0, "data.max_bad_fraction",

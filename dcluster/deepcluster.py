@@ -144,7 +144,6 @@ class DeepCluster:
         metrics["loss"] = pass_loss(done, ctx.comm)
         return metrics
 
-
     def features_to_cluster(self, epoch: int, metrics: dict[str, float]) -> ShardFeatures:
         """This rank's shard of the features the epoch clusters: the extra pass over all its
         images, or the bank after a pass over just its rows older than max_age (all of them

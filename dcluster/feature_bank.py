@@ -12,9 +12,10 @@ pass, and before a mid-epoch checkpoint) sends each row once to the rank that ow
 Every row carries a stamp saying when it was computed: ``epoch * STAMP_EPOCH`` for a row the
 refresh pass (centre crop, eval mode) computed at the start of ``epoch``, and
 ``epoch * STAMP_EPOCH + 1 + iteration * world_size + rank`` for one a training step computed.
-An image the balanced sampler drew twice keeps its latest row, whichever rank sent it and in
-whatever order the rows arrive, and a resumed epoch stamps its rows as the uninterrupted one
-would. Before a clustering, the rows older than ``clustering.bank.max_age`` epochs (and those
+Rows are taken in oldest first, whichever rank sent them and in whatever order they arrive:
+each replaces the row held, or with ``clustering.bank.momentum`` m blends into it (an average
+over an image's last draws, which damps the noise of a single augmented crop). A resumed epoch
+stamps its rows as the uninterrupted one would, so it ends with the same bank. Before a clustering, the rows older than ``clustering.bank.max_age`` epochs (and those
 never computed: the first epoch's whole bank) are recomputed by the refresh pass, so every
 clustered row is at most that old.
 
@@ -62,6 +63,7 @@ class FeatureBank:
         self.bounds = shard_bounds(n_images, comm.world_size)
         self.lo, self.hi = int(self.bounds[comm.rank]), int(self.bounds[comm.rank + 1])
         self.dtype = DTYPES[cfg.dtype]
+        self.momentum = cfg.momentum
         self.storage = device if cfg.memory == "device" else torch.device("cpu")
         self.rows: Optional[torch.Tensor] = None  # (hi - lo, dim), allocated at the first row
         self.stamps = np.full(self.hi - self.lo, NEVER, dtype=np.int64)
@@ -98,7 +100,7 @@ class FeatureBank:
                                                                 .to(rows.device)])
         received = from_bytes(self.comm.all_to_all_rows(payload, send_counts, recv_counts),
                               self.dtype)
-        self._keep_newest(meta[:, 0] - self.lo, meta[:, 1], received)
+        self._keep_newest(meta[:, 0] - self.lo, meta[:, 1], received, self.momentum)
 
     # ---------------------------------------------------------------- before a clustering
 
@@ -176,14 +178,32 @@ class FeatureBank:
             log.debug("feature bank: %d x %d %s rows on %s (%.1f MB)", self.hi - self.lo, dim,
                       self.dtype, self.storage, self.rows.numel() * self.rows.element_size() / 1e6)
 
-    def _keep_newest(self, local: np.ndarray, stamps: np.ndarray, rows: torch.Tensor) -> None:
-        """Write the rows that are newer than what the bank holds (a row is never replaced by
-        an older one); of an image given several times, the newest."""
-        newest_first = np.argsort(-stamps, kind="stable")
-        _, first = np.unique(local[newest_first], return_index=True)
-        chosen = newest_first[first]
-        chosen = chosen[stamps[chosen] > self.stamps[local[chosen]]]
-        self._write(local[chosen], stamps[chosen], rows[torch.from_numpy(chosen).to(rows.device)])
+    def _keep_newest(self, local: np.ndarray, stamps: np.ndarray, rows: torch.Tensor,
+                     momentum: float = 0.0) -> None:
+        """Take in the rows that are newer than what the bank holds (a row is never replaced
+        by an older one), in stamp order: each replaces the bank's row, or with ``momentum``
+        m blends into it (m * held + (1 - m) * new; a row never computed is replaced). An
+        image given several times is taken in once per row, oldest first, so that rows
+        delivered in one flush or in several end the same."""
+        order = np.lexsort((stamps, local))  # by image, oldest first
+        order = order[stamps[order] > self.stamps[local[order]]]
+        if not order.size:
+            return
+        by_image = local[order]
+        occurrence = np.arange(order.size) - np.searchsorted(by_image, by_image)
+        if not momentum:  # only each image's newest row matters
+            last = np.append(by_image[1:] != by_image[:-1], True)
+            rounds = [order[last]]
+        else:
+            rounds = [order[occurrence == r] for r in range(int(occurrence.max()) + 1)]
+        for chosen in rounds:
+            at = local[chosen]
+            new = rows[torch.from_numpy(chosen).to(rows.device)].to(self.storage, torch.float32)
+            if momentum:
+                held = torch.from_numpy(self.stamps[at] != NEVER).to(self.storage)[:, None]
+                old = self.rows[torch.from_numpy(at).to(self.storage)].float()
+                new = torch.where(held, momentum * old + (1 - momentum) * new, new)
+            self._write(at, stamps[chosen], new)
 
     def _write(self, local: np.ndarray, stamps: np.ndarray, rows: torch.Tensor) -> None:
         """Rows at local positions ``local`` (distinct) with their stamps."""
@@ -202,22 +222,32 @@ class Outbox:
         self.stamps = np.empty(capacity, dtype=np.int64)
         self.rows: Optional[torch.Tensor] = None  # allocated at the first row (its width)
         self.count = 0
+        self.copying = False  # non-blocking copies from a GPU may be under way
 
     def add(self, indices: torch.Tensor, stamp: int, features: torch.Tensor) -> None:
+        """Rows of one step. From a GPU into host memory the copy does not wait for the GPU
+        (pinned memory, non-blocking), so that a training step still queues its work and
+        goes on; :meth:`take` waits for the copies."""
         n = indices.shape[0]
         if self.count + n > self.capacity:
             raise RuntimeError(f"feature bank outbox: {self.count + n} rows in a pass of "
                                f"{self.capacity} images")
+        from_gpu = features.is_cuda and self.storage.type == "cpu"
         if self.rows is None:
             self.rows = torch.empty((self.capacity, features.shape[1]), dtype=self.dtype,
-                                    device=self.storage)
-        self.rows[self.count:self.count + n] = features.detach().to(self.storage, self.dtype)
+                                    device=self.storage, pin_memory=from_gpu)
+        self.rows[self.count:self.count + n].copy_(features.detach().to(self.dtype),
+                                                   non_blocking=from_gpu)
+        self.copying = self.copying or from_gpu
         self.indices[self.count:self.count + n] = indices.numpy()
         self.stamps[self.count:self.count + n] = stamp
         self.count += n
 
     def take(self) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
         """The rows so far (indices, stamps, rows), leaving the outbox empty."""
+        if self.copying:
+            torch.cuda.synchronize()
+            self.copying = False
         n = self.count
         rows = self.rows[:n] if self.rows is not None else torch.empty((0, 0), dtype=self.dtype)
         taken = (self.indices[:n].copy(), self.stamps[:n].copy(), rows.clone())

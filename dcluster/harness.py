@@ -81,7 +81,9 @@ class Method(Protocol):
 
     def share_state(self) -> None:
         """Called on every rank before a mid-epoch checkpoint: make what rank 0 writes hold
-        every rank's part (MMDC's targets are updated by each rank for its own images)."""
+        every rank's part (MMDC's targets are updated by each rank for its own images), and
+        what each rank writes to its shard files its own (DeepCluster's feature bank rows go
+        to the ranks that own them)."""
 
     def run_epoch(self, epoch: int, resumed: Optional[InterruptedEpoch]) -> dict[str, float]:
         """Epoch ``epoch`` (from where ``resumed`` stands, if given): its metrics."""
@@ -237,9 +239,11 @@ class Checkpointer:
             "history": list(progress.history),
             "bad_images": dict(progress.bad_images),
             "mlflow_run_id": progress.mlflow_run_id,
-            **{name: {**obj.state_dict(), **({"shards": shards[name]} if name in shards else {})}
-               for name, obj in self.objects.items()},
-            SHARD_FILES: [described for files in shards.values() for described in files],
+            **{name: obj.state_dict() for name, obj in self.objects.items() if name not in shards},
+            **{name: {**self.objects[name].state_dict(), "shards": files}
+               for name, files in shards.items()},
+            **({SHARD_FILES: [described for files in shards.values() for described in files]}
+               if shards else {}),
             "rng": capture_rng_state(),  # last, after everything else is decided
         }
 

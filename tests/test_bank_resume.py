@@ -1,7 +1,8 @@
 """DeepCluster on the feature bank (clustering.features=training_pass) in real two-rank
-`dcluster train` runs: every bank row is the one computed by the rank that last trained on
+`dcluster train` runs: every bank row was last taken in from the rank that last trained on
 its image, and a stop in the middle of an epoch, with the bank partly rewritten and rows
-still in the ranks' outboxes, resumes to the uninterrupted run's weights, labels and bank."""
+still in the ranks' outboxes, resumes to the uninterrupted run's weights, labels and bank
+(rows blended with the default momentum, so the order they are taken in shows)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,7 +32,8 @@ def bank_rows(checkpoint: Path) -> tuple[np.ndarray, torch.Tensor]:
             torch.cat([s["rows"] for s in shards]))
 
 
-def test_every_bank_row_is_the_last_one_its_trainer_computed(bank_pair_reference):
+def test_every_bank_row_is_stamped_by_the_rank_that_last_trained_on_its_image(
+        bank_pair_reference):
     stamps, rows = bank_rows(bank_pair_reference.checkpoint(EPOCHS))
     orders = orders_of(bank_pair_reference.orders)
     batches = [[list(map(int, line.split())) for line in orders[f"rank{r}-epoch{LAST}.txt"]]

@@ -11,12 +11,17 @@ import pytest
 import torch
 
 from dcluster.checkpoint import (
+    SHARD_FILES,
     CheckpointError,
     capture_rng_state,
+    checkpoint_name,
     load_checkpoint,
     load_latest,
+    load_shard,
     restore_rng_state,
     save_checkpoint,
+    save_shard,
+    shard_path,
 )
 
 
@@ -156,3 +161,56 @@ def test_resaving_an_older_point_sets_newer_ones_aside(tmp_path: Path) -> None:
 
     assert load_latest(tmp_path)[0]["value"] == 20
     assert (tmp_path / "ckpt_e000003_i0000000.pt.superseded").exists()
+
+
+def _save_sharded(directory: Path, epoch: int, keep_last: int = 2, ranks: int = 2) -> list[Path]:
+    """A checkpoint with one shard file per rank, written as the ranks do: shards first."""
+    path = directory / checkpoint_name(epoch, 0)
+    shards = [shard_path(path, "bank", r) for r in range(ranks)]
+    described = [save_shard(shard, {"rows": torch.full((3, 2), float(epoch + r))})
+                 for r, shard in enumerate(shards)]
+    save_checkpoint(directory, {**_state(epoch), SHARD_FILES: described}, epoch=epoch,
+                    keep_last=keep_last)
+    return shards
+
+
+def test_shard_files_are_pruned_with_their_checkpoint(tmp_path: Path) -> None:
+    for epoch in (1, 2, 3):
+        shards = _save_sharded(tmp_path, epoch)
+    # a shard whose checkpoint was never committed (killed in between) goes at the next save
+    orphan = shard_path(tmp_path / checkpoint_name(9, 0), "bank", 0)
+    save_shard(orphan, {"rows": None})
+    _save_sharded(tmp_path, 4)
+    names = _ckpt_files(tmp_path)
+    assert not any(name.startswith((checkpoint_name(1, 0), checkpoint_name(2, 0),
+                                     checkpoint_name(9, 0))) for name in names)
+    assert {p.name for p in shards} <= set(names)
+    payload, path = load_latest(tmp_path, with_shards=True)
+    assert path.name == checkpoint_name(4, 0)
+    assert torch.equal(load_shard(tmp_path, payload[SHARD_FILES][1])["rows"],
+                       torch.full((3, 2), 5.0))
+
+
+def test_a_checkpoint_with_a_missing_or_truncated_shard_is_skipped_on_resume(
+        tmp_path: Path, warnings_seen) -> None:
+    _save_sharded(tmp_path, 1, keep_last=3)
+    missing = _save_sharded(tmp_path, 2, keep_last=3)[1]
+    missing.unlink()
+    assert load_latest(tmp_path, with_shards=True)[1].name == checkpoint_name(1, 0)
+    assert f"checkpoint shard {missing}: no such file" in warnings_seen.text
+    # an evaluation reads the model alone: the shards do not matter to it
+    assert load_latest(tmp_path)[1].name == checkpoint_name(2, 0)
+    truncated = _save_sharded(tmp_path, 3, keep_last=3)[0]
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    assert load_latest(tmp_path, with_shards=True)[1].name == checkpoint_name(1, 0)
+    assert "(truncated?)" in warnings_seen.text
+
+
+def test_a_shard_with_a_flipped_byte_is_refused_by_its_reader(tmp_path: Path) -> None:
+    shard = _save_sharded(tmp_path, 1)[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    payload, _ = load_latest(tmp_path, with_shards=True)  # the same size: found on reading
+    with pytest.raises(CheckpointError, match=f"checkpoint shard {shard}: corrupt"):
+        load_shard(tmp_path, payload[SHARD_FILES][0])

@@ -103,3 +103,21 @@ def test_hash_ignores_execution_only_keys(data_dir):
     c = load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}", "clustering.k=11"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
     assert result_differences(a, c) == ["clustering.k: 30 -> 11"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("clustering.features=both", "clustering.features"),
+    ("clustering.bank.dtype=float8", "clustering.bank.dtype"),
+    ("clustering.bank.memory=disk", "clustering.bank.memory"),
+    ("clustering.bank.max_age=0", "clustering.bank.max_age"),
+])
+def test_feature_bank_settings_are_checked(data_dir, override, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}",
+                                            "clustering.features=training_pass", override])
+
+
+def test_the_feature_bank_is_deepclusters_alone(data_dir):
+    with pytest.raises(ConfigError, match="'clustering.features' = 'training_pass'.*DeepCluster"):
+        load_config(CONFIGS / "mmdc_demo.yaml", [f"data.path={data_dir}",
+                                                 "clustering.features=training_pass"])
