@@ -82,8 +82,9 @@ class FeatureBank:
                                                  self.comm.world_size), features)
 
     def flush(self) -> None:
-        """Send every row of every rank's outbox to its owner, which keeps the newest row of
-        each image; called on every rank (a collective), after which the outboxes are empty."""
+        """Send every row of every rank's outbox to the rank that owns it, which takes it in
+        (:meth:`_take_in`); called on every rank (a collective), after which the outboxes are
+        empty."""
         indices, stamps, rows = self._outbox.take()
         owner = np.searchsorted(self.bounds, indices, side="right") - 1
         by_owner = np.argsort(owner, kind="stable")
@@ -100,7 +101,7 @@ class FeatureBank:
                                                                 .to(rows.device)])
         received = from_bytes(self.comm.all_to_all_rows(payload, send_counts, recv_counts),
                               self.dtype)
-        self._keep_newest(meta[:, 0] - self.lo, meta[:, 1], received, self.momentum)
+        self._take_in(meta[:, 0] - self.lo, meta[:, 1], received, self.momentum)
 
     # ---------------------------------------------------------------- before a clustering
 
@@ -120,7 +121,7 @@ class FeatureBank:
                                            if len(computed.indices) else 0)
         self._allocate(max(dims))
         if len(computed.indices):
-            self._keep_newest(computed.indices - self.lo,
+            self._take_in(computed.indices - self.lo,
                               np.full(len(computed.indices), epoch * STAMP_EPOCH),
                               torch.as_tensor(computed.features))
 
@@ -178,7 +179,7 @@ class FeatureBank:
             log.debug("feature bank: %d x %d %s rows on %s (%.1f MB)", self.hi - self.lo, dim,
                       self.dtype, self.storage, self.rows.numel() * self.rows.element_size() / 1e6)
 
-    def _keep_newest(self, local: np.ndarray, stamps: np.ndarray, rows: torch.Tensor,
+    def _take_in(self, local: np.ndarray, stamps: np.ndarray, rows: torch.Tensor,
                      momentum: float = 0.0) -> None:
         """Take in the rows that are newer than what the bank holds (a row is never replaced
         by an older one), in stamp order: each replaces the bank's row, or with ``momentum``
