@@ -30,11 +30,14 @@ def test_sobel_is_fixed_and_responds_to_edges_not_colour():
     sobel = Sobel()
     assert all(not p.requires_grad for p in sobel.parameters())
     flat = torch.ones(1, 3, 8, 8) * torch.tensor([0.9, 0.1, 0.4]).view(1, 3, 1, 1)
-    assert sobel(flat)[:, :, 1:-1, 1:-1].abs().max() == 0  # a uniform colour has no edges
+    # zero up to float32 rounding, which depends on the convolution kernel the CPU picks
+    # (2.98e-08 on one machine): the edge responses below are of order 1
+    rounding = 1e-6
+    assert sobel(flat)[:, :, 1:-1, 1:-1].abs().max() <= rounding  # a uniform colour: no edges
     step = torch.zeros(1, 3, 8, 8)
     step[..., 4:] = 1.0  # a vertical edge: x response only
     out = sobel(step)[0, :, 1:-1, 1:-1]
-    assert out[0].abs().max() > 0 and out[1].abs().max() == 0
+    assert out[0].abs().max() > 0.5 and out[1].abs().max() <= rounding
 
 
 def test_head_reset_is_deterministic_per_generator_and_excluded_from_body_optimizer():
