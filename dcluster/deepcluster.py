@@ -159,8 +159,12 @@ class DeepCluster:
         if bank is None:
             return computed
         bank.refresh(computed, epoch)
-        refreshed = ctx.comm.all_reduce_sum(np.array([len(computed.indices)], dtype=np.float64))
-        metrics["bank_refreshed"] = float(refreshed[0]) / len(ctx.source)
+        ages = bank.ages(epoch)
+        refreshed, age_sum, rows = ctx.comm.all_reduce_sum(np.array(
+            [len(computed.indices), ages.sum(), ages.size], dtype=np.float64))
+        # the share of the images recomputed, and how old the clustered rows are on average
+        metrics.update(bank_refreshed=float(refreshed) / len(ctx.source),
+                       bank_mean_age=float(age_sum / max(rows, 1.0)))
         return bank.features()
 
     @contextmanager

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcluster.checkpoint import CheckpointError
 from dcluster.collectives import Comm
 from dcluster.config import BankConfig
 from dcluster.distributed import shard_bounds
@@ -155,7 +156,7 @@ class FeatureBank:
         """Restore this rank's rows from the shards of the ``len(state["shards"])`` ranks that
         wrote them, reading (``read(rank)``) only those that overlap its range."""
         if state["n_images"] != self.n_images or state["dtype"] != self.state_dict()["dtype"]:
-            raise ValueError(f"the checkpoint's feature bank holds {state['n_images']} "
+            raise CheckpointError(f"the checkpoint's feature bank holds {state['n_images']} "
                              f"{state['dtype']} rows, this run's has {self.n_images} "
                              f"{self.state_dict()['dtype']}")
         old = shard_bounds(self.n_images, len(state["shards"]))
@@ -245,15 +246,15 @@ class Outbox:
         self.count += n
 
     def take(self) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-        """The rows so far (indices, stamps, rows), leaving the outbox empty."""
+        """The rows so far (indices, stamps, rows), leaving the outbox empty. Views, not
+        copies (an outbox-sized copy at every flush would double its peak): valid until the
+        next :meth:`add`, which the flush that takes them does not make."""
         if self.copying:
             torch.cuda.synchronize()
             self.copying = False
-        n = self.count
+        n, self.count = self.count, 0
         rows = self.rows[:n] if self.rows is not None else torch.empty((0, 0), dtype=self.dtype)
-        taken = (self.indices[:n].copy(), self.stamps[:n].copy(), rows.clone())
-        self.count = 0
-        return taken
+        return self.indices[:n], self.stamps[:n], rows
 
 
 def as_bytes(rows: torch.Tensor) -> torch.Tensor:
