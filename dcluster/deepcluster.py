@@ -1,7 +1,10 @@
-"""DeepCluster (Caron et al., ECCV 2018, section 3) on the run harness. One epoch, top to bottom:
+"""DeepCluster (Caron et al., ECCV 2018, section 3) on the run harness. One epoch, top to bottom (stages()):
 
     features of my shard -> PCA/whiten/L2 + k-means across ranks -> fresh head
     -> balanced order, my slice -> train (DDP) -> (the harness:) report -> checkpoint
+
+The harness runs these stages (stages.py), and stops, checkpoints and resumes between and
+inside them: nothing here knows whether the epoch is new or resumed.
 
 The features of my shard come from the paper's extra pass (clustering.features=extra_pass),
 or from the feature bank the last epoch's training forward filled (training_pass), with
@@ -29,23 +32,38 @@ from dcluster.distributed import my_indices
 from dcluster.evaluation.network import Network
 from dcluster.extract import ShardFeatures, extract_features
 from dcluster.feature_bank import FeatureBank, TrainingFeatureTap
-from dcluster.harness import RunContext, timed
+from dcluster.harness import RunContext
+from dcluster.metric_spec import Metric
 from dcluster.metrics import clustering_accuracy, nmi
 from dcluster.models import DeepClusterNet, build_model
-from dcluster.optimize import (AfterForward, EpochProgress, align_replicas, body_optimizer,
-                               data_parallel, pass_loss, sgd, train_one_epoch)
-from dcluster.run_state import InterruptedEpoch, Stateful
+from dcluster.optimize import (AfterForward, EpochProgress, body_optimizer, data_parallel,
+                               pass_loss, sgd, train_one_epoch)
+from dcluster.run_state import Stateful
 from dcluster.sampler import balanced_order, rank_slice
 from dcluster.seeding import derived_seed
+from dcluster.stages import Epoch, Pass, Stage, Step, Train
 
 log = logging.getLogger("dcluster.deepcluster")
+
+# what a DeepCluster epoch measures besides the loss, in its place on the epoch line
+METRICS = (
+    Metric("objective", "objective {objective:.4g}"),  # k-means' (clustering epochs)
+    Metric("probe_nmi", "kmeans-C NMI {probe_nmi:.3f}", "scores", higher_is_better=True),
+    Metric("probe_acc", "kmeans-C ACC {probe_acc:.3f}", "scores", higher_is_better=True),
+    Metric("n_empty", "empty {n_empty:.0f} (reseeded {n_reseeded:.0f})", "after_monitor"),
+    # the share of the images recomputed for the bank, and the clustered rows' mean age
+    Metric("bank_refreshed", "bank refreshed {bank_refreshed:.0%}", "after_monitor"),
+    Metric("bank_mean_age"),
+    Metric("n_clusters"), Metric("n_reseeded"),
+)
 
 
 class DeepCluster:
     """The method: its network and optimisers, and the epoch."""
+    metrics = METRICS
 
     def __init__(self, ctx: RunContext) -> None:
-        cfg, env = ctx.cfg, ctx.env
+        cfg, env = ctx.cfg, ctx.comm.env
         self.ctx = ctx
         self.epochs = cfg.epochs
         self.mine = my_indices(len(ctx.source), env)  # contiguous: every image on one rank
@@ -59,12 +77,13 @@ class DeepCluster:
         self.head = Head(self.model, lambda params: sgd(params, cfg.optim, lr, env.device))
         self.net: nn.Module = self.model
         self.bank: Optional[FeatureBank] = None
+        self.shard: Optional[ShardFeatures] = None  # the features the clustering step clusters
         # an epoch clusters the features it starts with (the extra pass), or those of the
         # last epoch's training forward (the bank), then trains
-        self.scored_at = "start"
+        self.scored_at = "start-of-epoch features"
         if cfg.clustering.features == "training_pass":
             self.bank = FeatureBank(len(ctx.source), ctx.comm, cfg.clustering.bank, env.device)
-            self.scored_at = "bank"
+            self.scored_at = "training-pass features"
             log.info("clustering features: the training pass's, in a feature bank (%s, %s "
                      "memory), rows older than %d epoch(s) recomputed", cfg.clustering.bank.dtype,
                      self.bank.storage, cfg.clustering.bank.max_age)
@@ -87,7 +106,7 @@ class DeepCluster:
         return objects
 
     def after_restore(self) -> None:
-        self.net = data_parallel(self.model, self.ctx.env, cfg=self.ctx.cfg.distributed)
+        self.net = data_parallel(self.model, self.ctx.comm.env, cfg=self.ctx.cfg.distributed)
 
     def share_state(self) -> None:
         """Every rank holds the same labels, weights and optimiser state; the bank's rows go
@@ -95,54 +114,57 @@ class DeepCluster:
         if self.bank is not None:
             self.bank.flush()
 
-    def run_epoch(self, epoch: int, resumed: Optional[InterruptedEpoch]) -> dict[str, float]:
+    def stages(self, epoch: Epoch) -> list[Stage]:
+        """The paper's epoch. Features and clustering only every clustering.every epochs (and
+        in the first): in between, the pseudo-labels and head of the last clustering stay."""
+        recluster = self.ctx.clusters.labels is None or \
+            epoch.number % self.ctx.cfg.clustering.every == 0
+        return [Step("features", lambda: self.features(epoch), "time_features",
+                     skip=not recluster),
+                Step("clustering", lambda: self.cluster(epoch), "time_clustering",
+                     skip=not recluster),
+                Pass("train", lambda done: self.train(epoch, done))]
+
+    def features(self, epoch: Epoch) -> None:
+        """1. Features of this rank's shard: the extra pass (centre crops, eval mode), or the
+        bank with its too-old rows recomputed."""
+        self.shard = self.features_to_cluster(epoch.number, epoch.metrics)
+
+    def cluster(self, epoch: Epoch) -> None:
+        """2. PCA/whitening/L2 and k-means across ranks: every rank gets all N labels, and a
+        fresh head for them."""
+        ctx, cfg, shard, metrics = self.ctx, self.ctx.cfg, self.shard, epoch.metrics
+        result = cluster_shards(shard.features, shard.indices, len(ctx.source), cfg.clustering,
+                                ctx.comm, derived_seed(cfg.seed, epoch.number, "kmeans"),
+                                ctx.device)
+        ctx.clusters.update(result.labels, result.n_clusters, epoch.number)
+        metrics.update(objective=result.objective, n_clusters=result.n_clusters,
+                       n_empty=result.n_empty, n_reseeded=result.n_reseeded)
+        log.debug("clustering: %s, %d clusters, objective %.5g, %d empty, %d re-seeded",
+                  result.backend, result.n_clusters, result.objective, result.n_empty,
+                  result.n_reseeded)
+        if cfg.eval.class_kmeans and ctx.source.targets is not None:
+            metrics.update(class_probe(shard, ctx.source.targets, ctx, epoch.number))
+        self.shard = None
+        # drawn from (seed, epoch) so it is the same on every rank, and re-wrapped so that
+        # DDP synchronises it
+        self.head.reset(ctx.clusters.n_clusters, derived_seed(cfg.seed, epoch.number, "head"))
+        self.net = data_parallel(self.model, ctx.comm.env, cfg=cfg.distributed)
+
+    @contextmanager
+    def train(self, epoch: Epoch, done: EpochProgress) -> Iterator[Train]:
+        """3. The order: uniform over the non-empty clusters, the same global list on every
+        rank, of which each takes its own equal slice. 4. Train on the pseudo-labels (from
+        ``done.position``), the bank recording the features of each forward."""
         ctx, cfg, clusters = self.ctx, self.ctx.cfg, self.ctx.clusters
-        if resumed:  # inside this epoch: its labels and head are restored
-            metrics, recluster = dict(resumed.metrics), resumed.extra["reclustered"]
-        else:
-            metrics = {"time_features": 0.0, "time_clustering": 0.0}
-            recluster = clusters.labels is None or epoch % cfg.clustering.every == 0
-        if recluster and not resumed:
-            # 1. features of this rank's shard: the extra pass (centre crops, eval mode), or
-            # the bank with its too-old rows recomputed so
-            with timed(metrics, "time_features"):
-                shard = self.features_to_cluster(epoch, metrics)
-            ctx.stop_point(epoch)
-            # 2. PCA/whitening/L2 and k-means across ranks: every rank gets all N labels
-            with timed(metrics, "time_clustering"):
-                result = cluster_shards(shard.features, shard.indices, len(ctx.source),
-                                        cfg.clustering, ctx.comm,
-                                        derived_seed(cfg.seed, epoch, "kmeans"), ctx.device)
-            clusters.update(result.labels, result.n_clusters, epoch)
-            metrics.update(objective=result.objective, n_clusters=result.n_clusters,
-                           n_empty=result.n_empty, n_reseeded=result.n_reseeded)
-            log.debug("clustering: %s, %d clusters, objective %.5g, %d empty, %d re-seeded",
-                      result.backend, result.n_clusters, result.objective, result.n_empty,
-                      result.n_reseeded)
-            if cfg.eval.class_kmeans and ctx.source.targets is not None:
-                metrics.update(class_probe(shard, ctx.source.targets, ctx, epoch))
-            # a fresh head for the new pseudo-labels, drawn from (seed, epoch) so it is the
-            # same on every rank, and re-wrapped so that DDP synchronises it
-            self.head.reset(clusters.n_clusters, derived_seed(cfg.seed, epoch, "head"))
-            self.net = data_parallel(self.model, ctx.env, cfg=cfg.distributed)
-
-        # 3. the order: uniform over the non-empty clusters, the same global list on every
-        # rank, of which each takes its own equal slice
-        order = rank_slice(balanced_order(clusters.labels, cfg.seed, epoch), ctx.env.rank,
-                           ctx.env.world_size)
-
-        # 4. train on the pseudo-labels, pausing (all ranks after the same iteration) for a
-        # mid-epoch checkpoint or a stop
-        done = resumed.progress(ctx.env.rank) if resumed else EpochProgress()
+        order = rank_slice(balanced_order(clusters.labels, cfg.seed, epoch.number),
+                           ctx.comm.rank, ctx.comm.world_size)
         optimizers = [self.body_optimizer, self.head.optimizer]
-        with self.banking(epoch, len(order) - done.position) as after_forward:
-            ctx.train_pass(epoch, lambda: train_one_epoch(
-                self.net, ctx.pipelines, order, clusters.labels, epoch, cfg.optim.batch_size,
-                optimizers, ctx.steps, done, after_forward), done, metrics,
-                reclustered=recluster)
-        align_replicas(self.model, ctx.comm)
-        metrics["loss"] = pass_loss(done, ctx.comm)
-        return metrics
+        with self.banking(epoch.number, len(order) - done.position) as after_forward:
+            yield lambda: train_one_epoch(self.net, ctx.pipelines, order, clusters.labels,
+                                          epoch.number, cfg.optim.batch_size, optimizers,
+                                          ctx.steps, done, after_forward)
+        epoch.metrics["loss"] = pass_loss(done, ctx.comm)
 
     def features_to_cluster(self, epoch: int, metrics: dict[str, float]) -> ShardFeatures:
         """This rank's shard of the features the epoch clusters: the extra pass over all its

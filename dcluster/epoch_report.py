@@ -2,10 +2,11 @@
 cluster statistics and where the time went; and the one log line a person reads."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
+from dcluster.metric_spec import Metric
 from dcluster.metrics import clustering_accuracy, nmi
 from dcluster.telemetry import speed_line
 
@@ -26,40 +27,31 @@ def assignment_metrics(labels: np.ndarray, previous: Optional[np.ndarray],
     return out
 
 
-# which network the epoch's cluster scores measure (a method's ``scored_at``)
-SCORED_AT = {
-    "start": "start-of-epoch features",  # DeepCluster: the extra pass before the training
-    "bank": "training-pass features",  # DeepCluster: the bank of the last epoch's training
-    "end": "end-of-epoch features",  # MMDC: the trained embeddings
-}
+# the harness's own scores of the epoch's clusters, then each method's (place "scores")
+ASSIGNMENT_SCORES = (Metric("nmi_prev", "NMI(prev) {nmi_prev:.3f}", "scores"),
+                     Metric("nmi_classes", "NMI(classes) {nmi_classes:.3f}", "scores"),
+                     Metric("acc_classes", "ACC(classes) {acc_classes:.3f}", "scores"))
 
 
-def format_epoch_line(epoch: int, epochs: int, m: dict[str, float], scored_at: str) -> str:
-    """The epoch's one INFO line: what each method measured, in a fixed order. The cluster
-    scores say which network they measure (``scored_at``, a key of SCORED_AT)."""
-    parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m['loss']:.4f}"]
-    if "loss_rotation" in m:
-        parts.append(f"rotation loss {m['loss_rotation']:.4f}")
-    if "moved_fraction" in m:
-        parts.append(f"targets moved {100 * m['moved_fraction']:.1f}%")
-    if "objective" in m:
-        parts.append(f"objective {m['objective']:.4g}")
-    scores = [f"{label} {m[key]:.3f}" for key, label in (
-        ("nmi_prev", "NMI(prev)"), ("nmi_classes", "NMI(classes)"), ("acc_classes", "ACC(classes)"),
-        ("probe_nmi", "kmeans-C NMI"), ("probe_acc", "kmeans-C ACC")) if key in m]
+def format_epoch_line(epoch: int, epochs: int, m: dict[str, float], declared: Sequence[Metric],
+                      scored_at: str) -> str:
+    """The epoch's one INFO line: the loss, the method's ``declared`` values in their places,
+    the cluster scores prefixed with the network they measure (``scored_at``, say
+    "end-of-epoch features"), the monitor, the times and the speed."""
+    def placed(place: str, among: Sequence[Metric] = declared) -> list[str]:
+        return [text for metric in among if metric.place == place
+                for text in [metric.text(m)] if text is not None]
+
+    parts = [f"epoch {epoch + 1}/{epochs}", f"loss {m['loss']:.4f}", *placed("after_loss")]
+    scores = placed("scores", (*ASSIGNMENT_SCORES, *declared))
     if scores:
-        parts.append(f"{SCORED_AT[scored_at]}: " + " ".join(scores))
+        parts.append(f"{scored_at}: " + " ".join(scores))
     if "monitor_knn_top1" in m:
         parts.append(f"monitor (end of epoch): kNN top1 {m['monitor_knn_top1']:.3f} k-means NMI "
                      f"{m['monitor_kmeans_nmi']:.3f} ACC {m['monitor_kmeans_acc']:.3f}")
-    if "n_empty" in m:
-        parts.append(f"empty {int(m['n_empty'])} (reseeded {int(m['n_reseeded'])})")
-    if "bank_refreshed" in m:
-        parts.append(f"bank refreshed {100 * m['bank_refreshed']:.0f}%")
-    if "clusters_empty" in m:
-        parts.append(f"empty {int(m['clusters_empty'])}")
-    parts.append(f"time features {m['time_features']:.1f}s clustering {m['time_clustering']:.1f}s "
-                 f"training {m['time_training']:.1f}s"
+    parts.extend(placed("after_monitor"))
+    parts.append(f"time features {m.get('time_features', 0.0):.1f}s clustering "
+                 f"{m.get('time_clustering', 0.0):.1f}s training {m.get('time_training', 0.0):.1f}s"
                  + (f" monitor {m['time_monitor']:.1f}s" if "time_monitor" in m else ""))
     speed = speed_line(m)
     if speed:

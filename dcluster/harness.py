@@ -1,28 +1,30 @@
 """The run harness: what a training run does whatever its method (DeepCluster, MMDC).
 
 It owns the run directory, the data, resuming (newest valid checkpoint, a named one, or
-never), the RNG streams, the stop points and the checkpoints, the epoch report with MLflow
-and the plots. A method (the `Method` protocol) owns only its epoch: it is built from a
+never), the RNG streams, the epoch's stages with their stop points and checkpoints, the epoch
+report with MLflow and the plots. A method (the `Method` protocol) is built from a
 :class:`RunContext`, names its stateful objects (written to and restored from the checkpoint
-through one mapping, run_state.py) and runs one epoch, or the rest of one that a mid-epoch
-checkpoint interrupted.
+through one mapping, run_state.py), declares its epoch as stages (stages.py) and what its
+epochs measure (metric_spec.py); it holds no resume code.
 
-    resume -> for each epoch: seed its streams -> method.run_epoch -> report -> checkpoint
+    resume -> for each epoch: seed its streams -> run its stages (EpochRunner) -> report
+           -> checkpoint
 
-A stop signal (stop.py) is acted on where all ranks agree: at the stage boundaries a method
-marks (:meth:`RunContext.stop_point`) and after any training iteration of a pass run through
-:meth:`RunContext.train_pass`, with a checkpoint of exactly where the epoch stands.
+A stop signal (stop.py) is acted on where all ranks agree: between the steps before an
+epoch's first pass, and when a pass starts and after any of its training iterations, with a
+checkpoint of exactly where the epoch stands (EpochRunner).
 """
 from __future__ import annotations
 
 import logging
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,13 +39,16 @@ from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.errors import CleanStop
 from dcluster.hardware import set_torch_threads
 from dcluster.execution import Execution, execution_for
+from dcluster.metric_spec import Metric
+from dcluster.monitor import DECLARED as MONITORED
 from dcluster.monitor import Monitor, is_best_epoch, monitored
-from dcluster.optimize import EpochProgress, Pause, StepLoop
+from dcluster.optimize import EpochProgress, Pause, StepLoop, align_replicas
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
                                 Stateful, check_compatible, restore_objects, sharded_objects,
                                 upgraded)
 from dcluster.seeding import derived_seed, seed_everything
+from dcluster.stages import Epoch, Pass, Stage, Step
 from dcluster.stop import StopPoints, StopRequest, TrainingStopped
 from dcluster.telemetry import speed_metrics
 from dcluster.tracking import RunTracker, make_tracker, tracking_uri
@@ -65,7 +70,8 @@ class Method(Protocol):
     """A training method on the harness; built as ``Method(ctx)``."""
     model: nn.Module  # the network: its buffers are saved per rank in mid-epoch checkpoints
     epochs: int  # the epochs of a whole run
-    scored_at: str  # which network the epoch's cluster scores measure (epoch_report.SCORED_AT)
+    scored_at: str  # which network the epoch's cluster scores measure ("end-of-epoch features")
+    metrics: Sequence[Metric]  # what its epochs measure, for the epoch line (epoch_report.py)
 
     @staticmethod
     def check_data(cfg: Config, n_images: int) -> None:
@@ -85,15 +91,18 @@ class Method(Protocol):
         what each rank writes to its shard files its own (DeepCluster's feature bank rows go
         to the ranks that own them)."""
 
-    def run_epoch(self, epoch: int, resumed: Optional[InterruptedEpoch]) -> dict[str, float]:
-        """Epoch ``epoch`` (from where ``resumed`` stands, if given): its metrics."""
+    def stages(self, epoch: Epoch) -> list[Stage]:
+        """Epoch ``epoch.number``'s stages, in order (stages.py). Called when the epoch starts
+        and again when a run resumes inside it (then ``epoch.metrics`` is what it had
+        measured): what it does besides declaring them is the epoch's set-up (MMDC's learning
+        rate)."""
 
 
 @dataclass
 class RunContext:
-    """What a method's epoch works with, and the harness's services to it."""
+    """What a method's epoch works with. The job (rank, world size, device) is read from
+    ``comm`` alone."""
     cfg: Config
-    env: Env
     comm: Comm
     run: RunDir
     source: ImageSource
@@ -101,11 +110,10 @@ class RunContext:
     clusters: Clusters  # set by the method, reported and checkpointed by the harness
     stops: StopPoints
     steps: StepLoop  # the optimisation loop of every training pass
-    checkpointer: Optional[Checkpointer] = None  # set by the harness once the state is known
 
     @property
     def device(self) -> torch.device:
-        return self.env.device
+        return self.comm.env.device
 
     @property
     def execution(self) -> Execution:
@@ -116,44 +124,7 @@ class RunContext:
     @property
     def show(self) -> bool:
         """Progress bars and epoch lines: rank 0 only."""
-        return self.env.is_main
-
-    def stop_point(self, epoch: int) -> None:
-        """A stage boundary where nothing of the epoch is worth keeping yet (after the
-        feature pass, say): on an agreed stop signal, stop with the epoch-start checkpoint."""
-        signum = self.stops.agreed_stop()
-        if signum:
-            assert self.checkpointer is not None
-            self.checkpointer.stop(signum, epoch)
-
-    def train_pass(self, epoch: int, run: Callable[[], Optional[Pause]], done: EpochProgress,
-                   metrics: dict[str, float], stage: int = 0, offset: int = 0,
-                   **extra: Any) -> None:
-        """Run a pausable training pass to its end: ``run()`` trains from ``done.position``
-        (StepLoop.run); at each pause the epoch is checkpointed where it stands, and on a stop
-        signal the run stops there. ``stage``, ``offset``, ``metrics`` and ``extra`` are what a
-        resume needs to continue the epoch (InterruptedEpoch). The pass's images and its
-        time waiting for data are added to ``metrics`` for the telemetry."""
-        assert self.checkpointer is not None
-
-        def timed_run() -> Optional[Pause]:
-            waited = self.steps.data_wait_s
-            with timed(metrics, "time_training"):
-                pause = run()
-            metrics["time_data_wait"] = (metrics.get("time_data_wait", 0.0)
-                                         + self.steps.data_wait_s - waited)
-            return pause
-
-        pause = timed_run()
-        while pause is not None:
-            where = self.checkpointer.snapshot(done, metrics, stage, offset, extra)
-            step = checkpoint_step(where)
-            if pause.signum:
-                self.checkpointer.stop(pause.signum, epoch, step, where, offset + done.iterations)
-            self.checkpointer.save(epoch, step, where)
-            pause = timed_run()
-        # the whole pass's: ``done`` and the times carry over a resume
-        metrics["images_trained"] = metrics.get("images_trained", 0.0) + done.images
+        return self.comm.is_main
 
 
 @contextmanager
@@ -166,6 +137,96 @@ def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
         metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - start
 
 
+class EpochRunner:
+    """Runs an epoch's stages (stages.py), or the rest of an interrupted one, and owns its
+    resume: it skips the stages the interrupted epoch had finished, gives its pass back the
+    position every rank had, and acts on stop signals and periodic checkpoints
+
+    - between two steps while no pass of the epoch has trained (nothing of the epoch is worth
+      keeping yet): on a stop, the epoch-start checkpoint, and the epoch is redone;
+    - when a pass starts and after any of its iterations (the StepLoop's poll): a checkpoint
+      of exactly where the epoch stands (InterruptedEpoch: the pass's index among the
+      epoch's passes, the iterations of the passes before it, the metrics so far, and every
+      rank's position, RNG streams and BatchNorm buffers), then a stop or on.
+
+    After the epoch's last pass every rank's model is made rank 0's (align_replicas)."""
+
+    def __init__(self, ctx: RunContext, method: Method, checkpointer: Checkpointer) -> None:
+        self.ctx, self.method, self.checkpointer = ctx, method, checkpointer
+
+    def run(self, number: int, resumed: Optional[InterruptedEpoch]) -> dict[str, float]:
+        """Epoch ``number`` (from where ``resumed`` stands, if given): its metrics."""
+        epoch = Epoch(number, dict(resumed.metrics) if resumed else {})
+        stages = self.method.stages(epoch)
+        for stage in stages:  # every step's time is reported, 0 where it was skipped
+            if isinstance(stage, Step) and stage.timer:
+                epoch.metrics.setdefault(stage.timer, 0.0)
+        passes = [stage for stage in stages if isinstance(stage, Pass)]
+        due = [stage for stage in stages if not stage.skip]
+        if resumed:  # the pass it stopped in, and what follows
+            due = due[due.index(passes[resumed.stage]):]
+        last_pass = next((stage for stage in reversed(due) if isinstance(stage, Pass)), None)
+        offset = resumed.offset if resumed else 0
+        for at, stage in enumerate(due):
+            if isinstance(stage, Step):
+                with timed(epoch.metrics, stage.timer) if stage.timer else nullcontext():
+                    stage.run()
+                if isinstance(next(iter(due[at + 1:]), None), Step) and \
+                        not any(isinstance(before, Pass) for before in due[:at]):
+                    self.stop_point(number)
+                continue
+            done = resumed.progress(self.ctx.comm.rank) if resumed and at == 0 \
+                else EpochProgress()
+            self.train_pass(epoch, stage, passes.index(stage), done, offset)
+            offset += int(self.ctx.comm.all_reduce_max(np.array([done.iterations]))[0])
+            if stage is last_pass:
+                align_replicas(self.method.model, self.ctx.comm)
+        return epoch.metrics
+
+    def stop_point(self, epoch: int) -> None:
+        """Between steps: on an agreed stop signal, stop with the epoch-start checkpoint."""
+        signum = self.ctx.stops.agreed_stop()
+        if signum:
+            self.checkpointer.stop(signum, epoch)
+
+    def train_pass(self, epoch: Epoch, stage: Pass, index: int, done: EpochProgress,
+                   offset: int) -> None:
+        """Run ``stage`` from ``done`` to its end: at each pause the epoch is checkpointed
+        where it stands, and on a stop signal the run stops there. The pass's images and its
+        time waiting for data are added to the epoch's metrics for the telemetry."""
+        metrics, steps, checkpointer = epoch.metrics, self.ctx.steps, self.checkpointer
+        with stage.open(done) as train:
+
+            def timed_train() -> Optional[Pause]:
+                waited = steps.data_wait_s
+                with timed(metrics, "time_training"):
+                    pause = train()
+                metrics["time_data_wait"] = (metrics.get("time_data_wait", 0.0)
+                                             + steps.data_wait_s - waited)
+                return pause
+
+            pause = timed_train()
+            while pause is not None:
+                where = checkpointer.snapshot(done, metrics, index, offset)
+                step = checkpoint_step(where)
+                if pause.signum:
+                    checkpointer.stop(pause.signum, epoch.number, step, where,
+                                      offset + done.iterations)
+                checkpointer.save(epoch.number, step, where)
+                pause = timed_train()
+            # the whole pass's: ``done`` and the times carry over a resume
+            metrics["images_trained"] = metrics.get("images_trained", 0.0) + done.images
+
+
+@dataclass
+class Saved:
+    """A checkpoint of this run: (epoch, step) as checkpoint_name numbers it; its path on
+    rank 0 (which writes it), None elsewhere."""
+    epoch: int
+    step: int
+    path: Optional[Path]
+
+
 class Checkpointer:
     """Writes the run state as checkpoints (rank 0; every rank waits for it), and knows the
     newest one of this run, so that a second stop where the run resumed writes nothing."""
@@ -175,34 +236,40 @@ class Checkpointer:
                  resumed_from: Optional[Path]) -> None:
         self.ctx, self.method, self.progress, self.objects = ctx, method, progress, objects
         self.chash, self.fingerprint = chash, fingerprint
-        self.last = resumed_from
-        self.saved_at: Optional[tuple[int, int]] = None
+        self.last: Optional[Saved] = None
         if resumed_from is not None:
             in_epoch = progress.in_epoch
-            self.saved_at = (progress.next_epoch, checkpoint_step(in_epoch) if in_epoch else 0)
+            self.last = Saved(progress.next_epoch, checkpoint_step(in_epoch) if in_epoch else 0,
+                              resumed_from)
+
+    @property
+    def last_path(self) -> Optional[Path]:
+        return self.last.path if self.last else None
 
     def save(self, epoch: int, step: int = 0, in_epoch: Optional[InterruptedEpoch] = None) -> None:
         """Commit the run state as checkpoint (epoch, step); nothing if it already is."""
-        if self.saved_at == (epoch, step):
+        if self.last and (self.last.epoch, self.last.step) == (epoch, step):
             return
         ctx = self.ctx
         shards = self.write_shards(ctx.run.checkpoints / checkpoint_name(epoch, step))
-        if ctx.env.is_main:
-            self.last = save_checkpoint(ctx.run.checkpoints,
-                                        self.payload(epoch, step, in_epoch, shards),
-                                        epoch=epoch, iteration=step,
-                                        keep_last=ctx.cfg.checkpoint.keep_last)
-            if step == 0 and is_best_epoch(ctx.cfg, self.progress.history, epoch):
-                keep_as_best(self.last)
+        path = None
+        if ctx.comm.is_main:
+            path = save_checkpoint(ctx.run.checkpoints,
+                                   self.payload(epoch, step, in_epoch, shards),
+                                   epoch=epoch, iteration=step,
+                                   keep_last=ctx.cfg.checkpoint.keep_last)
+            if step == 0 and is_best_epoch(ctx.cfg, self.progress.history, epoch,
+                                           (*MONITORED, *self.method.metrics)):
+                keep_as_best(path)
         ctx.comm.barrier()
         ctx.stops.saved()
-        self.saved_at = (epoch, step)
+        self.last = Saved(epoch, step, path)
 
     def write_shards(self, checkpoint: Path) -> dict[str, list[dict[str, Any]]]:
         """Every rank writes its part of each sharded object (the feature bank) beside the
         checkpoint about to be committed; what each rank wrote, by object, in rank order (a
         collective: a rank returns only once every shard is complete)."""
-        rank = self.ctx.env.rank
+        rank = self.ctx.comm.rank
         return {name: self.ctx.comm.all_gather_object(
                     save_shard(shard_path(checkpoint, name, rank), obj.shard_state()))
                 for name, obj in sharded_objects(self.objects).items()}
@@ -211,10 +278,10 @@ class Checkpointer:
              in_epoch: Optional[InterruptedEpoch] = None, iterations: int = 0) -> None:
         """Checkpoint (epoch, step) and stop the run: raises TrainingStopped."""
         self.save(epoch, step, in_epoch)
-        raise TrainingStopped(signum, self.last, epoch, iterations)
+        raise TrainingStopped(signum, self.last_path, epoch, iterations)
 
-    def snapshot(self, done: EpochProgress, metrics: dict[str, float], stage: int, offset: int,
-                 extra: dict[str, Any]) -> InterruptedEpoch:
+    def snapshot(self, done: EpochProgress, metrics: dict[str, float], stage: int,
+                 offset: int) -> InterruptedEpoch:
         """Where the epoch stands, from every rank (gathered to all; rank 0 writes it): its
         progress in the pass, its RNG streams and its BatchNorm buffers (which a rank updates
         on its own between DDP's synchronisations)."""
@@ -222,7 +289,7 @@ class Checkpointer:
         mine = {"progress": asdict(done), "rng": capture_rng_state(),
                 "buffers": {name: buffer.detach().cpu().clone()
                             for name, buffer in self.method.model.named_buffers()}}
-        return InterruptedEpoch(stage, offset, dict(metrics), dict(extra),
+        return InterruptedEpoch(stage, offset, dict(metrics),
                                 self.ctx.comm.all_gather_object(mine))
 
     def payload(self, epoch: int, step: int, in_epoch: Optional[InterruptedEpoch],
@@ -264,7 +331,7 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
     stops = StopPoints(stop_request, cfg.checkpoint, comm, env.device)
     steps = StepLoop(env.device, cfg.progress, env.is_main, stops, execution_for(cfg, env.device))
     log.info("stop and checkpoint agreement every %d training iteration(s)", stops.poll_every)
-    ctx = RunContext(cfg, env, comm, run, source, build_pipelines(source, cfg.data, cfg.seed),
+    ctx = RunContext(cfg, comm, run, source, build_pipelines(source, cfg.data, cfg.seed),
                      Clusters(), stops, steps)
     method = build(ctx)
     progress = RunProgress()
@@ -273,8 +340,8 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
         objects["grad_scaler"] = steps.scaler
     chash, fingerprint = config_hash(cfg), source.fingerprint()
     resumed_from = resume(ctx, method, progress, objects, chash, fingerprint)
-    ctx.checkpointer = checkpointer = Checkpointer(ctx, method, progress, objects, chash,
-                                                   fingerprint, resumed_from)
+    checkpointer = Checkpointer(ctx, method, progress, objects, chash, fingerprint, resumed_from)
+    epochs = EpochRunner(ctx, method, checkpointer)
     monitor = Monitor(cfg, source, ctx.pipelines) if cfg.monitor.every else None
     tracker = make_tracker(cfg, env.is_main)
     progress.mlflow_run_id = tracker.start(cfg, run, progress.mlflow_run_id,
@@ -287,11 +354,11 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
                 # rank) stream, so ranks differ and a redone epoch repeats itself (an
                 # interrupted one continues the stream it saved)
                 torch.manual_seed(derived_seed(cfg.seed, epoch, "dropout", env.rank))
-            metrics = method.run_epoch(epoch, resumed)
+            metrics = epochs.run(epoch, resumed)
             if monitor is not None and monitored(cfg, epoch + 1, method.epochs):
                 with timed(metrics, "time_monitor"):
                     metrics.update(monitor.measure(method.model, epoch + 1, env, comm))
-            report_epoch(ctx, progress, tracker, epoch, method.epochs, metrics, method.scored_at)
+            report_epoch(ctx, progress, tracker, epoch, method, metrics)
             if progress.next_epoch % cfg.checkpoint.interval == 0 or progress.next_epoch == method.epochs:
                 checkpointer.save(progress.next_epoch)
         if env.is_main:
@@ -302,13 +369,13 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
             log.warning("received %s after the last epoch's stop point: the run is complete "
                         "(final checkpoint %s), nothing to resume",
                         signal.Signals(stop_request.signum).name,
-                        checkpointer.last or "written by rank 0")
+                        checkpointer.last_path or "written by rank 0")
     except BaseException as err:
         # the MLflow run shows why it stopped; a resumed job sets it RUNNING again
         tracker.finish("KILLED" if isinstance(err, (KeyboardInterrupt, CleanStop)) else "FAILED")
         raise
     tracker.finish()
-    return RunResult(run_dir=run.root, checkpoint=checkpointer.last,
+    return RunResult(run_dir=run.root, checkpoint=checkpointer.last_path,
                      mlflow_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
                      mlflow_run_id=progress.mlflow_run_id, history=progress.history,
                      rank=env.rank)
@@ -345,7 +412,7 @@ def resume(ctx: RunContext, method: Method, progress: RunProgress,
     progress.bad_images, progress.mlflow_run_id = dict(payload["bad_images"]), payload["mlflow_run_id"]
     if payload["in_epoch"]:
         progress.in_epoch = InterruptedEpoch(**payload["in_epoch"])
-        continue_streams(progress.in_epoch, progress.next_epoch, method.model, ctx.env, path)
+        continue_streams(progress.in_epoch, progress.next_epoch, method.model, ctx.comm, path)
         step = checkpoint_step(progress.in_epoch)
         log.info("resuming from %s inside epoch %d, after its %s", path, progress.next_epoch + 1,
                  f"iteration {step - 1}" if step > 1 else "clustering")
@@ -365,19 +432,19 @@ def find_resume_checkpoint(cfg: Config, run: RunDir) -> Optional[tuple[dict[str,
     return load_checkpoint(path, with_shards=True), path
 
 
-def continue_streams(in_epoch: InterruptedEpoch, epoch: int, model: nn.Module, env: Env,
+def continue_streams(in_epoch: InterruptedEpoch, epoch: int, model: nn.Module, comm: Comm,
                      source: str) -> None:
     """Give this rank back the RNG streams and BatchNorm buffers it had when an interrupted
     epoch was saved (its dropout masks go on where they stopped). Only with as many ranks as
     wrote it: each rank's position is in its own slice of the epoch's order, and the slices
     depend on their number."""
     saved = len(in_epoch.ranks)
-    if saved != env.world_size:
+    if saved != comm.world_size:
         raise CheckpointError(
             f"{source}: saved in the middle of epoch {epoch + 1} by {saved} rank(s), "
-            f"this run has {env.world_size}: resume it with {saved}, or pass resume=<an "
+            f"this run has {comm.world_size}: resume it with {saved}, or pass resume=<an "
             "epoch-boundary checkpoint (ckpt_e*_i0000000.pt)> to redo that epoch")
-    mine = in_epoch.ranks[env.rank]
+    mine = in_epoch.ranks[comm.rank]
     restore_rng_state(mine["rng"])
     if mine.get("buffers"):
         buffers = dict(model.named_buffers())
@@ -395,7 +462,7 @@ def record_bad_images(progress: RunProgress, found: dict[int, str], comm: Comm) 
 
 
 def report_epoch(ctx: RunContext, progress: RunProgress, tracker: RunTracker, epoch: int,
-                 epochs: int, metrics: dict[str, float], scored_at: str) -> None:
+                 method: Method, metrics: dict[str, float]) -> None:
     """The epoch's one line, its MLflow metrics and assignments file (rank 0), and its entry
     in the run's history (every rank). ``epoch`` counts from 0, as Python's loops do; what a
     user reads counts from 1 (the log, MLflow's steps, the history, the file names): epoch
@@ -405,11 +472,12 @@ def report_epoch(ctx: RunContext, progress: RunProgress, tracker: RunTracker, ep
     metrics.update(speed_metrics(metrics, ctx.comm, ctx.device))
     progress.next_epoch = epoch + 1
     clusters = ctx.clusters
-    if ctx.env.is_main:
+    if ctx.comm.is_main:
         if clusters.updated_epoch == epoch:
             metrics.update(assignment_metrics(clusters.labels, clusters.previous_labels,
                                               ctx.source.targets))
-        log.info(format_epoch_line(epoch, epochs, metrics, scored_at))
+        log.info(format_epoch_line(epoch, method.epochs, metrics, method.metrics,
+                                   method.scored_at))
         tracker.log_metrics(metrics, step=progress.next_epoch)
         save_assignments(ctx.run, progress.next_epoch, clusters.labels)
     progress.history.append({"epoch": float(progress.next_epoch), **metrics})

@@ -14,7 +14,7 @@ checkpoint carries, so a resumed run keeps them exactly.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 from torch import nn
@@ -28,6 +28,7 @@ from dcluster.evaluation.features import split_rows
 from dcluster.evaluation.knn import knn_scores
 from dcluster.evaluation.scoring import topk_accuracy
 from dcluster.evaluation.splits import Split, open_splits, stratified_split
+from dcluster.metric_spec import Metric, declared
 from dcluster.models import DeepClusterNet
 from dcluster.seeding import derived_seed
 
@@ -106,20 +107,31 @@ class Monitor:
         return dict(zip(MONITOR_METRICS, values))
 
 
-def is_best_epoch(cfg: Config, history: list[dict[str, float]], epoch_number: int) -> bool:
+# what the monitor measures, declared: each ranks epochs, higher is better
+DECLARED = tuple(Metric(name, higher_is_better=True) for name in MONITOR_METRICS)
+
+
+def is_best_epoch(cfg: Config, history: list[dict[str, float]], epoch_number: int,
+                  metrics: Sequence[Metric] = DECLARED) -> bool:
     """Whether the epoch just ended, ``epoch_number``, is the best so far by
-    checkpoint.keep_best (False when no metric is named)."""
-    metric = cfg.checkpoint.keep_best
-    return bool(metric) and best_epoch(history, metric) == epoch_number
+    checkpoint.keep_best (False when no metric is named), which way is better as ``metrics``
+    declare it."""
+    name = cfg.checkpoint.keep_best
+    metric = declared(metrics, name) if name else None
+    if metric is None or metric.higher_is_better is None:
+        return False
+    return best_epoch(history, name, metric.higher_is_better) == epoch_number
 
 
-def best_epoch(history: list[dict[str, float]], metric: str) -> Optional[int]:
-    """The epoch number (from 1) with the highest ``metric`` in the history, the earliest of
+def best_epoch(history: list[dict[str, float]], metric: str,
+               higher_is_better: bool = True) -> Optional[int]:
+    """The epoch number (from 1) with the best ``metric`` in the history, the earliest of
     equals; None before it is measured."""
+    sign = 1.0 if higher_is_better else -1.0
     best: Optional[tuple[float, int]] = None
     for entry in history:
         value = entry.get(metric)
-        if value is not None and (best is None or value > best[0]):
-            best = (float(value), int(entry["epoch"]))
+        if value is not None and (best is None or sign * value > best[0]):
+            best = (sign * float(value), int(entry["epoch"]))
     return None if best is None else best[1]
 

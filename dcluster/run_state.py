@@ -19,9 +19,10 @@ from dcluster.checkpoint import CheckpointError, load_shard
 from dcluster.optimize import EpochProgress
 
 # 2 added mid-epoch checkpoints; 3 names every object's state; 4 numbers the history's epochs
-# from 1, as the log, MLflow and the checkpoint names do
-FORMAT_VERSION = 4
-OLD_FORMATS = (1, 2, 3)  # read through upgraded()
+# from 1, as the log, MLflow and the checkpoint names do; 5 drops the in-epoch "extra" (the
+# harness knows which stages an interrupted epoch finished)
+FORMAT_VERSION = 5
+OLD_FORMATS = (1, 2, 3, 4)  # read through upgraded()
 
 
 class Stateful(Protocol):
@@ -84,11 +85,11 @@ class InterruptedEpoch:
     """An epoch checkpointed part way through its training passes (on a stop signal, or
     periodically), so that a resume continues it: nothing computed again, no image trained
     on twice or skipped. The checkpoint's ``iteration`` says where: 1 + ``offset`` + the
-    iterations of the pass under way (max over ranks)."""
-    stage: int  # the training pass under way (DeepCluster has one, MMDC two)
+    iterations of the pass under way (max over ranks). The harness (harness.EpochRunner)
+    writes it and resumes from it: the stages before pass ``stage`` are done."""
+    stage: int  # the pass under way, by index among the epoch's passes (stages.Pass)
     offset: int  # iterations of the epoch's finished passes
     metrics: dict[str, float]  # what the epoch has measured so far, for its report
-    extra: dict[str, Any]  # the method's own facts about the epoch (DeepCluster: reclustered)
     ranks: list[dict[str, Any]]  # per rank: "progress" (EpochProgress), "rng", "buffers"
 
     def progress(self, rank: int) -> EpochProgress:
@@ -111,7 +112,11 @@ def upgraded(payload: dict[str, Any]) -> dict[str, Any]:
     if old not in OLD_FORMATS:
         return payload
     new = _named_objects(payload) if old in (1, 2) else dict(payload)
-    new["history"] = [dict(entry, epoch=entry["epoch"] + 1) for entry in new["history"]]
+    if old in (1, 2, 3):
+        new["history"] = [dict(entry, epoch=entry["epoch"] + 1) for entry in new["history"]]
+    if new.get("in_epoch"):  # formats 3 and 4 kept the method's "extra" facts
+        new["in_epoch"] = {key: value for key, value in new["in_epoch"].items()
+                           if key != "extra"}
     new["format"] = FORMAT_VERSION
     return new
 
@@ -131,7 +136,6 @@ def _named_objects(payload: dict[str, Any]) -> dict[str, Any]:
         new["targets"] = {"assignment": new.pop("assignment"), "refined": new.pop("refined")}
     if in_epoch:
         new["in_epoch"] = {"stage": 0, "offset": 0, "metrics": in_epoch["metrics"],
-                           "extra": {"reclustered": in_epoch["reclustered"]},
                            "ranks": [dict(rank, buffers=None) for rank in in_epoch["ranks"]]}
     return new
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import dcluster.deepcluster
-import dcluster.mmdc.method
+import dcluster.harness
 from dcluster.cli import main
 from interrupts import interrupt_at, record_orders, signal_self
 
@@ -50,8 +50,9 @@ if __name__ == "__main__":
     if args.fail_on_rank is not None and int(os.environ["RANK"]) == args.fail_on_rank:
         dcluster.deepcluster.train_one_epoch = fail_in_training
     if args.save_weights is not None:
-        for method in (dcluster.deepcluster, dcluster.mmdc.method):
-            method.align_replicas = saving_weights(args.save_weights, method.align_replicas)
+        # the harness aligns the replicas after every epoch's last pass, whatever the method
+        dcluster.harness.align_replicas = saving_weights(args.save_weights,
+                                                         dcluster.harness.align_replicas)
     rank = int(os.environ.get("RANK", "0"))
     if args.interrupt and rank == 0:
         interrupt_at(args.interrupt, signal_self(args.signal))

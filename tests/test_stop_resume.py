@@ -87,7 +87,8 @@ def test_a_stopped_run_checkpoints_where_it_stood_and_resumes_to_the_uninterrupt
         assert payload["in_epoch"] is None
     else:
         in_epoch = payload["in_epoch"]
-        assert in_epoch["stage"] == 0 and in_epoch["extra"]["reclustered"] is True
+        # inside the training pass, with this epoch's clustering (its labels) in the checkpoint
+        assert in_epoch["stage"] == 0 and payload["clusters"]["updated_epoch"] == epoch
         # the epoch's clustering measurements wait in the checkpoint for its report
         assert {"objective", "n_clusters", "time_clustering"} <= in_epoch["metrics"].keys()
         [rank] = in_epoch["ranks"]

@@ -19,12 +19,19 @@ from dcluster.seeding import seed_everything
 
 
 @dataclass
+class OwnClusters:
+    """How a network clusters images by itself (MMDC: the mixture component nearest its
+    embedding, eq. 3), given by its method: what it computes per image, and the cluster of
+    each row of that."""
+    embed: Callable[[torch.Tensor], torch.Tensor]
+    assign: Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
 class Network:
     module: nn.Module  # the whole network: frozen, in eval mode, on the device
     backbone: DeepClusterNet  # front end, body, fc layers: where every protocol reads
-    # MMDC only: the embedding and the mixture means that turn it into clusters (eq. 3)
-    embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    means: Optional[np.ndarray] = None
+    own_clusters: Optional[OwnClusters] = None  # None: a network that does not cluster
 
 
 def load_network(cfg: Config, payload: Optional[dict[str, Any]], device: torch.device) -> Network:

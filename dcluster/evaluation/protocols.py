@@ -25,7 +25,6 @@ from dcluster.evaluation.scoring import label_scores, topk_accuracy
 from dcluster.evaluation.splits import Split, all_labelled, open_splits
 from dcluster.evaluation.target import EvalTarget, resolve_target
 from dcluster.hardware import require_fitting_build, set_torch_threads
-from dcluster.mmdc.targets import nearest_component
 from dcluster.models import LayerTap
 from dcluster.sampler import rank_slice
 from dcluster.seeding import derived_rng, derived_seed
@@ -55,21 +54,23 @@ def knn_protocol(target: EvalTarget, net: Network, env: Env, comm: Comm) -> Opti
 
 def clusters_protocol(target: EvalTarget, net: Network, env: Env,
                       comm: Comm) -> Optional[Outcome]:
-    """k-means (k = classes) on the penultimate features of every image; for MMDC also the
-    network's own clusters (nearest mixture component of the embedding: paper Table I)."""
+    """k-means (k = classes) on the penultimate features of every image; for a network that
+    clusters by itself also its own clusters (MMDC's nearest mixture components: paper
+    Table I), as ``head_*``."""
     cfg = target.cfg
     images = all_labelled(cfg)
     rows = _penultimate(net, images, target, env, comm)
-    embedded = None if net.embed is None else split_features(
-        net.module, images, cfg.eval.batch_size, env, comm, cfg.progress, compute=net.embed)
+    own = net.own_clusters
+    embedded = None if own is None else split_features(
+        net.module, images, cfg.eval.batch_size, env, comm, cfg.progress, compute=own.embed)
     if rows is None:
         return None
     features, labels = rows
     metrics = kmeans_scores(features, labels, derived_seed(cfg.seed, target.epoch, "eval_kmeans"),
                             cfg.clustering.niter, cfg.clustering.device)
-    if embedded is not None:
-        own = label_scores(nearest_component(embedded[0], net.means), labels)
-        metrics.update({f"head_{key}": value for key, value in own.items()})
+    if own is not None and embedded is not None:
+        scores = label_scores(own.assign(embedded[0]), labels)
+        metrics.update({f"head_{key}": value for key, value in scores.items()})
     return metrics, {"k": len(np.unique(labels)), "feature_dim": features.shape[1],
                      "images": len(labels)}
 

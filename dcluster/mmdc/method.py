@@ -1,4 +1,4 @@
-"""MMDC (paper Algorithm 1) on the run harness. One epoch, top to bottom:
+"""MMDC (paper Algorithm 1) on the run harness. One epoch, top to bottom (stages()):
 
     [refinement epochs: k-means on the embeddings -> targets] -> clustering pass (Hungarian
     re-assignment per batch, my slice) -> rotation pass (my slice) -> embeddings of my shard
@@ -12,7 +12,8 @@ before a checkpoint and after the clustering pass.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -20,21 +21,29 @@ from dcluster.clustering import kmeans_labels
 from dcluster.clustering.distributed_stage import row_layout, rows_of, spread_labels
 from dcluster.config import Config, MMDCConfig, check_key
 from dcluster.distributed import my_indices
-from dcluster.evaluation.network import Network
+from dcluster.evaluation.network import Network, OwnClusters
 from dcluster.extract import ShardFeatures, extract_features
-from dcluster.harness import RunContext, timed
+from dcluster.harness import RunContext
+from dcluster.metric_spec import Metric
 from dcluster.mmdc.assignment import match_labels, merge_owned
 from dcluster.mmdc.model import build_mmdc_model
 from dcluster.mmdc.passes import MOVED, PassContext, clustering_pass, rotation_pass
 from dcluster.mmdc.targets import TargetBank, Targets, mixture_means, nearest_component
-from dcluster.optimize import EpochProgress, align_replicas, data_parallel, pass_loss, sgd
-from dcluster.run_state import InterruptedEpoch, Stateful
+from dcluster.optimize import EpochProgress, data_parallel, pass_loss, sgd
+from dcluster.run_state import Stateful
 from dcluster.sampler import rank_slice
 from dcluster.seeding import derived_rng, derived_seed
+from dcluster.stages import Epoch, Pass, Stage, Step, Train
 
 log = logging.getLogger("dcluster.mmdc")
 
-CLUSTERING_PASS, ROTATION_PASS = 0, 1
+# what an MMDC epoch measures besides the loss, in its place on the epoch line
+METRICS = (
+    Metric("loss_rotation", "rotation loss {loss_rotation:.4f}"),
+    Metric("moved_fraction", "targets moved {moved_fraction:.1%}"),  # Hungarian re-assignments
+    Metric("clusters_empty", "empty {clusters_empty:.0f}", "after_monitor"),
+    Metric("largest_cluster"), Metric("lr"),
+)
 
 
 def lr_at(cfg: MMDCConfig, base_lr: float, epoch: int) -> float:
@@ -45,10 +54,11 @@ def lr_at(cfg: MMDCConfig, base_lr: float, epoch: int) -> float:
 
 class MMDC:
     """The method: its network, optimiser and targets, and the epoch."""
-    scored_at = "end"  # the clusters are the trained embeddings' nearest components
+    scored_at = "end-of-epoch features"  # the clusters: the trained embeddings' components
+    metrics = METRICS
 
     def __init__(self, ctx: RunContext) -> None:
-        cfg, env = ctx.cfg, ctx.env
+        cfg, env = ctx.cfg, ctx.comm.env
         self.ctx = ctx
         n_images = len(ctx.source)
         self.epochs = cfg.epochs + cfg.mmdc.refine_epochs
@@ -87,65 +97,67 @@ class MMDC:
     def share_state(self) -> None:
         """During a clustering pass each rank has re-assigned the targets of its own slice."""
         if self.training_order is not None:
-            env = self.ctx.env
-            owned = [rank_slice(self.training_order, r, env.world_size)
-                     for r in range(env.world_size)]
+            world_size = self.ctx.comm.world_size
+            owned = [rank_slice(self.training_order, r, world_size) for r in range(world_size)]
             merge_owned(self.targets.assignment, owned, self.ctx.comm)
 
-    def run_epoch(self, epoch: int, resumed: Optional[InterruptedEpoch]) -> dict[str, float]:
-        ctx, cfg, comm = self.ctx, self.ctx.cfg, self.ctx.comm
-        lr = lr_at(cfg.mmdc, self.base_lr, epoch)
+    def stages(self, epoch: Epoch) -> list[Stage]:
+        """Algorithm 1's epoch, at the epoch's learning rate."""
+        lr = lr_at(self.ctx.cfg.mmdc, self.base_lr, epoch.number)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        passes = PassContext(self.net, self.model, ctx.pipelines, self.optimizer, ctx.steps,
-                             epoch, cfg.optim.batch_size)
-        if resumed:
-            metrics, stage, offset = dict(resumed.metrics), resumed.stage, resumed.offset
-        else:
-            metrics, stage, offset = {"lr": lr, "time_clustering": 0.0}, CLUSTERING_PASS, 0
-            # refinement stage (section III.E): targets from k-means on the embeddings
-            with timed(metrics, "time_clustering"):
-                self.targets.refined = self.refine(epoch) if epoch >= cfg.epochs else None
+        epoch.metrics["lr"] = lr
+        passes = PassContext(self.net, self.model, self.ctx.pipelines, self.optimizer,
+                             self.ctx.steps, epoch.number, self.ctx.cfg.optim.batch_size)
+        return [Step("refine", lambda: self.refine_targets(epoch.number), "time_clustering"),
+                Pass("clustering", lambda done: self.clustering(passes, epoch, done)),
+                Pass("rotation", lambda done: self.rotation(passes, epoch, done),
+                     skip=not self.ctx.cfg.mmdc.rotation),
+                Step("clusters", lambda: self.assign_clusters(epoch), "time_features")]
 
-        # 1. the clustering pass: Hungarian re-assignment within each batch, then L2 steps
-        if stage == CLUSTERING_PASS:
-            done = resumed.progress(ctx.env.rank) if resumed else EpochProgress()
-            self.training_order = derived_rng(cfg.seed, epoch, "order").permutation(len(self.bank))
-            order = self.my_slice(self.training_order)
-            ctx.train_pass(epoch, lambda: clustering_pass(passes, order, self.bank, self.targets,
-                                                          done), done, metrics, CLUSTERING_PASS)
-            self.share_state()
-            self.training_order = None
-            moved, images = comm.all_reduce_sum(
-                np.array([done.tallies.get(MOVED, 0), done.images], dtype=np.int64))
-            metrics.update(loss=pass_loss(done, comm), moved_fraction=moved / max(images, 1))
-            offset = int(comm.all_reduce_max(np.array([done.iterations]))[0])
+    def refine_targets(self, epoch: int) -> None:
+        """The refinement stage (section III.E, its last refine_epochs epochs): targets from
+        k-means on the embeddings; before it, none."""
+        self.targets.refined = self.refine(epoch) if epoch >= self.ctx.cfg.epochs else None
 
-        # 2. the rotation pass
-        if cfg.mmdc.rotation:
-            done = resumed.progress(ctx.env.rank) if resumed and stage == ROTATION_PASS \
-                else EpochProgress()
-            order = self.my_slice(derived_rng(cfg.seed, epoch, "rotation_order")
-                                  .permutation(len(self.bank)))
-            ctx.train_pass(epoch, lambda: rotation_pass(passes, order, len(self.bank), done),
-                           done, metrics, ROTATION_PASS, offset)
-            metrics["loss_rotation"] = pass_loss(done, comm)
-        align_replicas(self.model, comm)
+    @contextmanager
+    def clustering(self, passes: PassContext, epoch: Epoch,
+                   done: EpochProgress) -> Iterator[Train]:
+        """1. The clustering pass: Hungarian re-assignment within each batch, then L2 steps."""
+        cfg, comm = self.ctx.cfg, self.ctx.comm
+        self.training_order = derived_rng(cfg.seed, epoch.number, "order").permutation(
+            len(self.bank))
+        order = self.my_slice(self.training_order)
+        yield lambda: clustering_pass(passes, order, self.bank, self.targets, done)
+        self.share_state()
+        self.training_order = None
+        moved, images = comm.all_reduce_sum(
+            np.array([done.tallies.get(MOVED, 0), done.images], dtype=np.int64))
+        epoch.metrics.update(loss=pass_loss(done, comm), moved_fraction=moved / max(images, 1))
 
-        # 3. clusters: the component nearest each embedding (paper eq. 3)
-        with timed(metrics, "time_features"):
-            self.embeddings = self.embed_shard()
-            metrics["images_features"] = float(len(self.embeddings.indices))
-            labels = spread_labels(nearest_component(self.embeddings.features, self.bank.means),
-                                   self.embeddings.indices, len(self.bank), comm)
-        ctx.clusters.update(labels, cfg.mmdc.k, epoch)
-        sizes = ctx.clusters.sizes()
+    @contextmanager
+    def rotation(self, passes: PassContext, epoch: Epoch,
+                 done: EpochProgress) -> Iterator[Train]:
+        """2. The rotation pass."""
+        order = self.my_slice(derived_rng(self.ctx.cfg.seed, epoch.number, "rotation_order")
+                              .permutation(len(self.bank)))
+        yield lambda: rotation_pass(passes, order, len(self.bank), done)
+        epoch.metrics["loss_rotation"] = pass_loss(done, self.ctx.comm)
+
+    def assign_clusters(self, epoch: Epoch) -> None:
+        """3. Clusters: the component nearest each embedding (paper eq. 3)."""
+        comm, metrics = self.ctx.comm, epoch.metrics
+        self.embeddings = self.embed_shard()
+        metrics["images_features"] = float(len(self.embeddings.indices))
+        labels = spread_labels(nearest_component(self.embeddings.features, self.bank.means),
+                               self.embeddings.indices, len(self.bank), comm)
+        self.ctx.clusters.update(labels, self.ctx.cfg.mmdc.k, epoch.number)
+        sizes = self.ctx.clusters.sizes()
         metrics.update(clusters_empty=float((sizes == 0).sum()),
                        largest_cluster=float(sizes.max() / max(sizes.sum(), 1)))
-        return metrics
 
     def my_slice(self, global_order: np.ndarray) -> np.ndarray:
-        return rank_slice(global_order, self.ctx.env.rank, self.ctx.env.world_size)
+        return rank_slice(global_order, self.ctx.comm.rank, self.ctx.comm.world_size)
 
     def embed_shard(self) -> ShardFeatures:
         ctx = self.ctx
@@ -176,7 +188,9 @@ class MMDC:
 def eval_network(cfg: Config, payload: Optional[dict[str, Any]]) -> Network:
     """The network `dcluster eval` reads, with its embedding and mixture means (eq. 3)."""
     mmdc = build_mmdc_model(cfg)
-    return Network(mmdc, mmdc.backbone, embed=mmdc.embed, means=mixture_means(cfg.mmdc, cfg.seed))
+    means = mixture_means(cfg.mmdc, cfg.seed)
+    return Network(mmdc, mmdc.backbone, OwnClusters(
+        mmdc.embed, lambda embedded: nearest_component(embedded, means)))
 
 
 METHOD = MMDC
