@@ -51,7 +51,8 @@ from dcluster.seeding import derived_seed, seed_everything
 from dcluster.stages import Epoch, Pass, Stage, Step
 from dcluster.stop import StopPoints, StopRequest, TrainingStopped
 from dcluster.telemetry import speed_metrics
-from dcluster.tracking import RunTracker, make_tracker, tracking_uri
+from dcluster.mlflow_store import tracking_uri
+from dcluster.tracking import RunTracker, make_tracker
 
 log = logging.getLogger("dcluster.harness")
 

@@ -65,29 +65,3 @@ def clustering_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     table[rows, cols] = counts
     r, c = linear_sum_assignment(table, maximize=True)
     return float(table[r, c].sum() / counts.sum())
-
-
-def cluster_size_stats(labels: np.ndarray, k: int) -> dict[str, float]:
-    """Size statistics of the ``k`` clusters of ``labels`` (values in [0, k); negative values
-    mark excluded items and are counted separately) as plain numbers, ready for logging."""
-    labels = np.asarray(labels).ravel()
-    if k < 1:
-        raise ValueError(f"the number of clusters must be positive, got k={k}")
-    if labels.size and labels.max() >= k:
-        raise ValueError(f"label {int(labels.max())} is out of range for k={k} clusters")
-    kept = labels[labels >= 0]
-    sizes = np.bincount(kept, minlength=k)
-    n = int(kept.size)
-    return {
-        "k": k,
-        "n_points": n,
-        "n_excluded": int(labels.size - n),
-        "min": int(sizes.min()),
-        "max": int(sizes.max()),
-        "mean": float(sizes.mean()),
-        "median": float(np.median(sizes)),
-        "std": float(sizes.std()),
-        "n_empty": int((sizes == 0).sum()),
-        "n_singleton": int((sizes == 1).sum()),
-        "largest_fraction": float(sizes.max() / n) if n else 0.0,
-    }

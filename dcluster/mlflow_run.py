@@ -36,9 +36,8 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BA
 
 from dcluster.atomic import atomic_write_bytes
 from dcluster.config import Config, config_hash, flatten
-from dcluster.mlflow_store import ensure_store, sqlite_path
+from dcluster.mlflow_store import ensure_store, sqlite_path, tracking_uri
 from dcluster.rundir import RunDir
-from dcluster.tracking import tracking_uri
 
 log = logging.getLogger("dcluster.tracking")
 

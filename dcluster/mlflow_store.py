@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from dcluster.atomic import publish, remove_stale_temps, temp_path
+from dcluster.config import Config
 
 log = logging.getLogger("dcluster.tracking")
 
@@ -117,3 +118,11 @@ def _locked(lock_path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def tracking_uri(cfg: Config) -> str:
+    """cfg.tracking.uri, or an absolute SQLite URI under runs_root (absolute, so that a job
+    started from another working directory finds the same store)."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    return f"sqlite:///{(Path(cfg.runs_root) / 'mlflow.db').resolve()}"

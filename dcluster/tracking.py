@@ -1,4 +1,4 @@
-"""Which tracker a process logs to, and where the store is.
+"""Which tracker a process logs to (the store's address: mlflow_store.tracking_uri).
 
 MLflow records every run (dcluster/mlflow_run.py) from one process, rank 0: the others, and
 runs with tracking off, get a NullTracker. MLflow is imported only where it is used: it adds
@@ -22,14 +22,6 @@ class RunTracker(Protocol):
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None: ...
 
     def finish(self, status: str = "FINISHED") -> None: ...
-
-
-def tracking_uri(cfg: Config) -> str:
-    """cfg.tracking.uri, or an absolute SQLite URI under runs_root (absolute, so that a job
-    started from another working directory finds the same store)."""
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    return f"sqlite:///{(Path(cfg.runs_root) / 'mlflow.db').resolve()}"
 
 
 class NullTracker:

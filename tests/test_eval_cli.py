@@ -14,7 +14,7 @@ from dcluster.evaluation.cli import add_parser
 from dcluster.evaluation.protocols import evaluate
 from dcluster.logs import configure_logging
 from dcluster.train import train
-from dcluster.tracking import tracking_uri
+from dcluster.mlflow_store import tracking_uri
 from helpers import TINY_MMDC
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from dcluster.metrics import cluster_size_stats, clustering_accuracy, contingency, nmi
+from dcluster.metrics import clustering_accuracy, contingency, nmi
 
 
 def test_nmi_hand_computed_example():
@@ -75,13 +75,3 @@ def test_accuracy_rectangular_unmatched_clusters_count_as_wrong():
     assert clustering_accuracy(pred, truth) == pytest.approx(6 / 8)
     assert clustering_accuracy(truth, pred) == pytest.approx(6 / 8)
     assert clustering_accuracy(pred, pred + 100) == 1.0
-
-
-def test_cluster_size_stats():
-    labels = np.array([0, 0, 0, 2, 3, 3, -1])
-    stats = cluster_size_stats(labels, 5)
-    assert stats == {"k": 5, "n_points": 6, "n_excluded": 1, "min": 0, "max": 3,
-                     "mean": 1.2, "median": 1.0, "std": pytest.approx(np.std([3, 0, 1, 2, 0])),
-                     "n_empty": 2, "n_singleton": 1, "largest_fraction": 0.5}
-    with pytest.raises(ValueError, match="label 5 is out of range for k=5"):
-        cluster_size_stats(np.array([5]), 5)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dcluster.config import MMDCConfig
-from dcluster.mmdc.assignment import assignment_cost, best_permutation, match_labels
+from dcluster.mmdc.assignment import best_permutation, match_labels
 from dcluster.mmdc.rotation import rotated_batch
 from dcluster.mmdc.targets import TargetBank, mixture_means, nearest_component
 
@@ -35,6 +35,11 @@ def test_gaussian_targets_lie_on_the_sphere_around_their_component():
     ids = np.array([2999, 7, 1500])
     assert np.array_equal(bank.points(ids), points[ids])
     assert not np.array_equal(TargetBank(3000, cfg, seed=1).points(ids), points[ids])
+
+
+def assignment_cost(embeddings: np.ndarray, points: np.ndarray) -> float:
+    """Total Euclidean distance between each row and its target: what the permutation minimises."""
+    return float(np.linalg.norm(embeddings - points, axis=1).sum())
 
 
 @pytest.mark.parametrize("seed", range(5))

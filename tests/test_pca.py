@@ -76,18 +76,6 @@ def test_chunked_equals_one_shot(data):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_merge_of_halves_equals_whole(data):
-    whole = PCAStats(D).update(data)
-    first = PCAStats(D).update(data[: N // 3])
-    second = PCAStats(D).update(data[N // 3:])  # shifted by its own first batch
-    assert not torch.equal(first.shift, second.shift)
-    first.merge(second)
-    assert first.count == N
-    np.testing.assert_allclose(first.mean().numpy(), whole.mean().numpy(), rtol=1e-6)
-    np.testing.assert_allclose(first.covariance().numpy(), whole.covariance().numpy(),
-                               rtol=1e-5, atol=1e-6)
-
-
 def test_summing_tensors_with_a_common_shift_is_an_all_reduce(data):
     """What a distributed all-reduce does: add count, sum and outer of ranks sharing a shift."""
     shift = data[:10].mean(axis=0)

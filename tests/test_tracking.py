@@ -12,7 +12,8 @@ from dcluster.config import Config, config_hash
 from dcluster.plots import plot_cluster_sizes, plot_nmi_curves
 from dcluster.rundir import prepare_run_dir
 from dcluster.mlflow_run import Tracker, steps_to_redo
-from dcluster.tracking import NullTracker, make_tracker, tracking_uri
+from dcluster.mlflow_store import tracking_uri
+from dcluster.tracking import NullTracker, make_tracker
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -119,28 +119,6 @@ class PCAStats:
             hi = min(lo + _BLOCK_COLS, self.dim)
             self.outer[lo:hi, lo:] += c[:, lo:hi].T @ c[:, lo:]
 
-    def merge(self, other: "PCAStats") -> "PCAStats":
-        """Add ``other``'s statistics into these (in place), re-basing them onto this shift."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge statistics of dimension {other.dim} into {self.dim}")
-        if other.count == 0:
-            return self
-        if self.count == 0 and self.shift is None:
-            self.shift = other.shift.to(self.device)
-        s_sum, s_outer = other.sum.to(self.device), other.outer.to(self.device)
-        delta = other.shift.to(self.device).double() - self.shift.double()
-        if bool(delta.any()):
-            # sum (x - a)(x - a)^T with a = self.shift, from sums taken about b = other.shift:
-            # x - a = (x - b) + delta, delta = b - a
-            cross = torch.outer(s_sum, delta)
-            full = _symmetric(s_outer) + cross + cross.T + other.count * torch.outer(delta, delta)
-            s_outer = torch.triu(full)
-            s_sum = s_sum + other.count * delta
-        self.outer += s_outer
-        self.sum += s_sum
-        self.count += other.count
-        return self
-
     def mean(self) -> torch.Tensor:
         """The float64 mean of all rows seen."""
         return self.shift.double() + self.sum / self.count

@@ -33,11 +33,6 @@ def best_permutation(embeddings: np.ndarray, points: np.ndarray) -> np.ndarray:
     return perm
 
 
-def assignment_cost(embeddings: np.ndarray, points: np.ndarray) -> float:
-    """Total Euclidean distance between each row and its target: what the permutation minimises."""
-    return float(np.linalg.norm(embeddings - points, axis=1).sum())
-
-
 def match_labels(new: np.ndarray, previous: np.ndarray, k: int) -> np.ndarray:
     """``new`` (values 0..k-1) renumbered by the one-to-one map that keeps the most images on
     the label they had in ``previous`` (values 0..k-1)."""
