@@ -45,6 +45,8 @@ from dcluster.stages import Epoch, Pass, Stage, Step, Train
 
 log = logging.getLogger("dcluster.deepcluster")
 
+NETWORK_KEYS: tuple[str, ...] = ()  # the config keys besides model.* its weights' shapes depend on
+
 # what a DeepCluster epoch measures besides the loss, in its place on the epoch line
 METRICS = (
     Metric("objective", "objective {objective:.4g}"),  # k-means' (clustering epochs)

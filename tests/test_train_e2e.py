@@ -108,3 +108,26 @@ def test_a_format_2_checkpoint_resumes_to_the_same_weights(straight, tmp_path):
     resumed = train(cfg)
     assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0]
     assert_same_weights(final_weights(straight), final_weights(resumed))
+
+
+def test_a_format_4_mid_epoch_checkpoint_resumes_to_the_same_weights(straight, small_demo_config):
+    """Mid-epoch checkpoints written before the harness owned the epoch's stages (format 4:
+    the in-epoch entry carries the method's own "extra" facts) resume through
+    run_state.upgraded, the harness skipping the stages they had finished: a checkpoint from
+    inside epoch 3's training pass, rewritten in format 4, resumes to the uninterrupted run's
+    final weights."""
+    periodic = train(small_demo_config("name=periodic", "epochs=3",
+                                       "checkpoint.every_iterations=5",
+                                       "checkpoint.keep_last=1000"))
+    checkpoints = periodic.run_dir / "checkpoints"
+    inside = sorted(checkpoints.glob("ckpt_e000002_i*.pt"))[1:]  # epoch 3's mid-epoch ones
+    path = inside[len(inside) // 2]
+    payload = load_checkpoint(path)
+    assert payload["in_epoch"]["stage"] == 0 and payload["in_epoch"]["ranks"][0]["progress"][
+        "position"] > 0
+    old = dict(payload, format=4,
+               in_epoch={**payload["in_epoch"], "extra": {"reclustered": True}})
+    save_checkpoint(checkpoints, old, epoch=2, iteration=payload["iteration"])  # newer set aside
+    resumed = train(small_demo_config("name=periodic", "epochs=3"))
+    assert resumed.history[-1]["epoch"] == 3.0
+    assert_same_weights(final_weights(straight), final_weights(resumed))

@@ -10,12 +10,14 @@ from typing import Any, Optional, Sequence
 
 from dcluster.checkpoint import CheckpointError, load_checkpoint, load_latest
 from dcluster.config import Config, ConfigError, flatten, load_config
+from dcluster.methods import method_module
 from dcluster.run_state import upgraded
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
-# the keys that shape a trained network's weights (besides model.*): an override of one of
-# them asks for a network the checkpoint does not hold
-NETWORK_KEYS = ("method", "data.crop_size", "mmdc.k", "mmdc.dim", "mmdc.rotation")
+# the keys that shape a trained network's weights besides model.* and the method's own (its
+# module's NETWORK_KEYS): an override of one of them asks for a network the checkpoint does
+# not hold
+NETWORK_KEYS = ("method", "data.crop_size")
 
 
 @dataclass
@@ -77,15 +79,18 @@ def resolve_target(target: str | Path, overrides: Sequence[str] = ()) -> EvalTar
 
 
 def network_settings(cfg: Config) -> dict[str, Any]:
-    """What a checkpoint's weights depend on: the model.* keys and NETWORK_KEYS."""
+    """What a checkpoint's weights depend on: the model.* keys, NETWORK_KEYS and those the
+    method declares (the registry imports its module)."""
+    keys = (*NETWORK_KEYS, *method_module(cfg.method).NETWORK_KEYS)
     return {key: value for key, value in flatten(cfg).items()
-            if key.startswith("model.") or key in NETWORK_KEYS}
+            if key.startswith("model.") or key in keys}
 
 
 def check_same_network(trained: Config, asked: Config, checkpoint: Path) -> None:
     """Refuse overrides that ask for another network than the checkpoint holds, naming both
     (the alternative is load_state_dict's size-mismatch traceback)."""
-    held, wanted = network_settings(trained), network_settings(asked)
+    held, asked_keys = network_settings(trained), flatten(asked)
+    wanted = {key: asked_keys[key] for key in held}
     changed = [key for key in held if held[key] != wanted[key]]
     if changed:
         raise ConfigError(

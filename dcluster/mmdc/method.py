@@ -37,6 +37,8 @@ from dcluster.stages import Epoch, Pass, Stage, Step, Train
 
 log = logging.getLogger("dcluster.mmdc")
 
+NETWORK_KEYS = ("mmdc.k", "mmdc.dim", "mmdc.rotation")  # keys its weights' shapes depend on
+
 # what an MMDC epoch measures besides the loss, in its place on the epoch line
 METRICS = (
     Metric("loss_rotation", "rotation loss {loss_rotation:.4f}"),
