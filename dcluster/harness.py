@@ -164,21 +164,23 @@ class EpochRunner:
                 epoch.metrics.setdefault(stage.timer, 0.0)
         passes = [stage for stage in stages if isinstance(stage, Pass)]
         due = [stage for stage in stages if not stage.skip]
-        if resumed:  # the pass it stopped in, and what follows
-            due = due[due.index(passes[resumed.stage]):]
+        resume_in = passes[resumed.stage] if resumed else None
+        if resume_in is not None:  # the stages before the pass it stopped in are done
+            due = due[due.index(resume_in):]
         last_pass = next((stage for stage in reversed(due) if isinstance(stage, Pass)), None)
         offset = resumed.offset if resumed else 0
-        for at, stage in enumerate(due):
+        trained = False  # once a pass has run, the epoch is worth keeping
+        for stage, following in zip(due, [*due[1:], None]):
             if isinstance(stage, Step):
                 with timed(epoch.metrics, stage.timer) if stage.timer else nullcontext():
                     stage.run()
-                if isinstance(next(iter(due[at + 1:]), None), Step) and \
-                        not any(isinstance(before, Pass) for before in due[:at]):
+                if isinstance(following, Step) and not trained:
                     self.stop_point(number)
                 continue
-            done = resumed.progress(self.ctx.comm.rank) if resumed and at == 0 \
+            done = resumed.progress(self.ctx.comm.rank) if resumed and stage is resume_in \
                 else EpochProgress()
             self.train_pass(epoch, stage, passes.index(stage), done, offset)
+            trained = True
             offset += int(self.ctx.comm.all_reduce_max(np.array([done.iterations]))[0])
             if stage is last_pass:
                 align_replicas(self.method.model, self.ctx.comm)
