@@ -37,7 +37,7 @@ from dcluster.metric_spec import Metric
 from dcluster.metrics import clustering_accuracy, nmi
 from dcluster.models import DeepClusterNet, build_model
 from dcluster.optimize import (AfterForward, EpochProgress, body_optimizer, data_parallel,
-                               pass_loss, sgd, train_one_epoch)
+                               sgd, train_one_epoch)
 from dcluster.run_state import Stateful
 from dcluster.sampler import balanced_order, rank_slice
 from dcluster.seeding import derived_seed
@@ -166,7 +166,6 @@ class DeepCluster:
             yield lambda: train_one_epoch(self.net, ctx.pipelines, order, clusters.labels,
                                           epoch.number, cfg.optim.batch_size, optimizers,
                                           ctx.steps, done, after_forward)
-        epoch.metrics["loss"] = pass_loss(done, ctx.comm)
 
     def features_to_cluster(self, epoch: int, metrics: dict[str, float]) -> ShardFeatures:
         """This rank's shard of the features the epoch clusters: the extra pass over all its

@@ -42,7 +42,7 @@ from dcluster.execution import Execution, execution_for
 from dcluster.metric_spec import Metric
 from dcluster.monitor import DECLARED as MONITORED
 from dcluster.monitor import Monitor, is_best_epoch, monitored
-from dcluster.optimize import EpochProgress, Pause, StepLoop, align_replicas
+from dcluster.optimize import EpochProgress, Pause, StepLoop, align_replicas, pass_loss
 from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
                                 Stateful, check_compatible, restore_objects, sharded_objects,
@@ -195,8 +195,8 @@ class EpochRunner:
     def train_pass(self, epoch: Epoch, stage: Pass, index: int, done: EpochProgress,
                    offset: int) -> None:
         """Run ``stage`` from ``done`` to its end: at each pause the epoch is checkpointed
-        where it stands, and on a stop signal the run stops there. The pass's images and its
-        time waiting for data are added to the epoch's metrics for the telemetry."""
+        where it stands, and on a stop signal the run stops there. Its mean loss goes into the
+        epoch's metrics, and its images and time waiting for data for the telemetry."""
         metrics, steps, checkpointer = epoch.metrics, self.ctx.steps, self.checkpointer
         with stage.open(done) as train:
 
@@ -219,6 +219,7 @@ class EpochRunner:
                 pause = timed_train()
             # the whole pass's: ``done`` and the times carry over a resume
             metrics["images_trained"] = metrics.get("images_trained", 0.0) + done.images
+        metrics[stage.loss] = pass_loss(done, self.ctx.comm)
 
 
 @dataclass

@@ -46,10 +46,12 @@ class Pass:
     """A training pass from a saved position. ``open(done)`` is entered once per run of the
     pass (again after a resume), with ``done`` where this rank stands (restored by the
     harness); it yields the function that trains from ``done.position`` on, called again after
-    every pause, and what follows its ``yield`` is the pass's wrap-up (its metrics). The
-    harness times it into ``time_training``."""
+    every pause, and what follows its ``yield`` is the pass's wrap-up (its own metrics). The
+    harness times it into ``time_training`` and reports its mean loss over all ranks' images
+    as the metric named ``loss``."""
     name: str
     open: Callable[[EpochProgress], AbstractContextManager[Train]]
+    loss: str = "loss"
     skip: bool = False
 
 

@@ -66,13 +66,14 @@ class Recorder:
                 done.position += 4
                 done.iterations += 1
                 done.images += 4
+                done.loss_sum += 4 * float(done.iterations)  # each image's loss: the iteration
                 if done.iterations == self.pause_after:
                     self.pause_after = None
                     return Pause(0)
             return None
 
         yield run
-        epoch.metrics["loss"] = float(done.iterations)
+        epoch.metrics["iterations"] = float(done.iterations)
 
 
 def runner(tmp_path, method: Recorder) -> tuple[EpochRunner, Checkpointer]:
@@ -92,7 +93,8 @@ def test_the_stages_run_in_order_the_skipped_ones_not_and_every_step_is_timed(tm
     metrics = epochs.run(0, None)
     assert method.ran == ["first", "second", "train", "last"]
     assert metrics["time_first"] > 0 and metrics["time_skipped"] == 0.0
-    assert metrics["loss"] == 10.0 and metrics["images_trained"] == 40.0
+    assert metrics["iterations"] == 10.0 and metrics["images_trained"] == 40.0
+    assert metrics["loss"] == 5.5  # the pass's mean loss, reported by the harness
 
 
 def test_a_stop_between_two_steps_stops_with_the_epoch_start_checkpoint(tmp_path):
@@ -120,4 +122,4 @@ def test_a_paused_pass_is_checkpointed_and_resumes_alone_from_its_position(tmp_p
     resumed_epochs, _ = runner(tmp_path / "again", again)
     metrics = resumed_epochs.run(0, in_epoch)
     assert again.ran == ["train", "last"] and again.started_at == [12]
-    assert metrics["loss"] == 10.0
+    assert metrics["iterations"] == 10.0 and metrics["loss"] == 5.5  # as if never paused

@@ -29,7 +29,7 @@ from dcluster.mmdc.assignment import match_labels, merge_owned
 from dcluster.mmdc.model import build_mmdc_model
 from dcluster.mmdc.passes import MOVED, PassContext, clustering_pass, rotation_pass
 from dcluster.mmdc.targets import TargetBank, Targets, mixture_means, nearest_component
-from dcluster.optimize import EpochProgress, data_parallel, pass_loss, sgd
+from dcluster.optimize import EpochProgress, data_parallel, sgd
 from dcluster.run_state import Stateful
 from dcluster.sampler import rank_slice
 from dcluster.seeding import derived_rng, derived_seed
@@ -114,7 +114,7 @@ class MMDC:
         return [Step("refine", lambda: self.refine_targets(epoch.number), "time_clustering"),
                 Pass("clustering", lambda done: self.clustering(passes, epoch, done)),
                 Pass("rotation", lambda done: self.rotation(passes, epoch, done),
-                     skip=not self.ctx.cfg.mmdc.rotation),
+                     loss="loss_rotation", skip=not self.ctx.cfg.mmdc.rotation),
                 Step("clusters", lambda: self.assign_clusters(epoch), "time_features")]
 
     def refine_targets(self, epoch: int) -> None:
@@ -135,7 +135,7 @@ class MMDC:
         self.training_order = None
         moved, images = comm.all_reduce_sum(
             np.array([done.tallies.get(MOVED, 0), done.images], dtype=np.int64))
-        epoch.metrics.update(loss=pass_loss(done, comm), moved_fraction=moved / max(images, 1))
+        epoch.metrics["moved_fraction"] = moved / max(images, 1)
 
     @contextmanager
     def rotation(self, passes: PassContext, epoch: Epoch,
@@ -144,7 +144,6 @@ class MMDC:
         order = self.my_slice(derived_rng(self.ctx.cfg.seed, epoch.number, "rotation_order")
                               .permutation(len(self.bank)))
         yield lambda: rotation_pass(passes, order, len(self.bank), done)
-        epoch.metrics["loss_rotation"] = pass_loss(done, self.ctx.comm)
 
     def assign_clusters(self, epoch: Epoch) -> None:
         """3. Clusters: the component nearest each embedding (paper eq. 3)."""
