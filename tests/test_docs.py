@@ -1,6 +1,7 @@
 """The documentation holds together: README.md stays a front page, every relative link and
-#anchor in README.md and docs/*.md resolves, every docs page is in the index and opens with a
-summary, and setup.py still reads README.md as the package's long description.
+#anchor in README.md and docs/*.md resolves, every repository path they name exists, every docs
+page is in the index and opens with a summary, and setup.py still reads README.md as the
+package's long description.
 
 Links are checked offline: a relative link must name a file or folder of the repository, and an
 anchor a heading of the Markdown file it points into, as GitHub computes the heading's id.
@@ -30,6 +31,9 @@ INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]*)>?(?:\s
 REFERENCE_DEF = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+\"[^\"]*\")?\s*$")
 CODE_SPAN = re.compile(r"(`+)(.+?)\1")
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+# A path of the repository named in prose or a command (`dcluster/harness.py`,
+# configs/demo.yaml): when modules move, the pages must follow.
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:dcluster|tests|benchmarks|configs|slurm|launch)/[\w./-]*\w)")
 
 
 def prose_lines(text: str) -> list[str]:
@@ -118,6 +122,12 @@ def test_relative_links_and_anchors_resolve(page):
     assert broken_links(page, pending=PENDING) == []
 
 
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_repository_paths_named_in_the_page_exist(page):
+    named = set(REPO_PATH.findall(page.read_text(encoding="utf-8")))
+    assert sorted(p for p in named if not (ROOT / p).exists()) == []
+
+
 def test_readme_is_a_front_page():
     lines = README.read_text(encoding="utf-8").splitlines()
     assert len(lines) < FRONT_PAGE_MAX_LINES, (
@@ -158,6 +168,12 @@ def test_checker_reports_missing_files_and_anchors(tmp_path):
     assert [p.split("'")[1] for p in problems] == [
         "docs/b.md", "docs/a.md#not-a-heading", "docs/p.md#x", "../outside.md"]
     assert broken_links(tmp_path / "docs" / "a.md", root=tmp_path) == []
+
+
+def test_repository_paths_are_found_in_prose_and_commands():
+    text = ("runs on `dcluster/harness.py` and dcluster/mmdc/;\n```bash\n"
+            "dcluster train configs/demo.yaml # not python -m dcluster train or runs/dcluster/x\n```")
+    assert REPO_PATH.findall(text) == ["dcluster/harness.py", "dcluster/mmdc", "configs/demo.yaml"]
 
 
 @pytest.mark.parametrize("heading, slug", [
