@@ -87,7 +87,7 @@ class BankConfig:
     """The feature bank of clustering.features=training_pass (dcluster/feature_bank.py)."""
     # a row the training passes have not rewritten for more than this many epochs is
     # recomputed (centre crop, eval mode) before the clustering; 1: every image the last
-    # epoch did not draw (README: "Clustering the training pass's features")
+    # epoch did not draw (docs/methods.md: "Feature bank")
     max_age: int = 1
     dtype: str = "float32"  # float32 | float16 | bfloat16: how the rows are stored
     # a training row blends into the row held: m * held + (1 - m) * new (0: replaces it)
@@ -108,7 +108,7 @@ class ClusteringConfig:
     k: int = 10000
     pca_dim: int = 256  # 0 keeps the full dimension
     # rows the PCA covariance is computed from, drawn per (seed, epoch); 0: all rows (the
-    # paper). A fixed budget bounds the cost as N grows (README: "Clustering stage")
+    # paper). A fixed budget bounds the cost as N grows (docs/benchmarks.md: "Clustering stage")
     pca_sample: int = 25000
     whiten: bool = True
     l2_normalize: bool = True
