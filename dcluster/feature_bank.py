@@ -259,8 +259,10 @@ class Outbox:
 
 def as_bytes(rows: torch.Tensor) -> torch.Tensor:
     """(n, dim) rows of any dtype as (n, dim * itemsize) uint8: every backend exchanges bytes
-    (gloo has no bfloat16)."""
-    return rows.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)
+    (gloo has no bfloat16). The width is spelt out: a flush may send no row at all (a stop
+    before a pass's first step), and (0, -1) is no shape."""
+    return rows.contiguous().view(torch.uint8).reshape(rows.shape[0],
+                                                       rows.shape[1] * rows.element_size())
 
 
 def from_bytes(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
