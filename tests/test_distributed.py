@@ -333,8 +333,15 @@ def exchange_worker(out: Path, round_bytes: int, comm: Comm) -> None:
     recv_counts = [(comm.rank + 1) * (s + 2) for s in range(comm.world_size)]
     rows = torch.tensor([[comm.rank, d, i] for d, n in enumerate(send_counts) for i in range(n)],
                         dtype=torch.int64)
-    got = comm.all_to_all_rows(rows, send_counts, recv_counts)
-    torch.save(got, out / f"received_rank{comm.rank}_{round_bytes}.pt")
+    import torch.distributed as dist
+
+    real, rounds = dist.all_to_all_single, []
+    dist.all_to_all_single = lambda *args, **kwargs: rounds.append(real(*args, **kwargs))
+    try:
+        got = comm.all_to_all_rows(rows, send_counts, recv_counts)
+    finally:
+        dist.all_to_all_single = real
+    torch.save((got, len(rounds)), out / f"received_rank{comm.rank}_{round_bytes}.pt")
 
 
 def test_the_row_exchange_in_small_rounds_delivers_what_one_round_does(tmp_path):
@@ -343,10 +350,12 @@ def test_the_row_exchange_in_small_rounds_delivers_what_one_round_does(tmp_path)
     for round_bytes in (small_round, one_round):
         spawn_ranks(functools.partial(exchange_worker, tmp_path, round_bytes), 2)
     for rank in range(2):
-        small = torch.load(tmp_path / f"received_rank{rank}_{small_round}.pt")
-        whole = torch.load(tmp_path / f"received_rank{rank}_{one_round}.pt")
+        small, small_rounds = torch.load(tmp_path / f"received_rank{rank}_{small_round}.pt")
+        whole, whole_rounds = torch.load(tmp_path / f"received_rank{rank}_{one_round}.pt")
         want = torch.tensor([[s, rank, i] for s in range(2) for i in range((rank + 1) * (s + 2))])
         assert torch.equal(whole, want) and torch.equal(small, want)
+        # the longest block, rank 1's 6 rows for rank 1, takes 3 rounds of 2 rows
+        assert (small_rounds, whole_rounds) == (3, 1)
 
 
 def side_group_worker(out: Path, comm: Comm) -> None:
