@@ -92,9 +92,10 @@ class BankConfig:
     dtype: str = "float32"  # float32 | float16 | bfloat16: how the rows are stored
     # a training row blends into the row held: m * held + (1 - m) * new (0: replaces it)
     momentum: float = 0.9
-    # device: the rank's GPU (its CPU without one); host: host memory (for a bank larger
-    # than the GPU can spare)
-    memory: str = "device"
+    # auto: the rank's GPU if the bank and its outbox fit there, else host memory
+    # (dcluster/memory_plan.py, logged); device: the rank's GPU (its CPU without one);
+    # host: host memory (for a bank larger than the GPU can spare)
+    memory: str = "auto"
 
 
 @dataclass
@@ -285,7 +286,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "clustering.mode": ("gather", "sharded"),
     "clustering.features": ("extra_pass", "training_pass"),
     "clustering.bank.dtype": ("float32", "float16", "bfloat16"),
-    "clustering.bank.memory": ("device", "host"),
+    "clustering.bank.memory": ("auto", "device", "host"),
     "distributed.backend": ("auto", "gloo", "nccl"),
     "progress": ("auto", "always", "never"),
     "method": tuple(METHODS),
