@@ -3,7 +3,8 @@ GPUs below are descriptions passed to the pure decision function, not present.""
 import pytest
 
 from dcluster.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, check,
-                               default_threads, describe, profile_of, torch_build)
+                               conflicting_builds, default_threads, describe, profile_of,
+                               torch_build)
 
 TORCH_CU13 = torch_build("2.14.1", "13.0", ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100",
                                             "sm_120", "compute_120"])
@@ -97,3 +98,48 @@ def test_unknown_faiss_build_is_not_guessed_at():
 ])
 def test_threads_default_to_the_tasks_cpus(environ, expected):
     assert default_threads(environ, usable_cpus=96) == expected
+
+
+def test_cu13_profile_runs_the_cuda_12_faiss_wheel_beside_cuda_13_dali():
+    """setup.py's cu13 extra: faiss-gpu (CUDA 12.6, its own runtime) with DALI's CUDA 13 build."""
+    hw = machine(TORCH_CU13, "faiss-gpu", "nvidia-dali-cuda130", H100, GPU(1, A100.name, 80))
+    assert hw.profile == "cu13" and check(hw, "auto") == []
+    assert profile_of(FAISS_BUILDS["faiss-gpu-cuvs"], DALI_BUILDS["nvidia-dali-cuda120"]) == "unknown"
+
+
+def test_described_cpu_and_cu13_extras_together_name_both_faiss_distributions():
+    """`pip install '.[cpu,cu13]'` as importlib.metadata would list it."""
+    installed = {"faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"}
+    [problem] = conflicting_builds(installed)
+    assert "faiss-cpu 1.15.1" in problem.message and "faiss-gpu 1.15.1" in problem.message
+    assert "'faiss' module" in problem.message
+    assert conflicting_builds({"faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"}) == []
+
+
+def test_described_two_dali_builds_are_named():
+    installed = {"faiss-gpu": "1.15.1", "nvidia-dali-cuda120": "2.4.0",
+                 "nvidia-dali-cuda130": "2.4.0"}
+    [problem] = conflicting_builds(installed)
+    assert "nvidia-dali-cuda120 2.4.0, nvidia-dali-cuda130 2.4.0" in problem.message
+
+
+def test_start_up_check_refuses_two_described_faiss_builds(monkeypatch):
+    """require_fitting_build stops (exit 2) before importing faiss when importlib.metadata
+    reports two FAISS distributions; here the metadata lookup is described."""
+    import importlib.metadata
+
+    from dcluster import hardware
+    from dcluster.config import Config
+    from dcluster.errors import UserError
+
+    versions = {"faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1"}
+
+    def version(name):
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(hardware, "detect", lambda: pytest.fail("detect() ran"))
+    with pytest.raises(UserError, match="faiss-cpu 1.15.1, faiss-gpu 1.15.1"):
+        hardware.require_fitting_build(Config())
