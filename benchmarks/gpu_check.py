@@ -332,8 +332,8 @@ def train_command(ctx: Context, name: str, extra: tuple[str, ...]) -> list[str]:
     return [sys.executable, "-m", "dcluster", "train", "configs/demo.yaml", f"name={name}",
             f"data.path={ctx.work / 'images'}", f"runs_root={ctx.work / 'runs'}", "epochs=2",
             "data.loader=torchvision", "checkpoint.every_iterations=2", "progress=never",
-            "tracking.enabled=false", "eval.class_kmeans=false", *ctx.sizes.run_overrides,
-            *extra]
+            "tracking.enabled=false", "tracking.plots=false", "eval.class_kmeans=false",
+            *ctx.sizes.run_overrides, *extra]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
