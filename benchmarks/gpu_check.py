@@ -2,7 +2,8 @@
 PyTorch GPU node (torch + torchvision, plus the small wheels `make gpu-check-wheels`
 gathers) runs all but the FAISS and DALI sections, which say "skipped: not installed".
 
-Sections, each with its own time budget (the sum fits 6 minutes on one H100 with 16 cores):
+Sections, each with its own time budget; no section starts that could take the check past 6
+minutes (on one H100 with 16 cores, the sections' budgets sum to 6 min 10 s):
 
 1. ``info``: ``dcluster info`` (builds, profile, GPUs, problems);
 2. ``train_step``: AlexNet-BN at 224 px, batch 256, channels_last, fp32 vs bf16: images/s of
@@ -16,8 +17,8 @@ Sections, each with its own time budget (the sum fits 6 minutes on one H100 with
    backend in KMEANS_BACKENDS (FAISS when installed): each cluster from one blob (purity 0.99);
 6. ``kill_resume``: a 2-epoch ``dcluster train`` with the torchvision loader, SIGKILLed after
    its first mid-epoch checkpoint of epoch 2, run again: it must say "inside epoch 2" and end
-   with the weights of an uninterrupted run (bit for bit on the CPU; on a GPU cuDNN may pick
-   non-deterministic kernels, so within 1e-3);
+   with the weights of an uninterrupted run (bit for bit on the CPU; on a GPU, where cuDNN's
+   kernels need not be deterministic, within 10 times the difference of two uninterrupted runs);
 7. ``bank_kill_resume``: the same with ``clustering.features=training_pass`` (the feature bank,
    float16 rows in GPU memory);
 8. ``code_paths``: what the runs' logs say ran.
@@ -90,7 +91,7 @@ class Sizes:
 
 
 FULL = Sizes(batch=256, steps=10, crop=224, pca_rows=100_000, pca_in=4096, pca_out=256,
-             kmeans_rows=200_000, kmeans_dim=256, kmeans_k=1000, images=2048,
+             kmeans_rows=200_000, kmeans_dim=256, kmeans_k=1000, images=1024,
              run_overrides=("model.arch=alexnet", "model.fc_dim=4096", "model.fc_init=paper",
                             "data.crop_size=224", "data.resize_size=256", "data.workers=12",
                             "optim.batch_size=128", "clustering.k=100", "clustering.pca_dim=64",
@@ -345,6 +346,12 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return found[0]["model"]
 
 
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between two state dicts' tensors."""
+    return max((float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel()),
+               default=0.0)
+
+
 def run_logged(command: list[str], log: Path, timeout: float) -> None:
     with open(log, "w") as out:
         rc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -386,13 +393,19 @@ def kill_resume_section(name: str, extra: tuple[str, ...]) -> Callable[[Context]
                 proc.wait()
         run_logged(command, logs / f"{name}_resumed.log", deadline - time.perf_counter())
         resumed_text = (logs / f"{name}_resumed.log").read_text()
-        got = final_weights(ctx.work / "runs" / name)
-        diff = max(float((expected[k].double() - got[k].double()).abs().max()) if
-                   expected[k].numel() else 0.0 for k in expected)
+        diff = max_difference(expected, final_weights(ctx.work / "runs" / name))
         out = {"killed_inside_epoch_2": killed,
                "resumed_inside_epoch_2": "inside epoch 2" in resumed_text,
                "equal_weights": diff == 0.0, "max_abs_difference": diff}
-        tolerance = 0.0 if ctx.device.type == "cpu" else 1e-3
+        tolerance = 0.0
+        if ctx.device.type == "cuda":
+            # cuDNN's weight gradients may use atomics: two uninterrupted runs differ too. A
+            # second one measures by how much; the resumed run may differ 10 times as much.
+            run_logged(train_command(ctx, f"{name}_again", extra), logs / f"{name}_again.log",
+                       deadline - time.perf_counter())
+            baseline = max_difference(expected, final_weights(ctx.work / "runs" / f"{name}_again"))
+            out["uninterrupted_runs_max_abs_difference"] = baseline
+            tolerance = 10 * baseline
         if killed and not out["resumed_inside_epoch_2"]:
             raise WrongResult(f"killed inside epoch 2 but did not resume there: {out}")
         if diff > tolerance:
@@ -428,14 +441,14 @@ class Section:
 
 SECTIONS = [
     Section("info", ("faiss",), 30, info),
-    Section("train_step", (), 45, train_step),
-    Section("feature_pass", (), 30, feature_pass),
-    Section("pca_eigensolver", (), 40, pca_eigensolver),
-    *(Section(f"kmeans[{name}]", backend.needs, 40, kmeans_section(backend))
+    Section("train_step", (), 40, train_step),
+    Section("feature_pass", (), 25, feature_pass),
+    Section("pca_eigensolver", (), 35, pca_eigensolver),
+    *(Section(f"kmeans[{name}]", backend.needs, 35, kmeans_section(backend))
       for name, backend in KMEANS_BACKENDS.items()),
-    Section("kill_resume", ("torchvision", "faiss"), 80,
+    Section("kill_resume", ("torchvision", "faiss"), 110,
             kill_resume_section("kill_resume", ())),
-    Section("bank_kill_resume", ("torchvision", "faiss"), 70, kill_resume_section(
+    Section("bank_kill_resume", ("torchvision", "faiss"), 90, kill_resume_section(
         "bank_kill_resume", ("clustering.features=training_pass", "clustering.bank.dtype=float16"))),
     Section("code_paths", (), 5, code_paths),
 ]
@@ -459,6 +472,8 @@ def run_section(section: Section, ctx: Context) -> tuple[str, Any]:
         raise OverBudget(f"over its budget of {section.budget_s:.0f} s")
 
     previous = signal.signal(signal.SIGALRM, alarm)
+    # the budgets are an idle H100 host's; --quick runs on shared CPUs, where start-ups of
+    # `dcluster train` alone take tens of seconds: 20 times more
     signal.setitimer(signal.ITIMER_REAL, section.budget_s * (20 if ctx.sizes is QUICK else 1))
     try:
         return "ok", section.run(ctx)
