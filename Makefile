@@ -8,7 +8,7 @@ DEMO_DATA ?= data/digits
 DEMO_ARGS ?=
 # the oldest torch of setup.py's range (2.11-2.14) that installs here without a download
 OLDEST_TORCH_WHEEL ?= /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
-OLDEST_TORCH := $(VENV)/oldest-torch
+OLDEST_TORCH = $(abspath $(VENV))/oldest-torch
 
 .PHONY: install demo test bench clean-demo check-profiles demo-oldest-torch gpu-check-wheels
 
@@ -45,7 +45,8 @@ demo-oldest-torch: install
 	  echo 'raise ImportError("torchvision is built for another torch: not imported beside the oldest torch")' \
 	    > $(OLDEST_TORCH)/torchvision/__init__.py && touch $(OLDEST_TORCH)/.installed; }
 	$(VENV)/bin/dcluster demo-data $(DEMO_DATA)
-	PYTHONPATH=$(OLDEST_TORCH):$(PYTHONPATH) $(PY) -c 'import torch; print("torch", torch.__version__)'
+	PYTHONPATH=$(OLDEST_TORCH):$(PYTHONPATH) $(PY) -c 'import torch; print("torch", torch.__version__); \
+	  assert torch.__file__.startswith("$(OLDEST_TORCH)/"), torch.__file__'
 	rm -rf $(OLDEST_TORCH)/runs
 	PYTHONPATH=$(OLDEST_TORCH):$(PYTHONPATH) $(VENV)/bin/dcluster train configs/demo.yaml \
 	  data.path=$(DEMO_DATA) runs_root=$(OLDEST_TORCH)/runs epochs=2 tracking.enabled=false \

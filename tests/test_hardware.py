@@ -143,3 +143,15 @@ def test_start_up_check_refuses_two_described_faiss_builds(monkeypatch):
     monkeypatch.setattr(hardware, "detect", lambda: pytest.fail("detect() ran"))
     with pytest.raises(UserError, match="faiss-cpu 1.15.1, faiss-gpu 1.15.1"):
         hardware.require_fitting_build(Config())
+
+
+def test_info_names_both_described_faiss_distributions(monkeypatch, capsys):
+    """`dcluster info` on an environment that importlib.metadata describes as `.[cpu,cu13]`."""
+    from dcluster import cli, hardware
+
+    monkeypatch.setattr(hardware, "installed_distributions", lambda: {
+        "faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"})
+    assert cli.main(["info"]) == 0
+    problems = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("problem")]
+    assert len(problems) == 1 and "faiss-cpu 1.15.1, faiss-gpu 1.15.1" in problems[0]
