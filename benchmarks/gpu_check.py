@@ -53,6 +53,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# this checkout's dcluster, in this process as in the `python -m dcluster` runs (cwd=ROOT)
+sys.path.insert(0, str(ROOT))
 TOTAL_BUDGET_S = 360.0
 
 # what the logs say when a code path runs (dcluster's own log lines)
