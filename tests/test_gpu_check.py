@@ -37,7 +37,8 @@ def test_quick_on_the_cpu_runs_the_sections_and_resumes_inside_epoch_2(tmp_path)
     for name in ("train_step", "feature_pass", "pca_eigensolver", "kmeans[faiss]",
                  "kill_resume"):
         assert sections[name]["status"] == "ok", (name, sections[name])
-    assert sections["pca_eigensolver"]["result"]["solver"].startswith("subspace iteration")
+    pca = sections["pca_eigensolver"]["result"]["full_float32"]
+    assert pca["solver"].startswith("subspace iteration") and not pca["fallback"]
     resume = sections["kill_resume"]["result"]
     assert resume["killed_inside_epoch_2"] and resume["resumed_inside_epoch_2"]
     assert resume["equal_weights"]
