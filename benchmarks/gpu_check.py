@@ -98,7 +98,7 @@ FULL = Sizes(batch=256, steps=10, crop=224, pca_rows=100_000, pca_in=4096, pca_o
              run_overrides=("model.arch=alexnet", "model.fc_dim=4096", "model.fc_init=paper",
                             "data.crop_size=224", "data.resize_size=256", "data.workers=12",
                             "optim.batch_size=128", "clustering.k=100", "clustering.pca_dim=64",
-                            "optim.precision=bf16", "threads=8"))
+                            "threads=8"))
 QUICK = Sizes(batch=4, steps=1, crop=64, pca_rows=4000, pca_in=512, pca_out=32,
               kmeans_rows=3000, kmeans_dim=16, kmeans_k=40, images=160,
               run_overrides=("model.width=8", "model.fc_dim=64", "data.crop_size=32",
@@ -356,11 +356,14 @@ def write_images(root: Path, count: int, size: int) -> None:
 def train_command(ctx: Context, name: str, extra: tuple[str, ...]) -> list[str]:
     # with faiss-cpu beside a GPU the start-up check stops a run that does not choose the CPU
     clustering = () if ctx.installed["faiss_gpu"] else ("clustering.device=cpu",)
+    # bf16 where the GPU computes in it (Ampere on); runs refuse it on older GPUs
+    bf16 = ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device)[0] >= 8
     return [sys.executable, "-m", "dcluster", "train", "configs/demo.yaml", f"name={name}",
             f"data.path={ctx.work / 'images'}", f"runs_root={ctx.work / 'runs'}", "epochs=2",
             "data.loader=torchvision", "checkpoint.every_iterations=2", "progress=never",
             "tracking.enabled=false", "tracking.plots=false", "eval.class_kmeans=false",
-            *clustering, *ctx.sizes.run_overrides, *extra]
+            f"optim.precision={'bf16' if bf16 else 'fp32'}", *clustering,
+            *ctx.sizes.run_overrides, *extra]
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
