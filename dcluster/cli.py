@@ -66,6 +66,9 @@ def _version(module: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from dcluster.hardware import conflicting_builds, installed_distributions
+
+    conflicts = conflicting_builds(installed_distributions())  # two builds of one module
     import faiss
     import torch
 
@@ -90,7 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
          if _version("nvidia.dali") != "not installed" else "torchvision (DALI not installed)"),
         ("torch threads", str(torch.get_num_threads())),
     ]
-    rows += [("problem", p.message) for p in check(hw, clustering_device="auto")]
+    rows += [("problem", p.message) for p in [*conflicts, *check(hw, clustering_device="auto")]]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

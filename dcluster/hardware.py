@@ -113,10 +113,10 @@ DALI_BUILDS = {
     "nvidia-dali-cuda130": Build("nvidia-dali-cuda130", "13", min_arch=75),
 }
 PROFILES = {
-    "cpu": "pip install -e '.[cpu]'",
+    "cpu": "pip install -c constraints.txt -e '.[cpu]'",
     "cu12": ("pip install torch==2.14.1 torchvision==0.29.1 --index-url "
              "https://download.pytorch.org/whl/cu126 && pip install -e '.[cu12]'"),
-    "cu13": "pip install -e '.[cu13]'",
+    "cu13": "pip install -c constraints.txt -e '.[cu13]'",
 }
 
 
@@ -132,11 +132,14 @@ def torch_build(version: str, cuda: Optional[str], arch_list: list[str]) -> Buil
 
 
 def profile_of(faiss: Build, dali: Optional[Build]) -> str:
-    """The install profile the FAISS and DALI builds belong to."""
+    """The install profile the FAISS and DALI builds belong to. Both GPU profiles install the
+    CUDA 12 FAISS wheel (setup.py: FAISS's CUDA 13 wheel does not resolve beside PyPI's
+    torch), so DALI's CUDA version names the profile; a FAISS newer than DALI's CUDA is none."""
     if faiss.cuda is None:
         return "cpu"
-    if faiss.cuda in ("12", "13") and (dali is None or dali.cuda == faiss.cuda):
-        return f"cu{faiss.cuda}"
+    cuda = faiss.cuda if dali is None else dali.cuda
+    if faiss.cuda in ("12", "13") and cuda in ("12", "13") and faiss.cuda <= cuda:
+        return f"cu{cuda}"
     return "unknown"
 
 
@@ -219,6 +222,35 @@ def describe(hw: Detected) -> list[tuple[str, str]]:
     return rows
 
 
+def installed_distributions() -> dict[str, str]:
+    """The FAISS and DALI distributions installed here, name -> version (importlib.metadata:
+    what pip recorded, even where two of them overwrote one module)."""
+    found = {}
+    for name in (*FAISS_BUILDS, *DALI_BUILDS):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def conflicting_builds(installed: Mapping[str, str]) -> list[Problem]:
+    """Two builds of one module (``pip install '.[cpu,cu13]'``): FAISS and DALI each write one
+    module whatever their build, so which one runs depends on the order pip wrote them, and a
+    mix of their files can crash. ``installed``: distribution name -> version, as from
+    :func:`installed_distributions`. A pure function."""
+    problems = []
+    for module, builds in (("faiss", FAISS_BUILDS), ("nvidia.dali", DALI_BUILDS)):
+        names = [name for name in builds if name in installed]
+        if len(names) > 1:
+            listed = ", ".join(f"{name} {installed[name]}" for name in names)
+            problems.append(Problem(
+                f"{len(names)} builds of the '{module}' module are installed ({listed}); each "
+                f"overwrites the other's files. Keep one profile: pip uninstall -y "
+                f"{' '.join(names)}, then install one profile (README \"Install\")"))
+    return problems
+
+
 def _installed(candidates: dict[str, Build]) -> Optional[Build]:
     for name, build in candidates.items():
         try:
@@ -285,6 +317,9 @@ def require_fitting_build(cfg: "Config") -> None:
     the GPUs the run would use (``cfg``: its clustering device and data loader)."""
     from dcluster.errors import UserError
 
+    conflicts = conflicting_builds(installed_distributions())  # before importing that module
+    if conflicts:
+        raise UserError("; ".join(p.message for p in conflicts))
     hw = detect()
     dali_on_gpu = cfg.data.loader == "dali" and cfg.data.decode_device != "cpu"
     problems = check(hw, cfg.clustering.device, dali_on_gpu)

@@ -3,8 +3,8 @@ GPUs below are descriptions passed to the pure decision function, not present.""
 import pytest
 
 from dcluster.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, Driver,
-                               binary_runs_on, check, driver_from_smi,
-                               default_threads, describe, profile_of, torch_build)
+                               binary_runs_on, check, conflicting_builds, default_threads,
+                               describe, driver_from_smi, profile_of, torch_build)
 
 TORCH_CU13 = torch_build("2.14.1", "13.0", ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100",
                                             "sm_120", "compute_120"])
@@ -142,3 +142,60 @@ def test_described_machines_without_a_driver_gpu_or_with_a_cpu_torch_pass_the_dr
     assert check(Detected("cpu", cpu_torch, FAISS_BUILDS["faiss-cpu"], None, (), listed),
                  "auto") == []
     assert driver_from_smi("") is None
+
+
+def test_cu13_profile_runs_the_cuda_12_faiss_wheel_beside_cuda_13_dali():
+    """setup.py's cu13 extra: faiss-gpu (CUDA 12.6, its own runtime) with DALI's CUDA 13 build."""
+    hw = machine(TORCH_CU13, "faiss-gpu", "nvidia-dali-cuda130", H100, GPU(1, A100.name, 80))
+    assert hw.profile == "cu13" and check(hw, "auto") == []
+    assert profile_of(FAISS_BUILDS["faiss-gpu-cuvs"], DALI_BUILDS["nvidia-dali-cuda120"]) == "unknown"
+
+
+def test_described_cpu_and_cu13_extras_together_name_both_faiss_distributions():
+    """`pip install '.[cpu,cu13]'` as importlib.metadata would list it."""
+    installed = {"faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"}
+    [problem] = conflicting_builds(installed)
+    assert "faiss-cpu 1.15.1" in problem.message and "faiss-gpu 1.15.1" in problem.message
+    assert "'faiss' module" in problem.message
+    assert conflicting_builds({"faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"}) == []
+
+
+def test_described_two_dali_builds_are_named():
+    installed = {"faiss-gpu": "1.15.1", "nvidia-dali-cuda120": "2.4.0",
+                 "nvidia-dali-cuda130": "2.4.0"}
+    [problem] = conflicting_builds(installed)
+    assert "nvidia-dali-cuda120 2.4.0, nvidia-dali-cuda130 2.4.0" in problem.message
+
+
+def test_start_up_check_refuses_two_described_faiss_builds(monkeypatch):
+    """require_fitting_build stops (exit 2) before importing faiss when importlib.metadata
+    reports two FAISS distributions; here the metadata lookup is described."""
+    import importlib.metadata
+
+    from dcluster import hardware
+    from dcluster.config import Config
+    from dcluster.errors import UserError
+
+    versions = {"faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1"}
+
+    def version(name):
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(hardware, "detect", lambda: pytest.fail("detect() ran"))
+    with pytest.raises(UserError, match="faiss-cpu 1.15.1, faiss-gpu 1.15.1"):
+        hardware.require_fitting_build(Config())
+
+
+def test_info_names_both_described_faiss_distributions(monkeypatch, capsys):
+    """`dcluster info` on an environment that importlib.metadata describes as `.[cpu,cu13]`."""
+    from dcluster import cli, hardware
+
+    monkeypatch.setattr(hardware, "installed_distributions", lambda: {
+        "faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"})
+    assert cli.main(["info"]) == 0
+    problems = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("problem")]
+    assert len(problems) == 1 and "faiss-cpu 1.15.1, faiss-gpu 1.15.1" in problems[0]
