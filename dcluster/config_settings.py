@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from pathlib import Path
 from typing import Any, Optional
 
-from dcluster.config import Config, flatten
+from dcluster.config import Config, flatten, keys_in_yaml_file
 from dcluster.config_keys import NO_LEGACY, SameAs, declarations, hashed_names
 
 # The commits that added keys while checkpoints recorded only ``config_hash`` (3645733 to
@@ -83,18 +84,37 @@ def _override(value: Any) -> str:
     return "''" if value == "" else str(value).replace(" ", "")
 
 
-def settings_behind_hash(old_hash: str, now: dict[str, Any]) -> Optional[dict[str, Any]]:
+def recorded_settings(payload: dict[str, Any], now: dict[str, Any],
+                      run_config: Path) -> Optional[dict[str, Any]]:
+    """The settings checkpoint ``payload`` was written under: recorded in it, or for one of
+    the HASH_ONLY_RELEASES found behind its hash, read either from today's values (nothing
+    changed) or from ``run_config``, the config.yaml of the checkpoint's run directory (which
+    names what changed); None if neither gives its hash."""
+    if "settings" in payload:
+        return payload["settings"]
+    readings = [now]
+    if run_config.is_file():
+        stored = keys_in_yaml_file(run_config)
+        readings.append({name: stored[name] for name in now if name in stored})
+    for reading in readings:
+        found = settings_behind_hash(payload["config_hash"], reading)
+        if found is not None:
+            return found
+    return None
+
+
+def settings_behind_hash(old_hash: str, reading: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The settings a checkpoint of a HASH_ONLY_RELEASES build was written under, if they are
-    today's values of the keys that build knew (the keys added since then are left out, for
-    :func:`with_legacy` to fill); None if no such reading gives ``old_hash``.
+    ``reading``'s values of the keys that build knew (the keys added since are left out, for
+    :func:`with_legacy` to fill); None if no such subset gives ``old_hash``.
 
     Each build hashed the hashed keys it had; keys came in groups, one per commit, and a
     branch build may have had any mix of them, so every mix is tried (2^5 hashes today)."""
     known = declarations(Config)
-    groups = sorted({known[name].key.since for name in now} & set(HASH_ONLY_RELEASES))
+    groups = sorted({known[name].key.since for name in reading} & set(HASH_ONLY_RELEASES))
     for count in range(len(groups) + 1):
         for chosen in itertools.combinations(groups, count):
-            candidate = {name: value for name, value in now.items()
+            candidate = {name: value for name, value in reading.items()
                          if known[name].key.since in ("", *chosen)}
             if settings_hash(candidate) == old_hash:
                 return candidate

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 
 from dcluster.checkpoint import CheckpointError, load_shard
-from dcluster.config_settings import describe_changes, setting_changes, settings_behind_hash
+from dcluster.config_settings import describe_changes, recorded_settings, setting_changes
 from dcluster.optimize import EpochProgress
 
 # 2 added mid-epoch checkpoints; 3 names every object's state; 4 numbers the history's epochs
@@ -145,11 +145,13 @@ def check_compatible(payload: dict[str, Any], settings: dict[str, Any], data_fin
     if payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{source}: checkpoint format {payload.get('format')!r}, "
                               f"this dcluster reads formats {(*OLD_FORMATS, FORMAT_VERSION)}")
-    recorded = payload.get("settings") or settings_behind_hash(payload["config_hash"], settings)
+    # a checkpoint lives in <run directory>/checkpoints/, beside the run's config.yaml
+    recorded = recorded_settings(payload, settings, Path(source).parent.parent / "config.yaml")
     if recorded is None:
         raise CheckpointError(f"{source}: written by an older dcluster under another config "
-                              f"(hash {payload['config_hash']}, which no reading of this config "
-                              "gives); resume with the run's own config.yaml")
+                              f"(hash {payload['config_hash']}; neither this config nor its "
+                              "run's config.yaml gives it); resume with the run's own "
+                              "config.yaml")
     changes = setting_changes(recorded, settings)
     if changes:
         raise CheckpointError(f"{source}: written under another config (checkpoint -> now): "
