@@ -3,6 +3,12 @@
 Every value a run depends on lives here so that a mistyped key or an impossible value is
 rejected before any image is read: a bad config caught at start-up costs seconds, one caught
 after the first feature pass costs hours on ImageNet.
+
+Each key is declared once, beside its field, with ``key()`` (dcluster/config_keys.py): its
+meaning, choices or bounds, whether it changes the run's results (hashed) and, for a key added
+after the first release, its legacy value. Validation, the settings a checkpoint records
+(dcluster/config_settings.py), docs/configuration.md and ``dcluster train --help`` derive
+from the declarations; only the checks across keys are code here.
 """
 from __future__ import annotations
 
@@ -323,10 +329,10 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
-def _expected_type(key: str) -> str:
-    """The declared type of config key ``key`` ("int", "list[int]"...): OmegaConf's error
+def _expected_type(name: str) -> str:
+    """The declared type of config key ``name`` ("int", "list[int]"...): OmegaConf's error
     names the enclosing node's type, or Any."""
-    declared = declarations(Config).get(key)
+    declared = declarations(Config).get(name)
     return declared.type if declared else "a section"
 
 
@@ -334,9 +340,9 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
-        key = f"{err.full_key}" if getattr(err, "full_key", None) else str(err)
+        name = f"{err.full_key}" if getattr(err, "full_key", None) else str(err)
         raise ConfigError(
-            f"{source}: unknown config key '{key}'. Valid keys: {', '.join(declarations(Config))}"
+            f"{source}: unknown config key '{name}'. Valid keys: {', '.join(declarations(Config))}"
         ) from None
     except ValidationError as err:
         raise ConfigError(
@@ -379,8 +385,9 @@ def check_key(condition: bool, key: str, value: Any, why: str) -> None:
 def validate(cfg: Config) -> None:
     """Reject values that would fail (or silently mislead) hours into a run: each key's own
     choices and bounds (declared beside its field), then the checks across keys."""
+    declared = declarations(Config)
     for name, value in flatten(cfg).items():
-        problem = declarations(Config)[name].key.problem(value)
+        problem = declared[name].key.problem(value)
         check_key(problem is None, name, value, problem or "")
     check_key(cfg.clustering.pca_sample == 0
               or cfg.clustering.pca_sample > cfg.clustering.pca_dim,

@@ -126,7 +126,8 @@ def _walk(schema: type, prefix: str) -> tuple[Declared, ...]:
         declared: Key = f.metadata["key"]
         if getattr(schema, "__execution_only__", False):
             declared = dataclasses.replace(declared, hashed=False)
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        missing = f.default is dataclasses.MISSING
+        default = f.default_factory() if missing else f.default  # type: ignore[misc]
         found.append(Declared(f"{prefix}{f.name}", _type_name(kind), default, declared))
     return tuple(found)
 

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from dcluster.config import Config, flatten, keys_in_yaml_file
+from dcluster.config import Config, ConfigError, flatten, keys_in_yaml_file
 from dcluster.config_keys import NO_LEGACY, SameAs, declarations, hashed_names
 
 # The commits that added keys while checkpoints recorded only ``config_hash`` (3645733 to
@@ -50,8 +50,9 @@ def with_legacy(recorded: dict[str, Any]) -> dict[str, Any]:
             continue
         legacy = known[name].key.legacy
         if legacy is NO_LEGACY:  # a key of the first release: every record has it
-            raise KeyError(f"{name}: missing from the recorded settings and declared without "
-                           "a legacy value")
+            raise ConfigError(f"config key '{name}' is missing from the recorded settings (a "
+                              "config.yaml or checkpoint not written by dcluster?), and it "
+                              "existed in every release")
         out[name] = out[legacy.key] if isinstance(legacy, SameAs) else legacy
     return out
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dcluster.cli import build_parser
-from dcluster.config import Config, keys_in_yaml_file
+from dcluster.config import Config, ConfigError, keys_in_yaml_file
 from dcluster.config_keys import NO_LEGACY, Key, SameAs, declarations, key
 from dcluster.config_reference import PAGE, reference_markdown
 from dcluster.config_settings import (HASH_ONLY_RELEASES, hashed_settings, setting_changes,
@@ -63,8 +63,10 @@ def test_a_hashed_key_added_since_the_first_release_declares_its_legacy_value():
     for name, declared in DECLARED.items():
         if declared.key.hashed and (name not in frozen or declared.key.since):
             assert declared.key.legacy is not NO_LEGACY, f"{name}: declare legacy="
-        assert not declared.key.since or declared.key.since in HASH_ONLY_RELEASES \
-            or name not in frozen, name
+        if name in frozen:
+            assert declared.key.since in ("", *HASH_ONLY_RELEASES), name
+        else:  # an empty since would count it among the keys old builds hashed
+            assert declared.key.since, f"{name}: declare since="
 
 
 @pytest.mark.parametrize("release, old_hash, hashed_keys", RELEASE_HASHES)
@@ -110,3 +112,9 @@ def test_a_field_without_a_declaration_is_refused():
         declarations(Partly)
     with pytest.raises(ValueError, match="bounds"):
         Key("x", bounds="positive")
+
+
+def test_recorded_settings_without_a_first_release_key_are_a_config_error():
+    recorded = {n: v for n, v in hashed_settings(Config()).items() if n != "clustering.k"}
+    with pytest.raises(ConfigError, match="'clustering.k' is missing"):
+        with_legacy(recorded)

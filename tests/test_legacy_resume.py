@@ -57,7 +57,8 @@ def test_the_old_checkpoint_is_compatible_with_its_own_settings_and_execution_ch
     executed_otherwise = fixture_config(tmp_path, "legacy", "epochs=9", "data.workers=2",
                                         "checkpoint.every_iterations=3", "threads=2")
     for cfg in (same, executed_otherwise):
-        check_compatible(payload, hashed_settings(cfg), payload["data_fingerprint"], "old")
+        check_compatible(payload, hashed_settings(cfg), payload["data_fingerprint"],
+                         str(OLD_CHECKPOINT))
 
 
 def test_a_changed_hashed_setting_is_refused_naming_the_key(tmp_path):
