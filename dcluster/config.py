@@ -52,19 +52,21 @@ class DataConfig:
                            bounds="(0, 1]")
     workers: int = key(2, "torchvision: decoding processes (0: the main process); dali: "
                        "threads.", bounds=">= 0", hashed=False)
-    max_bad_fraction: float = key(0.01, "Fraction of unreadable images tolerated before the "
-                                  "run stops.", bounds="[0, 1)")
+    max_bad_fraction: float = key(0.01, "Fraction of unreadable images tolerated per pass "
+                                  "before the run stops.", bounds="[0, 1)")
     grayscale_stats: bool = key(False, "Normalise with one mean/std, for grayscale sources.")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = key("alexnet", "The network: smallvgg is MMDC's MNIST net; resnet18/50 are "
-                    "torchvision's, untrained.",
+    arch: str = key("alexnet", "The network: alexnet (BN, no LRN), vgg16 (BN), smallconv, "
+                    "smallvgg (MMDC's MNIST net: 4 conv-BN-ReLU-pool blocks), resnet18/50 "
+                    "(torchvision's, untrained; model.sobel applies).",
                     choices=("alexnet", "vgg16", "smallconv", "smallvgg", "resnet18", "resnet50"))
     sobel: bool = key(True, "Fixed grayscale + Sobel front end (not trained).")
     dropout: float = key(0.5, "Dropout in the fully connected classifier.", bounds="[0, 1)")
-    width: int = key(64, "First channel width of smallconv and smallvgg (ignored by others).",
+    width: int = key(64, "First channel width of smallconv and smallvgg, doubled per block "
+                     "(ignored by others).",
                      bounds="> 0")
     fc_dim: int = key(4096, "Units of the fully connected layers (the feature dimension); 0: "
                       "none, the head sits on the pooled conv output (ResNet style, as MMDC "
@@ -151,8 +153,11 @@ class ClusteringConfig:
     max_points_per_centroid: int = key(0, "k-means subsamples to this many points per "
                                        "centroid; 0: no subsampling (the paper's setting).",
                                        bounds=">= 0")
-    device: str = key("auto", "Where the clustering runs.", choices=("auto", "cpu", "gpu"))
-    every: int = key(1, "Re-cluster every n epochs (the paper: every epoch).", bounds="> 0")
+    device: str = key("auto", "Where the clustering runs: auto (GPUs if a FAISS GPU build sees "
+                      "any; exit 2 if torch sees GPUs and FAISS is a CPU build), cpu or gpu.",
+                      choices=("auto", "cpu", "gpu"))
+    every: int = key(1, "Re-cluster every n epochs, a new head each time (the paper: every "
+                 "epoch).", bounds="> 0")
     mode: str = key("gather", "gather: the vectors of all ranks go to rank 0, which clusters "
                     "them (k-means or PIC); sharded: Lloyd iterations across ranks, no rank "
                     "holds more than its own shard (k-means only; for N x pca_dim floats too "
@@ -228,8 +233,8 @@ class MMDCConfig:
                        "projection to the sphere (the paper writes sigma * I; its code draws "
                        "with sigma as the std); 0: targets = means.", bounds=">= 0")
     rotation: bool = key(True, "The auxiliary 4-way rotation task after each clustering pass.")
-    refine_epochs: int = key(0, "Epochs after `epochs` with targets from k-means (paper "
-                             "III.E).", bounds=">= 0")
+    refine_epochs: int = key(0, "Epochs after `epochs` with targets from k-means on the "
+                             "embeddings (paper III.E).", bounds=">= 0")
     lr_decay_epochs: list[int] = key([], "The lr is divided at these epochs.")
     lr_decay_factor: float = key(5.0, "What the lr is divided by at each lr_decay_epochs.",
                                  bounds=">= 1")
@@ -302,16 +307,19 @@ class SlurmConfig:
 @dataclass
 class Config:
     name: str = key("???", "Run name: the run directory is <runs_root>/<name>.")
-    runs_root: str = key("runs", "Where run directories are made.", hashed=False)
-    seed: int = key(0, "Seeds every random stream of the run.", bounds=">= 0")
+    runs_root: str = key("runs", "Where run directories and the MLflow store live.",
+                         hashed=False)
+    seed: int = key(0, "Seeds k-means, the head's init, the sampler and the augmentations, "
+                    "each per epoch.", bounds=">= 0")
     epochs: int = key(500, "Epochs of the run (raise it to train a finished run further).",
                       bounds="> 0", hashed=False)
     resume: str = key("auto", "auto (the newest valid checkpoint), never, or the path of a "
                       "checkpoint.", hashed=False)
     overwrite: bool = key(False, "Move aside a run directory that holds another config's run.",
                           hashed=False)
-    threads: int = key(0, "torch intra-op threads; 0 leaves the default.", bounds=">= 0",
-                       hashed=False)
+    threads: int = key(0, "torch intra-op threads; 0: the task's CPUs under Slurm, this "
+                       "process's share of the CPUs under torchrun, else torch's default.",
+                       bounds=">= 0", hashed=False)
     progress: str = key("auto", "Progress bars: auto (on a terminal), always or never.",
                         choices=("auto", "always", "never"), hashed=False)
     method: str = key("deepcluster", "The training method.", choices=tuple(METHODS))
