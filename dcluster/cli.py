@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dcluster import startup_signals
 from dcluster.logs import configure_logging
 
 log = logging.getLogger("dcluster")
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if next((arg for arg in argv if not arg.startswith("-")), None) == "train":
+        startup_signals.install()  # before torch is imported: seconds in which a stop is lost
     from dcluster.errors import UserError
 
     args = build_parser().parse_args(argv)

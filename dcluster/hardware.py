@@ -8,7 +8,8 @@ from a :class:`Detected` description, a pure function, so tests can describe any
 :func:`detect` fills the description in from the installed libraries.
 
 Which GPUs a wheel has code for is not exposed by FAISS or DALI at run time; the table below
-holds what each distribution's documentation or build file states (README: "Install").
+holds what each distribution's documentation or build file states (docs/getting-started.md:
+"Install").
 """
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class Detected:
 
 
 # What each FAISS / DALI distribution on PyPI has code for, from its own description or
-# build configuration (checked December 2026; README "Install" has the sources).
+# build configuration (checked December 2026; docs/getting-started.md "Install" has the sources).
 FAISS_BUILDS = {
     "faiss-cpu": Build("faiss-cpu"),
     # facebookresearch/faiss pyproject-gpu.toml: CUDA 12.6, "70-real;75-real;80-real;86-real;
