@@ -101,12 +101,16 @@ class ExtractConfig:
                           legacy=SameAs("optim.batch_size"))
 
 
+_PIC = ("clustering.method", "pic")  # PIC's keys change results only then
+
+
 @dataclass
 class PICConfig:
-    sigma: float = key(0.2, "Bandwidth of the Gaussian edge weights.", bounds="> 0")
-    alpha: float = key(1e-3, "Regularisation of the power iteration.", bounds="(0, 1)")
-    knn: int = key(5, "Neighbours per node in the graph.", bounds="> 0")
-    iterations: int = key(10, "Power iterations.", bounds="> 0")
+    sigma: float = key(0.2, "Bandwidth of the Gaussian edge weights.", bounds="> 0", when=_PIC)
+    alpha: float = key(1e-3, "Regularisation of the power iteration.", bounds="(0, 1)",
+                       when=_PIC)
+    knn: int = key(5, "Neighbours per node in the graph.", bounds="> 0", when=_PIC)
+    iterations: int = key(10, "Power iterations.", bounds="> 0", when=_PIC)
 
 
 _BANK = ("clustering.features", "training_pass")  # the bank's keys change results only then
@@ -220,24 +224,28 @@ class TrackingConfig:
     plots: bool = key(True, "Write the plots at the end of the run.", hashed=False)
 
 
+_MMDC = ("method", "mmdc")  # MMDC's keys change results only then
+
+
 @dataclass
 class MMDCConfig:
     """Multi-Modal Deep Clustering (Shiran & Weinshall): targets from a mixture of K Gaussians
     on the unit sphere, re-assigned by the Hungarian method within each mini-batch."""
-    k: int = key(10, "Mixture components = clusters.", bounds=">= 2")
+    k: int = key(10, "Mixture components = clusters.", bounds=">= 2", when=_MMDC)
     dim: int = key(0, "Embedding dimension d; 0: d = k (one-hot means need d = k).",
-                   bounds=">= 0")
+                   bounds=">= 0", when=_MMDC)
     means: str = key("onehot", "onehot (the paper's choice), or uniform (U[-0.1, 0.1]^d, "
-                     "projected).", choices=("onehot", "uniform"))
+                     "projected).", choices=("onehot", "uniform"), when=_MMDC)
     sigma: float = key(0.0, "Per-coordinate standard deviation of each component before the "
                        "projection to the sphere (the paper writes sigma * I; its code draws "
-                       "with sigma as the std); 0: targets = means.", bounds=">= 0")
-    rotation: bool = key(True, "The auxiliary 4-way rotation task after each clustering pass.")
+                       "with sigma as the std); 0: targets = means.", bounds=">= 0", when=_MMDC)
+    rotation: bool = key(True, "The auxiliary 4-way rotation task after each clustering "
+                         "pass.", when=_MMDC)
     refine_epochs: int = key(0, "Epochs after `epochs` with targets from k-means on the "
-                             "embeddings (paper III.E).", bounds=">= 0")
-    lr_decay_epochs: list[int] = key([], "The lr is divided at these epochs.")
+                             "embeddings (paper III.E).", bounds=">= 0", when=_MMDC)
+    lr_decay_epochs: list[int] = key([], "The lr is divided at these epochs.", when=_MMDC)
     lr_decay_factor: float = key(5.0, "What the lr is divided by at each lr_decay_epochs.",
-                                 bounds=">= 1")
+                                 bounds=">= 1", when=_MMDC)
 
 
 @execution_only

@@ -84,6 +84,11 @@ def test_keys_an_old_checkpoint_lacks_count_at_their_legacy_values():
     bank_on = dict(now, **{"clustering.features": "training_pass"})
     assert ("clustering.bank.momentum", 0.0, 0.9) in setting_changes(
         dict(before_the_bank, **{"clustering.features": "training_pass"}), bank_on)
+    # MMDC's keys only count under method=mmdc, PIC's under clustering.method=pic
+    other_mmdc = dict(now, **{"mmdc.k": 7, "clustering.pic.knn": 9})
+    assert setting_changes(other_mmdc, now) == []
+    as_mmdc = dict(now, method="mmdc")
+    assert setting_changes(dict(other_mmdc, method="mmdc"), as_mmdc) == [("mmdc.k", 7, 10)]
     before_extract = {name: value for name, value in now.items() if name != "extract.batch_size"}
     assert setting_changes(before_extract, now) == [("extract.batch_size", 256, 512)]
 
