@@ -129,9 +129,11 @@ class BankConfig:
     momentum: float = key(0.9, "A training row blends into the row held: m * held + (1 - m) "
                           "* new (0: replaces it).", bounds="[0, 1)", since="b62a755",
                           legacy=0.0, when=_BANK)
-    memory: str = key("device", "device: the rank's GPU (its CPU without one); host: host "
-                      "memory (for a bank larger than the GPU can spare).",
-                      choices=("device", "host"), hashed=False, since="ad76a52")
+    memory: str = key("auto", "auto: the rank's GPU if the bank and its outbox fit there, "
+                      "else host memory (dcluster/memory_plan.py, logged); device: the rank's "
+                      "GPU (its CPU without one); host: host memory (for a bank larger than "
+                      "the GPU can spare).", choices=("auto", "device", "host"), hashed=False,
+                      since="ad76a52")
 
 
 @dataclass

@@ -2,7 +2,8 @@
 GPUs below are descriptions passed to the pure decision function, not present."""
 import pytest
 
-from dcluster.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, check,
+from dcluster.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, Driver,
+                               binary_runs_on, check, driver_from_smi,
                                default_threads, describe, profile_of, torch_build)
 
 TORCH_CU13 = torch_build("2.14.1", "13.0", ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100",
@@ -97,3 +98,47 @@ def test_unknown_faiss_build_is_not_guessed_at():
 ])
 def test_threads_default_to_the_tasks_cpus(environ, expected):
     assert default_threads(environ, usable_cpus=96) == expected
+
+
+L4 = GPU(0, "NVIDIA L4", 89)
+
+
+def test_described_ada_runs_the_sm86_code_of_torch_cu13():
+    """torch 2.14.1's CUDA 13 build has sm_86, not sm_89: CUDA runs a cubin for X.y on any
+    X.z with z >= y (the rule of torch's own DEVICE_REQUIREMENT)."""
+    assert TORCH_CU13.runs_on(89) and TORCH_CU13.runs_on(87)
+    assert not TORCH_CU13.runs_on(70) and not TORCH_CU13.runs_on(61)
+    hw = machine(TORCH_CU13, "faiss-gpu-cuvs", "nvidia-dali-cuda130", L4)
+    assert check(hw, "auto") == []
+
+
+def test_binary_code_runs_on_the_same_major_and_a_higher_minor_only():
+    assert binary_runs_on(86, 89) and binary_runs_on(80, 86) and binary_runs_on(90, 90)
+    assert not binary_runs_on(86, 80) and not binary_runs_on(80, 90)
+    assert not Build("x", "12", (80,)).runs_on(75)
+
+
+SMI_OUT = "NVIDIA A100-SXM4-80GB, 535.104.05\nNVIDIA A100-SXM4-80GB, 535.104.05\n"
+
+
+def test_described_driver_too_old_for_cuda_13_names_driver_and_build():
+    """torch sees no GPU (cudaGetDeviceCount fails under a 535 driver), nvidia-smi lists two:
+    the run must not quietly train on the CPU."""
+    driver = driver_from_smi(SMI_OUT)
+    assert driver == Driver("535.104.05", ("NVIDIA A100-SXM4-80GB",) * 2)
+    hw = Detected("cu13", TORCH_CU13, FAISS_BUILDS["faiss-gpu-cuvs"],
+                  DALI_BUILDS["nvidia-dali-cuda130"], (), driver)
+    [problem] = check(hw, "auto")
+    for words in ("driver 535.104.05", "2 GPU(s)", "torch 2.14.1", "CUDA 13", "580 or newer",
+                  "whl/cu126"):
+        assert words in problem.message, words
+
+
+def test_described_machines_without_a_driver_gpu_or_with_a_cpu_torch_pass_the_driver_rule():
+    cpu_torch = torch_build("2.14.1+cpu", None, [])
+    no_gpu = Detected("cpu", TORCH_CU13, FAISS_BUILDS["faiss-cpu"], None, (), None)
+    listed = driver_from_smi(SMI_OUT)
+    assert check(no_gpu, "auto") == []
+    assert check(Detected("cpu", cpu_torch, FAISS_BUILDS["faiss-cpu"], None, (), listed),
+                 "auto") == []
+    assert driver_from_smi("") is None
