@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcluster", description="DeepCluster training, data preparation and diagnostics")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train DeepCluster from a YAML config")
+    from dcluster.config_reference import help_text
+
+    p = sub.add_parser("train", help="train DeepCluster from a YAML config", epilog=help_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML preset, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.01")
     p.set_defaults(func=cmd_train)

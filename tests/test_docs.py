@@ -21,10 +21,6 @@ DOCS = ROOT / "docs"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
 FRONT_PAGE_MAX_LINES = 250
 
-# Pages another branch generates (the config reference, from the schema). Until it is merged a
-# link to it is accepted, without an anchor; once the file exists it is checked like any other.
-PENDING = {DOCS / "configuration.md"}
-
 FENCE = re.compile(r"^ {0,3}(```|~~~)")
 HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$")
 INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]*)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -119,7 +115,7 @@ def broken_links(page: Path, root: Path = ROOT, pending: set[Path] = frozenset()
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_and_anchors_resolve(page):
-    assert broken_links(page, pending=PENDING) == []
+    assert broken_links(page) == []
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
