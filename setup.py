@@ -10,10 +10,12 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["dcluster", "dcluster.*", "launch", "launch.*"]),
     install_requires=[
-        # PyPI wheel: CUDA 13, runs on CPUs too; a CUDA 12 build (Pascal/Volta) comes from
+        # dcluster runs on torch 2.11 through 2.14 (CI trains the demo on 2.13 and 2.14);
+        # constraints.txt holds the exact release `make` and CI install. PyPI's torch 2.14.1 is
+        # a CUDA 13.0 build that runs on CPUs too; a CUDA 12 build (Pascal/Volta) comes from
         # https://download.pytorch.org/whl/cu126, installed first (README "Install")
-        "torch==2.14.1",
-        "torchvision==0.29.1",
+        "torch>=2.11,<2.15",
+        "torchvision>=0.26,<0.30",
         "numpy==2.4.6",
         "scipy==1.17.1",
         "scikit-learn==1.9.1",
@@ -37,8 +39,12 @@ setup(
         # (+PTX), DALI for SM 5.0 and later. Pascal (sm_60): torch and DALI run, FAISS has no
         # sm_60 wheel (clustering.device=cpu, or a conda/source FAISS build).
         "cu12": ["faiss-gpu==1.15.1", "nvidia-dali-cuda120==2.4.0"],
-        # CUDA 13: Turing (sm_75) and newer; FAISS built for sm_75-sm_90 (+PTX for newer)
-        "cu13": ["faiss-gpu-cuvs==1.15.1", "nvidia-dali-cuda130==2.4.0"],
+        # CUDA 13 torch and DALI: Turing (sm_75) and newer. FAISS is the same CUDA 12.6 wheel
+        # with its own CUDA 12 runtime (packages nvidia-*-cu12, beside torch's CUDA 13.0 ones;
+        # CUDA 13 drivers run CUDA 12 code): FAISS's CUDA 13 wheel (faiss-gpu-cuvs 1.15.x)
+        # requires nvidia-cuda-runtime>=13.2, which PyPI's torch 2.14.1 (cuda-toolkit==13.0.3)
+        # excludes. Given up: cuVS, which dcluster's flat k-means does not use.
+        "cu13": ["faiss-gpu==1.15.1", "nvidia-dali-cuda130==2.4.0"],
         "test": ["pytest==9.2.0"],
     },
     entry_points={"console_scripts": ["dcluster=dcluster.cli:main"]},

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dcluster import startup_signals
 from dcluster.logs import configure_logging
 
 log = logging.getLogger("dcluster")
@@ -65,6 +66,9 @@ def _version(module: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from dcluster.hardware import conflicting_builds, installed_distributions
+
+    conflicts = conflicting_builds(installed_distributions())  # two builds of one module
     import faiss
     import torch
 
@@ -89,7 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
          if _version("nvidia.dali") != "not installed" else "torchvision (DALI not installed)"),
         ("torch threads", str(torch.get_num_threads())),
     ]
-    rows += [("problem", p.message) for p in check(hw, clustering_device="auto")]
+    rows += [("problem", p.message) for p in [*conflicts, *check(hw, clustering_device="auto")]]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -100,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcluster", description="DeepCluster training, data preparation and diagnostics")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train DeepCluster from a YAML config")
+    from dcluster.config_reference import help_text
+
+    p = sub.add_parser("train", help="train DeepCluster from a YAML config", epilog=help_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML preset, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.01")
     p.set_defaults(func=cmd_train)
@@ -131,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if next((arg for arg in argv if not arg.startswith("-")), None) == "train":
+        startup_signals.install()  # before torch is imported: seconds in which a stop is lost
     from dcluster.errors import UserError
 
     args = build_parser().parse_args(argv)

@@ -8,6 +8,7 @@ never needs a second full copy on either side.
 """
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -27,7 +28,10 @@ class Comm:
     rank blocked in an NCCL collective keeps a kernel spinning on its GPU, which is wrong
     while rank 0's FAISS is using that GPU, so such waits go through host memory instead."""
 
-    def __init__(self, env: Env, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, env: Env, group: Optional[dist.ProcessGroup] = None,
+                 timeout_s: Optional[float] = None) -> None:
+        """``timeout_s``: the collective timeout of the gloo side group (the job's
+        ``distributed.timeout_s``); None leaves torch's default, 30 minutes."""
         self.env = env
         if env.world_size > 1 and not dist.is_initialized():
             raise RuntimeError(f"world size {env.world_size} but no process group: "
@@ -36,8 +40,14 @@ class Comm:
         nccl = env.world_size > 1 and dist.get_backend(group) == "nccl"
         # where collectives stage their tensors, not necessarily the rank's own device
         self.device = env.device if nccl else torch.device("cpu")
-        # every rank creates the group here, in the same order, as new_group requires
-        self._host = Comm(env, dist.new_group(backend="gloo")) if nccl else self
+        # every rank creates the group here, in the same order, as new_group requires. Its
+        # timeout must be given: new_group does not inherit the default group's but takes
+        # torch's default (torch 2.14.1 distributed_c10d.py, _new_group_with_tag, line 6954:
+        # ``if timeout is None: timeout = _get_default_timeout(backend)``, 30 minutes), and
+        # ranks wait in this group while rank 0 clusters, which can take longer
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        self._host = (Comm(env, dist.new_group(backend="gloo", timeout=timeout))
+                      if nccl else self)
 
     def on_host(self) -> "Comm":
         """These collectives on a CPU (gloo) group: for waits that must leave the GPU idle."""
@@ -139,14 +149,32 @@ class Comm:
         """Personalised exchange: this rank's ``rows``, grouped by destination rank in rank
         order (``send_counts[r]`` rows for rank r), go to their ranks; returns the rows this
         rank receives, grouped by source rank (``recv_counts[s]`` from rank s), on the device
-        ``rows`` came from. Each row travels once, to its one destination."""
+        ``rows`` came from. Each row travels once, to its one destination.
+
+        In rounds of at most CHUNK_BYTES sent by each rank (and as many received), each
+        staged through the collectives' device: with NCCL a bank kept in host memory
+        (clustering.bank.memory=host) never has more than a round of it on the GPU."""
         if self.world_size == 1:
             return rows
-        staged = rows.to(self.device)
-        out = staged.new_empty((int(sum(recv_counts)), *rows.shape[1:]))
-        dist.all_to_all_single(out, staged, [int(n) for n in recv_counts],
-                               [int(n) for n in send_counts], group=self.group)
-        return out.to(rows.device)
+        sent_at = np.concatenate(([0], np.cumsum(send_counts, dtype=np.int64)))
+        received_at = np.concatenate(([0], np.cumsum(recv_counts, dtype=np.int64)))
+        out = rows.new_empty((int(received_at[-1]), *rows.shape[1:]))
+        row_bytes = max(1, int(np.prod(rows.shape[1:], dtype=np.int64)) * rows.element_size())
+        step = max(1, CHUNK_BYTES // (row_bytes * self.world_size))  # rows per pair per round
+        longest = int(self.all_reduce_max(np.array([max(send_counts)], dtype=np.int64))[0])
+        for lo in range(0, longest, step):
+            sends = [_rows_in_round(int(n), lo, step) for n in send_counts]
+            receives = [_rows_in_round(int(n), lo, step) for n in recv_counts]
+            staged = torch.cat([rows[int(sent_at[r]) + lo:int(sent_at[r]) + lo + n]
+                                for r, n in enumerate(sends)]).to(self.device)
+            got = staged.new_empty((sum(receives), *rows.shape[1:]))
+            dist.all_to_all_single(got, staged, receives, sends, group=self.group)
+            at = 0
+            for src, n in enumerate(receives):
+                start = int(received_at[src]) + lo
+                out[start:start + n] = got[at:at + n].to(out.device)
+                at += n
+        return out
 
     def all_gather_segments(self, full: np.ndarray, bounds: Sequence[int]) -> np.ndarray:
         """Fill ``full`` (the same shape everywhere) on every rank from its owners: rank r

@@ -88,7 +88,7 @@ class DeepCluster:
             self.scored_at = "training-pass features"
             log.info("clustering features: the training pass's, in a feature bank (%s, %s "
                      "memory), rows older than %d epoch(s) recomputed", cfg.clustering.bank.dtype,
-                     self.bank.storage, cfg.clustering.bank.max_age)
+                     cfg.clustering.bank.memory, cfg.clustering.bank.max_age)
 
     @staticmethod
     def check_data(cfg: Config, n_images: int) -> None:
@@ -202,7 +202,7 @@ class DeepCluster:
         bank.begin_pass(epoch, capacity)
         with TrainingFeatureTap(self.model.clustering_feature_layer()) as tap:
             yield lambda batch, iteration: bank.record(batch.indices, iteration, tap.take())
-        bank.flush()
+        bank.end_pass()
 
 
 class Head:

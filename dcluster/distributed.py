@@ -16,6 +16,7 @@ not race its previous incarnation's sockets for the old port.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -262,12 +263,28 @@ def process_group(env: Env, cfg: DistributedConfig) -> Iterator[None]:
         yield
     except BaseException as err:
         if isinstance(err, CleanStop):  # every rank stopped together: not a failure
-            dist.destroy_process_group()
+            close_process_group()
             raise
         log.error("rank %d of %d failed: %s: %s", env.rank, env.world_size,
                   type(err).__name__, err, exc_info=not isinstance(err, UserError))
         raise  # no destroy_process_group: with peers blocked in a collective it could hang
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the process group while the interpreter is fully alive, with every rank done.
+
+    A DDP wrapper sits in a reference cycle, so its reducer (which holds the process group and
+    gloo's pending work, tensors with Python references) outlives ``del`` until the cyclic
+    collector runs. Left to interpreter finalisation, the group's C++ destructor then meets
+    joinable gloo threads or a half-torn-down interpreter and the process dies of SIGABRT
+    ("terminate called without an active exception"; pytorch/pytorch#179291, #190489), which
+    is what failed a 2-rank test 1 time in ~400. So: collect the cycles, let every rank finish
+    its collectives (barrier), then destroy: gloo's worker threads are joined here."""
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
+    gc.collect()
 
 
 def _label_records(env: Env) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dcluster.config import Config
+from dcluster.config import Config, ConfigError
 
 log = logging.getLogger("dcluster.execution")
 
@@ -64,13 +64,37 @@ def execution_for(cfg: Config, device: torch.device) -> Execution:
     """The config's choices on this device, with the GPU backend switches set (once per
     process: they are global to torch)."""
     on_gpu = device.type == "cuda"
-    channels_last = {"auto": on_gpu, "always": True, "never": False}[cfg.model.channels_last]
+    capability = torch.cuda.get_device_capability(device) if on_gpu else None
+    execution = resolve_execution(cfg.model.channels_last, cfg.optim.precision, device,
+                                  capability)
     if on_gpu:
         enable_gpu_backends(device)
-    execution = Execution(device, cfg.optim.precision, channels_last)
-    log.info("passes on %s: precision %s, %s memory format", device, execution.precision,
-             "channels_last" if channels_last else "contiguous (NCHW)")
+    log.info("passes on %s%s: precision %s, %s memory format", device,
+             f" (sm_{capability[0]}{capability[1]})" if capability else "", execution.precision,
+             "channels_last" if execution.channels_last else "contiguous (NCHW)")
     return execution
+
+
+CHANNELS_LAST_FROM = 7  # Volta: the first tensor cores, which want NHWC
+BF16_FROM = 8  # Ampere: the first GPUs with bf16 arithmetic (before it, torch emulates it)
+
+
+def resolve_execution(channels_last: str, precision: str, device: torch.device,
+                      capability: Optional[tuple[int, int]]) -> Execution:
+    """The Execution for model.channels_last (auto | always | never) and optim.precision on
+    ``device`` of compute ``capability`` (None off a GPU). ``auto`` turns NHWC on only where
+    tensor cores use it (Volta and later; on Pascal it only costs layout conversions). bf16
+    on a GPU without bf16 arithmetic (before Ampere) is refused: torch accepts it there and
+    emulates it (torch.cuda.is_bf16_supported(including_emulation=True)), many times slower
+    than float32. A pure function, so tests can describe any GPU."""
+    major = capability[0] if capability else None
+    if precision == "bf16" and major is not None and major < BF16_FROM:
+        raise ConfigError(f"config key 'optim.precision' = 'bf16': this GPU (compute "
+                          f"capability {major}.{capability[1]}) has no bf16 arithmetic (Ampere, "
+                          "8.0, and later do); use fp16 or fp32")
+    auto = major is not None and major >= CHANNELS_LAST_FROM
+    nhwc = {"auto": auto, "always": True, "never": False}[channels_last]
+    return Execution(device, precision, nhwc)
 
 
 def enable_gpu_backends(device: torch.device) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 from dcluster.data import Pipelines, num_batches
 from dcluster.execution import Execution
 from dcluster.logs import progress
+from dcluster.memory_plan import plan
 
 
 @dataclass
@@ -43,11 +44,13 @@ def extract_features(model: nn.Module, pipelines: Pipelines, indices: Sequence[i
     The pass ends early, with the rows it has, once `stop()` is true: a job asked to stop
     does not spend its last minutes on features it will compute again after the resume.
 
-    ``keep_on_device``: the rows stay on ``device`` (a GPU holds 160k x 4096 float32 rows,
-    ImageNet's per-GPU share on 8 GPUs, in 2.6 GB) instead of being copied to the host.
-    ``execution``: the autocast precision and memory format (default float32, contiguous);
-    rows come back as float32 whatever the precision. The batches' outputs stay on the
-    device until the pass ends, so that no batch waits for the copy of the one before."""
+    ``keep_on_device``: the rows stay on ``device`` when the memory plan finds room for them
+    there (dcluster/memory_plan.py: a GPU holds 160k x 4096 float32 rows, ImageNet's per-GPU
+    share on 8 GPUs, in 2.6 GB; not the 21 GB of all 1.28M), else they are written to host
+    memory batch by batch, as they always are without it. ``execution``: the autocast
+    precision and memory format (default float32, contiguous); rows are written as float32
+    whatever the precision, into one matrix allocated at the first batch (no low-precision
+    copy next to a float32 one)."""
     compute = compute or model.clustering_features
     execution = execution or Execution(device)
     was_training = model.training
@@ -64,12 +67,16 @@ def extract_features(model: nn.Module, pipelines: Pipelines, indices: Sequence[i
                 break
             out = compute(execution.images(batch.images))
             if rows is None:
-                rows = out.new_empty((len(indices), out.shape[1]))
+                storage = (plan("feature pass rows", len(indices), out.shape[1], 4, device).device
+                           if keep_on_device else torch.device("cpu"))
+                rows = torch.empty((len(indices), out.shape[1]), dtype=torch.float32,
+                                   device=storage)
             n = out.shape[0]
             rows[filled:filled + n] = out
             got[filled:filled + n] = batch.indices.numpy()
             filled += n
     model.train(was_training)
-    kept = rows[:filled].float() if rows is not None else torch.empty((0, 0), device=device)
-    return ShardFeatures(features=kept if keep_on_device else kept.cpu().numpy(),
-                         indices=got[:filled])
+    if rows is None:
+        rows = torch.empty((0, 0), device=device if keep_on_device else "cpu")
+    kept = rows[:filled]
+    return ShardFeatures(features=kept if kept.is_cuda else kept.numpy(), indices=got[:filled])

@@ -37,6 +37,8 @@ from dcluster.collectives import Comm
 from dcluster.config import BankConfig
 from dcluster.distributed import shard_bounds
 from dcluster.extract import ShardFeatures
+from dcluster.memory_plan import plan
+from dcluster.pinned import PinnedBuffer
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,10 @@ class FeatureBank:
         self.lo, self.hi = int(self.bounds[comm.rank]), int(self.bounds[comm.rank + 1])
         self.dtype = DTYPES[cfg.dtype]
         self.momentum = cfg.momentum
-        self.storage = device if cfg.memory == "device" else torch.device("cpu")
+        self.device, self.memory = device, cfg.memory
+        # where rows and outbox live: decided with the rows' width (:meth:`_allocate`)
+        self.storage: Optional[torch.device] = {"device": device, "host": torch.device("cpu"),
+                                                "auto": None}[cfg.memory]
         self.rows: Optional[torch.Tensor] = None  # (hi - lo, dim), allocated at the first row
         self.stamps = np.full(self.hi - self.lo, NEVER, dtype=np.int64)
         self._outbox = Outbox()
@@ -74,7 +79,8 @@ class FeatureBank:
 
     def begin_pass(self, epoch: int, capacity: int) -> None:
         """Get ready for a training pass (or the rest of one) of at most ``capacity`` images."""
-        self._outbox = Outbox(epoch, capacity, self.dtype, self.storage)
+        self._outbox.release()
+        self._outbox = Outbox(epoch, capacity, self.dtype, self.storage or torch.device("cpu"))
 
     def record(self, indices: torch.Tensor, iteration: int, features: torch.Tensor) -> None:
         """The features a training step computed for the images ``indices`` (global, host
@@ -104,6 +110,11 @@ class FeatureBank:
                               self.dtype)
         self._take_in(meta[:, 0] - self.lo, meta[:, 1], received, self.momentum)
 
+    def end_pass(self) -> None:
+        """After the training pass: flush, and give the outbox's memory back."""
+        self.flush()
+        self._outbox.release()
+
     # ---------------------------------------------------------------- before a clustering
 
     def stale(self, epoch: int, max_age: int, unreadable: Optional[set[int]] = None) -> np.ndarray:
@@ -132,7 +143,7 @@ class FeatureBank:
         present = np.flatnonzero(self.stamps != NEVER)
         if self.rows is None:
             return ShardFeatures(features=torch.empty((0, 0)), indices=present)
-        return ShardFeatures(features=self.rows[torch.from_numpy(present).to(self.storage)],
+        return ShardFeatures(features=self.rows[torch.from_numpy(present).to(self.rows.device)],
                              indices=self.lo + present)
 
     def ages(self, epoch: int) -> np.ndarray:
@@ -175,6 +186,9 @@ class FeatureBank:
 
     def _allocate(self, dim: int) -> None:
         if self.rows is None and dim:
+            if self.storage is None:  # memory=auto: the bank and an outbox of as many rows
+                self.storage = plan("feature bank and its outbox", 2 * (self.hi - self.lo),
+                                    dim, self.dtype.itemsize, self.device).device
             self.rows = torch.zeros((self.hi - self.lo, dim), dtype=self.dtype,
                                     device=self.storage)
             log.debug("feature bank: %d x %d %s rows on %s (%.1f MB)", self.hi - self.lo, dim,
@@ -225,6 +239,7 @@ class Outbox:
         self.rows: Optional[torch.Tensor] = None  # allocated at the first row (its width)
         self.count = 0
         self.copying = False  # non-blocking copies from a GPU may be under way
+        self._pinned: Optional[PinnedBuffer] = None
 
     def add(self, indices: torch.Tensor, stamp: int, features: torch.Tensor) -> None:
         """Rows of one step. From a GPU into host memory the copy does not wait for the GPU
@@ -236,8 +251,12 @@ class Outbox:
                                f"{self.capacity} images")
         from_gpu = features.is_cuda and self.storage.type == "cpu"
         if self.rows is None:
-            self.rows = torch.empty((self.capacity, features.shape[1]), dtype=self.dtype,
-                                    device=self.storage, pin_memory=from_gpu)
+            shape = (self.capacity, features.shape[1])
+            if self.storage.type == "cpu":  # page-locked at its exact size (pinned.py)
+                self._pinned = PinnedBuffer(shape, self.dtype, pin=from_gpu)
+                self.rows = self._pinned.tensor
+            else:
+                self.rows = torch.empty(shape, dtype=self.dtype, device=self.storage)
         self.rows[self.count:self.count + n].copy_(features.detach().to(self.dtype),
                                                    non_blocking=from_gpu)
         self.copying = self.copying or from_gpu
@@ -249,18 +268,33 @@ class Outbox:
         """The rows so far (indices, stamps, rows), leaving the outbox empty. Views, not
         copies (an outbox-sized copy at every flush would double its peak): valid until the
         next :meth:`add`, which the flush that takes them does not make."""
-        if self.copying:
-            torch.cuda.synchronize()
-            self.copying = False
+        self._wait()
         n, self.count = self.count, 0
         rows = self.rows[:n] if self.rows is not None else torch.empty((0, 0), dtype=self.dtype)
         return self.indices[:n], self.stamps[:n], rows
 
+    def _wait(self) -> None:
+        """Until the non-blocking copies from the GPU are done."""
+        if self.copying:
+            torch.cuda.synchronize()
+            self.copying = False
+
+    def release(self) -> None:
+        """Free the rows (page-locked ones unlocked): the outbox is empty from now on."""
+        assert not self.count, "flush the outbox before releasing it"
+        self._wait()
+        if self._pinned is not None:
+            self._pinned.release()
+            self._pinned = None
+        self.rows = None
+
 
 def as_bytes(rows: torch.Tensor) -> torch.Tensor:
     """(n, dim) rows of any dtype as (n, dim * itemsize) uint8: every backend exchanges bytes
-    (gloo has no bfloat16)."""
-    return rows.contiguous().view(torch.uint8).reshape(rows.shape[0], -1)
+    (gloo has no bfloat16). The width is spelt out: a flush may send no row at all (a stop
+    before a pass's first step), and (0, -1) is no shape."""
+    return rows.contiguous().view(torch.uint8).reshape(rows.shape[0],
+                                                       rows.shape[1] * rows.element_size())
 
 
 def from_bytes(data: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

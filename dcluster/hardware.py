@@ -8,7 +8,8 @@ from a :class:`Detected` description, a pure function, so tests can describe any
 :func:`detect` fills the description in from the installed libraries.
 
 Which GPUs a wheel has code for is not exposed by FAISS or DALI at run time; the table below
-holds what each distribution's documentation or build file states (README: "Install").
+holds what each distribution's documentation or build file states (docs/getting-started.md:
+"Install").
 """
 from __future__ import annotations
 
@@ -44,7 +45,19 @@ class Build:
             return capability >= self.min_arch
         if self.archs is None:
             return None
-        return capability in self.archs or (self.ptx is not None and capability >= self.ptx)
+        return (any(binary_runs_on(arch, capability) for arch in self.archs)
+                or (self.ptx is not None and capability >= self.ptx))
+
+
+def binary_runs_on(arch: int, capability: int) -> bool:
+    """Whether binary code (a cubin) for ``arch`` runs on a GPU of ``capability``: CUDA runs
+    sm_X.y code on any X.z with z >= y (an L4, sm_89, runs sm_86 code). torch's own start-up
+    check applies the same rule: torch/cuda/__init__.py of torch 2.14.1, DEVICE_REQUIREMENT
+    (line 339, e.g. ``86: _CompatInterval(start=86, ...)``) and _CompatInterval.__contains__
+    (line 304: ``x_major == self.major and x_minor >= self.minor``), used by
+    _code_compatible_with_device (line 412). Its exclusions are the Jetson iGPUs (sm_53,
+    62, 72, 87), which no cluster node carries."""
+    return arch // 10 == capability // 10 and arch % 10 <= capability % 10
 
 
 @dataclass(frozen=True)
@@ -61,10 +74,25 @@ class Detected:
     faiss: Build
     dali: Optional[Build]  # None: DALI not installed
     gpus: tuple[GPU, ...] = field(default_factory=tuple)
+    driver: Optional["Driver"] = None  # what the NVIDIA driver reports, whatever torch sees
+
+
+@dataclass(frozen=True)
+class Driver:
+    """The NVIDIA driver as ``nvidia-smi`` reports it: its version and the GPUs it lists,
+    read independently of torch's CUDA runtime, which sees no GPU at all under a driver too
+    old for it (torch.cuda.is_available() is then False, and nothing else says why)."""
+    version: str
+    gpus: tuple[str, ...]
+
+
+# The oldest driver each CUDA major version runs on (minor version compatibility; NVIDIA,
+# "CUDA Compatibility", Minor Version Compatibility, Table 1: CUDA 12.x >= 525, 13.x >= 580).
+MIN_DRIVER = {"12": 525, "13": 580}
 
 
 # What each FAISS / DALI distribution on PyPI has code for, from its own description or
-# build configuration (checked December 2026; README "Install" has the sources).
+# build configuration (checked December 2026; docs/getting-started.md "Install" has the sources).
 FAISS_BUILDS = {
     "faiss-cpu": Build("faiss-cpu"),
     # facebookresearch/faiss pyproject-gpu.toml: CUDA 12.6, "70-real;75-real;80-real;86-real;
@@ -85,10 +113,10 @@ DALI_BUILDS = {
     "nvidia-dali-cuda130": Build("nvidia-dali-cuda130", "13", min_arch=75),
 }
 PROFILES = {
-    "cpu": "pip install -e '.[cpu]'",
+    "cpu": "pip install -c constraints.txt -e '.[cpu]'",
     "cu12": ("pip install torch==2.14.1 torchvision==0.29.1 --index-url "
              "https://download.pytorch.org/whl/cu126 && pip install -e '.[cu12]'"),
-    "cu13": "pip install -e '.[cu13]'",
+    "cu13": "pip install -c constraints.txt -e '.[cu13]'",
 }
 
 
@@ -104,11 +132,14 @@ def torch_build(version: str, cuda: Optional[str], arch_list: list[str]) -> Buil
 
 
 def profile_of(faiss: Build, dali: Optional[Build]) -> str:
-    """The install profile the FAISS and DALI builds belong to."""
+    """The install profile the FAISS and DALI builds belong to. Both GPU profiles install the
+    CUDA 12 FAISS wheel (setup.py: FAISS's CUDA 13 wheel does not resolve beside PyPI's
+    torch), so DALI's CUDA version names the profile; a FAISS newer than DALI's CUDA is none."""
     if faiss.cuda is None:
         return "cpu"
-    if faiss.cuda in ("12", "13") and (dali is None or dali.cuda == faiss.cuda):
-        return f"cu{faiss.cuda}"
+    cuda = faiss.cuda if dali is None else dali.cuda
+    if faiss.cuda in ("12", "13") and cuda in ("12", "13") and faiss.cuda <= cuda:
+        return f"cu{cuda}"
     return "unknown"
 
 
@@ -127,6 +158,14 @@ def check(hw: Detected, clustering_device: str, dali_on_gpu: bool = True) -> lis
     (auto | cpu | gpu), DALI decoding on the GPU or not; empty when nothing is. A pure
     function of its arguments."""
     problems: list[Problem] = []
+    if hw.torch.cuda is not None and not hw.gpus and hw.driver is not None and hw.driver.gpus:
+        needed = MIN_DRIVER.get(hw.torch.cuda)
+        problems.append(Problem(
+            f"the NVIDIA driver {hw.driver.version} lists {len(hw.driver.gpus)} GPU(s) "
+            f"({hw.driver.gpus[0]}) but {hw.torch.name} (CUDA {hw.torch.cuda} build) sees none:"
+            + (f" CUDA {hw.torch.cuda} needs driver {needed} or newer;" if needed else "")
+            + " update the driver or install a torch build for an older CUDA (the 'cu12' "
+            f"profile: {PROFILES['cu12']}); training would otherwise run on the CPU"))
     if hw.gpus and hw.faiss.cuda is None and clustering_device != "cpu":
         problems.append(Problem(
             f"torch sees {len(hw.gpus)} GPU(s) but FAISS is a CPU-only build ({hw.faiss.name}):"
@@ -183,6 +222,35 @@ def describe(hw: Detected) -> list[tuple[str, str]]:
     return rows
 
 
+def installed_distributions() -> dict[str, str]:
+    """The FAISS and DALI distributions installed here, name -> version (importlib.metadata:
+    what pip recorded, even where two of them overwrote one module)."""
+    found = {}
+    for name in (*FAISS_BUILDS, *DALI_BUILDS):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def conflicting_builds(installed: Mapping[str, str]) -> list[Problem]:
+    """Two builds of one module (``pip install '.[cpu,cu13]'``): FAISS and DALI each write one
+    module whatever their build, so which one runs depends on the order pip wrote them, and a
+    mix of their files can crash. ``installed``: distribution name -> version, as from
+    :func:`installed_distributions`. A pure function."""
+    problems = []
+    for module, builds in (("faiss", FAISS_BUILDS), ("nvidia.dali", DALI_BUILDS)):
+        names = [name for name in builds if name in installed]
+        if len(names) > 1:
+            listed = ", ".join(f"{name} {installed[name]}" for name in names)
+            problems.append(Problem(
+                f"{len(names)} builds of the '{module}' module are installed ({listed}); each "
+                f"overwrites the other's files. Keep one profile: pip uninstall -y "
+                f"{' '.join(names)}, then install one profile (README \"Install\")"))
+    return problems
+
+
 def _installed(candidates: dict[str, Build]) -> Optional[Build]:
     for name, build in candidates.items():
         try:
@@ -214,7 +282,34 @@ def detect() -> Detected:
     dali = _installed(DALI_BUILDS)
     return Detected(profile=profile_of(faiss_build, dali),
                     torch=torch_build(torch.__version__, cuda, arch_list),
-                    faiss=faiss_build, dali=dali, gpus=gpus)
+                    faiss=faiss_build, dali=dali, gpus=gpus,
+                    driver=None if gpus or cuda is None else nvidia_driver())
+
+
+def nvidia_driver() -> Optional[Driver]:
+    """The driver's version and GPUs from ``nvidia-smi`` (None where there is none, or it
+    fails: no driver, no GPU)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return driver_from_smi(out)
+
+
+def driver_from_smi(out: str) -> Optional[Driver]:
+    """``nvidia-smi --query-gpu=name,driver_version --format=csv,noheader``'s output (one
+    "name, version" line per GPU) as a Driver; None when it lists no GPU."""
+    rows = [line.rsplit(",", 1) for line in out.splitlines() if "," in line]
+    if not rows:
+        return None
+    return Driver(rows[0][1].strip(), tuple(name.strip() for name, _ in rows))
 
 
 def require_fitting_build(cfg: "Config") -> None:
@@ -222,6 +317,9 @@ def require_fitting_build(cfg: "Config") -> None:
     the GPUs the run would use (``cfg``: its clustering device and data loader)."""
     from dcluster.errors import UserError
 
+    conflicts = conflicting_builds(installed_distributions())  # before importing that module
+    if conflicts:
+        raise UserError("; ".join(p.message for p in conflicts))
     hw = detect()
     dali_on_gpu = cfg.data.loader == "dali" and cfg.data.decode_device != "cpu"
     problems = check(hw, cfg.clustering.device, dali_on_gpu)

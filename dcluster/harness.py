@@ -32,7 +32,8 @@ from dcluster.checkpoint import (SHARD_FILES, CheckpointError, capture_rng_state
                                  keep_as_best, load_checkpoint, load_latest, restore_rng_state,
                                  save_checkpoint, save_shard, shard_path)
 from dcluster.collectives import Comm
-from dcluster.config import Config, config_hash
+from dcluster.config import Config
+from dcluster.config_settings import hashed_settings, settings_hash
 from dcluster.data import ImageSource, Pipelines, build_pipelines, open_source
 from dcluster.distributed import Env
 from dcluster.epoch_report import assignment_metrics, format_epoch_line
@@ -236,10 +237,10 @@ class Checkpointer:
     newest one of this run, so that a second stop where the run resumed writes nothing."""
 
     def __init__(self, ctx: RunContext, method: Method, progress: RunProgress,
-                 objects: dict[str, Stateful], chash: str, fingerprint: str,
+                 objects: dict[str, Stateful], settings: dict[str, Any], fingerprint: str,
                  resumed_from: Optional[Path]) -> None:
         self.ctx, self.method, self.progress, self.objects = ctx, method, progress, objects
-        self.chash, self.fingerprint = chash, fingerprint
+        self.settings, self.fingerprint = settings, fingerprint
         self.last: Optional[Saved] = None
         if resumed_from is not None:
             in_epoch = progress.in_epoch
@@ -302,7 +303,8 @@ class Checkpointer:
         return {
             "format": FORMAT_VERSION,
             "method": self.ctx.cfg.method,
-            "config_hash": self.chash,
+            "config_hash": settings_hash(self.settings),
+            "settings": self.settings,  # what a newer dcluster compares key by key
             "data_fingerprint": self.fingerprint,
             "epoch": epoch,
             "iteration": step,
@@ -342,9 +344,10 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
     objects: dict[str, Stateful] = {"clusters": ctx.clusters, **method.state()}
     if cfg.optim.precision == "fp16":  # the loss scale it has learnt goes on after a resume
         objects["grad_scaler"] = steps.scaler
-    chash, fingerprint = config_hash(cfg), source.fingerprint()
-    resumed_from = resume(ctx, method, progress, objects, chash, fingerprint)
-    checkpointer = Checkpointer(ctx, method, progress, objects, chash, fingerprint, resumed_from)
+    settings, fingerprint = hashed_settings(cfg), source.fingerprint()
+    resumed_from = resume(ctx, method, progress, objects, settings, fingerprint)
+    checkpointer = Checkpointer(ctx, method, progress, objects, settings, fingerprint,
+                                resumed_from)
     epochs = EpochRunner(ctx, method, checkpointer)
     monitor = Monitor(cfg, source, ctx.pipelines) if cfg.monitor.every else None
     tracker = make_tracker(cfg, env.is_main)
@@ -398,7 +401,8 @@ def shared_run_dir(cfg: Config, comm: Comm) -> RunDir:
 
 
 def resume(ctx: RunContext, method: Method, progress: RunProgress,
-           objects: dict[str, Stateful], chash: str, fingerprint: str) -> Optional[Path]:
+           objects: dict[str, Stateful], settings: dict[str, Any],
+           fingerprint: str) -> Optional[Path]:
     """Restore the run state from the checkpoint to continue from, and return its path: the
     newest valid one (resume=auto), the named one (resume=<path>) or none (a new run, or
     resume=never). Rank 0 chooses the file, so that every rank resumes from the same one."""
@@ -408,7 +412,7 @@ def resume(ctx: RunContext, method: Method, progress: RunProgress,
     if path is None:
         return None
     payload = upgraded(found[0] if found else load_checkpoint(Path(path)))
-    check_compatible(payload, chash, fingerprint, path)
+    check_compatible(payload, settings, fingerprint, path)
     restore_objects(payload, objects, Path(path))
     method.after_restore()
     restore_rng_state(payload["rng"])

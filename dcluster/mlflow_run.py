@@ -35,7 +35,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from dcluster.atomic import atomic_write_bytes
-from dcluster.config import Config, config_hash, flatten
+from dcluster.config import Config, flatten
+from dcluster.config_settings import config_hash
 from dcluster.mlflow_store import ensure_store, sqlite_path, tracking_uri
 from dcluster.rundir import RunDir
 

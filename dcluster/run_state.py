@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Protocol
 import numpy as np
 
 from dcluster.checkpoint import CheckpointError, load_shard
+from dcluster.config_settings import describe_changes, recorded_settings, setting_changes
 from dcluster.optimize import EpochProgress
 
 # 2 added mid-epoch checkpoints; 3 names every object's state; 4 numbers the history's epochs
@@ -140,16 +141,25 @@ def _named_objects(payload: dict[str, Any]) -> dict[str, Any]:
     return new
 
 
-def check_compatible(payload: dict[str, Any], config_hash: str, data_fingerprint: str,
+def check_compatible(payload: dict[str, Any], settings: dict[str, Any], data_fingerprint: str,
                      source: str) -> None:
-    """Refuse a checkpoint of another format, config or file list (named by `source`)."""
+    """Refuse a checkpoint of another format, of other settings (a hashed key changed: the
+    keys a checkpoint of an older dcluster lacks are read at their legacy values, see
+    config_settings.py) or of another file list (named by `source`)."""
     if payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{source}: checkpoint format {payload.get('format')!r}, "
                               f"this dcluster reads formats {(*OLD_FORMATS, FORMAT_VERSION)}")
-    if payload["config_hash"] != config_hash:
-        raise CheckpointError(f"{source}: written under another config (hash "
-                              f"{payload['config_hash']}, now {config_hash}); resume with the "
-                              "run's own config.yaml")
+    # a checkpoint lives in <run directory>/checkpoints/, beside the run's config.yaml
+    recorded = recorded_settings(payload, settings, Path(source).parent.parent / "config.yaml")
+    if recorded is None:
+        raise CheckpointError(f"{source}: written by an older dcluster under another config "
+                              f"(hash {payload['config_hash']}; neither this config nor its "
+                              "run's config.yaml gives it); resume with the run's own "
+                              "config.yaml")
+    changes = setting_changes(recorded, settings)
+    if changes:
+        raise CheckpointError(f"{source}: written under another config (checkpoint -> now): "
+                              f"{describe_changes(changes)}")
     if payload["data_fingerprint"] != data_fingerprint:
         raise CheckpointError(f"{source}: the image folder's file list changed since this "
                               "checkpoint was written, so global indices (and the saved "

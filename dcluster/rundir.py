@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from dcluster.atomic import atomic_write, atomic_write_bytes, remove_stale_temps
-from dcluster.config import Config, flatten, from_yaml_file, result_differences, to_yaml
+from dcluster.config import Config, flatten, keys_in_yaml_file, to_yaml
+from dcluster.config_settings import describe_changes, hashed_settings, setting_changes
 from dcluster.errors import UserError
 from dcluster.logs import LOG_FORMAT
 
@@ -117,26 +118,27 @@ def check_runs_root(runs_root: Path) -> None:
 
 def _reuse_problem(root: Path, cfg: Config) -> str | None:
     """Why the non-empty directory `root` cannot be reused by `cfg`, or None if it can (then
-    the keys that differ but only change how the run executes, like epochs, are logged)."""
+    the keys that differ but only change how the run executes, like epochs, are logged). A
+    config.yaml of an older dcluster lacks the keys added since: they count at their legacy
+    values (dcluster/config_settings.py)."""
     stored_path = root / "config.yaml"
     if not stored_path.is_file():
         return "is not empty but has no config.yaml, so it holds no run of dcluster's"
     try:
-        stored = from_yaml_file(stored_path)
+        stored = keys_in_yaml_file(stored_path)
     except Exception as err:  # YAML syntax errors come in several types besides ConfigError
         return f"its config.yaml cannot be read back ({err})"
-    differences = result_differences(stored, cfg)
-    if differences:
+    changes = setting_changes(stored, hashed_settings(cfg))
+    if changes:
         return ("holds a run with a different config (stored -> requested): "
-                + "; ".join(differences)
+                + describe_changes(changes)
                 + ". Pass overwrite=true to move it aside, or choose another name")
     if cfg.resume == "never":
         return ("holds a run with this config, and resume=never. Pass resume=auto to continue "
                 "it, or overwrite=true to move it aside and start again")
-    stored_flat, current = flatten(stored), flatten(cfg)
-    for key, value in current.items():
-        if stored_flat[key] != value:
-            log.info("resuming with %s changed: %r -> %r", key, stored_flat[key], value)
+    for key, value in flatten(cfg).items():
+        if key in stored and stored[key] != value:
+            log.info("resuming with %s changed: %r -> %r", key, stored[key], value)
     return None
 
 

@@ -34,18 +34,15 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from dcluster.collectives import Comm
 from dcluster.config import CheckpointConfig, ConfigError
 from dcluster.errors import CleanStop
+from dcluster.startup_signals import PREEMPT_SIGNAL_ENV, hand_over, preempt_signal_name
 
 log = logging.getLogger(__name__)
 
-# submitit's variable for the signal it treats as "timeout or preemption" (USR2 by default);
-# Slurm sends it --signal's delay before the time limit.
-PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
-
-
 def preempt_signal() -> signal.Signals:
-    name = os.environ.get(PREEMPT_SIGNAL_ENV, "USR2").upper()
+    """The signal submitit treats as "timeout or preemption" (startup_signals.py reads it)."""
+    name = preempt_signal_name()
     try:
-        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+        return signal.Signals[name]
     except KeyError:
         raise ConfigError(f"environment variable {PREEMPT_SIGNAL_ENV}={name!r}: not a signal "
                           "name (e.g. USR2)") from None
@@ -85,8 +82,11 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             log.debug("not in the main thread: stop signals are not handled")
             return self
+        received = hand_over()  # a signal that came while `dcluster train` started up
         for sig in self.signals:
             self._replaced[sig] = signal.signal(sig, self._record)
+        if received:
+            self._record(received, None)
         return self
 
     def __exit__(self, kind: Optional[type], value: Optional[BaseException],

@@ -21,4 +21,4 @@ def train(cfg: Config) -> RunResult:
     env = detect_env()
     method = method_module(cfg.method).METHOD
     with process_group(env, cfg.distributed), StopRequest() as stop_request:
-        return run_method(cfg, env, Comm(env), stop_request, method)
+        return run_method(cfg, env, Comm(env, timeout_s=cfg.distributed.timeout_s), stop_request, method)

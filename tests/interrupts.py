@@ -12,20 +12,23 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+import dcluster.config
 import dcluster.deepcluster
 import dcluster.harness
 
-STAGES = ("features", "clustering", "train")
+STAGES = ("startup", "features", "clustering", "train")
 
 
 def parse_point(text: str) -> tuple[str, int, int]:
-    """'features:N', 'clustering:N' or 'train:E:B' as (stage, N or E, B). N counts this
+    """'startup:0', 'features:N', 'clustering:N' or 'train:E:B' as (stage, N or E, B).
+    startup: as `dcluster train` reads its config, before the run handles stop signals. N counts this
     process's DeepCluster feature passes / clusterings from 0; E is the epoch number, and B
     (from 1) the training batch this process was given in that epoch (counted over all the
     epoch's training passes: MMDC has two)."""
     stage, epoch, *batch = text.split(":")
     if stage not in STAGES or (stage == "train") != bool(batch):
-        raise ValueError(f"interrupt point {text!r}: want features:E, clustering:E or train:E:B")
+        raise ValueError(f"interrupt point {text!r}: want startup:0, features:E, clustering:E "
+                         "or train:E:B")
     return stage, int(epoch), int(batch[0]) if batch else 0
 
 
@@ -43,6 +46,14 @@ def interrupt_at(text: str, send: Callable[[], None]) -> None:
             return function(*args, **kwargs)
         return wrapper
 
+    if stage == "startup":
+        load_config = dcluster.config.load_config
+
+        def signalling(*args, **kwargs):
+            send()
+            return load_config(*args, **kwargs)
+
+        dcluster.config.load_config = signalling
     method = dcluster.deepcluster
     method.extract_features = counting("features", method.extract_features)
     method.cluster_shards = counting("clustering", method.cluster_shards)

@@ -53,6 +53,18 @@ def test_every_bank_row_is_stamped_by_the_rank_that_last_trained_on_its_image(
     assert rows.shape[0] == IMAGES and torch.isfinite(rows).all()
 
 
+def assert_resumes_to(reference: Run, run: Run, args: list[str], tmp: Path) -> None:
+    """The stopped ``run`` resumed by the same command ends with ``reference``'s weights,
+    labels, orders and bank."""
+    resumed = run_pair(["--record-orders", str(run.orders)], args, tmp / "resumed")
+    assert [o.returncode for o in resumed] == [0, 0], describe(resumed)
+    assert_same_run(reference, run)
+    want_stamps, want_rows = bank_rows(reference.checkpoint(EPOCHS))
+    got_stamps, got_rows = bank_rows(run.checkpoint(EPOCHS))
+    assert np.array_equal(got_stamps, want_stamps)
+    assert torch.equal(got_rows, want_rows)
+
+
 def test_two_ranks_stopped_mid_epoch_resume_to_the_uninterrupted_weights_and_bank(
         bank_pair_reference, digits_subset, tmp_path):
     args = train_args(digits_subset, tmp_path / "runs", "bank_stopped", *BANK)
@@ -68,10 +80,19 @@ def test_two_ranks_stopped_mid_epoch_resume_to_the_uninterrupted_weights_and_ban
     assert (trained & (stamp_epoch(stamps) == 1)).any(), "rows of epoch 1's training steps"
     assert (trained & (stamp_epoch(stamps) == 0)).any(), "rows of epoch 0's still to replace"
 
-    resumed = run_pair(["--record-orders", str(run.orders)], args, tmp_path / "resumed")
-    assert [o.returncode for o in resumed] == [0, 0], describe(resumed)
-    assert_same_run(bank_pair_reference, run)
-    want_stamps, want_rows = bank_rows(bank_pair_reference.checkpoint(EPOCHS))
-    got_stamps, got_rows = bank_rows(run.checkpoint(EPOCHS))
-    assert np.array_equal(got_stamps, want_stamps)
-    assert torch.equal(got_rows, want_rows)
+    assert_resumes_to(bank_pair_reference, run, args, tmp_path)
+
+
+def test_two_ranks_stopped_at_the_start_of_an_epoch_resume_to_the_uninterrupted_weights(
+        bank_pair_reference, digits_subset, tmp_path):
+    """SIGTERM (Slurm's preemption signal) during epoch 2's clustering: the stop is taken
+    before the epoch's first training step, when no rank's outbox holds a row yet; the
+    checkpoint's flush then exchanges empty outboxes."""
+    args = train_args(digits_subset, tmp_path / "runs", "bank_stopped_start", *BANK)
+    run = Run(tmp_path / "runs" / "bank_stopped_start", new_dir(tmp_path / "orders"))
+    stopped = run_pair(["--interrupt", "clustering:1", "--signal", "SIGTERM",
+                        "--record-orders", str(run.orders)], args, tmp_path / "stopped")
+    assert [o.returncode for o in stopped] == [143, 143], describe(stopped)
+    assert run.checkpoint_names()[-1] == run.checkpoint(1, 1).name
+
+    assert_resumes_to(bank_pair_reference, run, args, tmp_path)

@@ -226,3 +226,38 @@ def test_cmyk_gray_and_png_decode_to_the_same_rgb_as_pillow(odd_formats):
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     pixels = dali_images[gray] * std + mean
     assert (pixels - pixels[0]).abs().max() < 1e-5
+
+
+# ------------------------------------------------- the GPU window-decode probe (issue 21, 6)
+
+def test_the_window_decode_fallback_crops_the_same_training_batches(tree):
+    """Whole decode + fn.slice (the fallback for GPUs whose window decode is broken) gives
+    the training crops of the window decode, here on the CPU where both run."""
+    windowed, whole = dali(tree), dali(tree)
+    whole.roi_decode = False
+    want, got = train_pass(windowed, ORDER, epoch=1), train_pass(whole, ORDER, epoch=1)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=LEVEL)
+
+
+@pytest.mark.parametrize("returncode, output, said", [
+    (-11, "Segmentation fault (core dumped)", "killed by signal 11"),  # H100
+    (1, "RuntimeError: nvImageCodec failure: '#8'", "exit 1: RuntimeError: nvImageCodec"),  # A100
+])
+def test_a_described_failing_gpu_window_decode_selects_whole_decode_and_says_so(
+        returncode, output, said, caplog):
+    import subprocess
+
+    def described(command, **kwargs):
+        assert command[-3:] == ["-m", "dcluster.data.dali_loader", "0"]
+        return subprocess.CompletedProcess(command, returncode, "", output)
+
+    with caplog.at_level(logging.WARNING, logger="dcluster.data"):
+        assert dali_loader.roi_decode_choice(dali_loader.probe_roi_decode(0, run=described)) is False
+    assert said in caplog.text and "NVIDIA/nvImageCodec#55" in caplog.text
+
+
+def test_the_probe_runs_in_a_child_process_and_passes_on_the_cpu():
+    probe = dali_loader.probe_roi_decode(None)
+    assert probe == (0, "window decode ok"), probe
+    assert dali_loader.roi_decode_choice(probe) is True

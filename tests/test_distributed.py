@@ -321,3 +321,59 @@ def test_split_empty_clusters_halves_a_cluster_symmetrically():
     again = np.array([[0, 0], [2, 4], [9, 9], [0, 0]], dtype=np.float32)
     split_empty_clusters(again, np.array([0, 10, 1, 0]), np.random.default_rng(0))
     assert np.array_equal(again, centroids)  # the same rng, the same split on every rank
+
+
+def exchange_worker(out: Path, round_bytes: int, comm: Comm) -> None:
+    """Rank r sends rank d (d + 1) * (r + 2) rows, each saying (source, destination, number),
+    in rounds of ``round_bytes``; saves what it received."""
+    import dcluster.collectives as collectives
+
+    collectives.CHUNK_BYTES = round_bytes
+    send_counts = [(d + 1) * (comm.rank + 2) for d in range(comm.world_size)]
+    recv_counts = [(comm.rank + 1) * (s + 2) for s in range(comm.world_size)]
+    rows = torch.tensor([[comm.rank, d, i] for d, n in enumerate(send_counts) for i in range(n)],
+                        dtype=torch.int64)
+    import torch.distributed as dist
+
+    real, rounds = dist.all_to_all_single, []
+    dist.all_to_all_single = lambda *args, **kwargs: rounds.append(real(*args, **kwargs))
+    try:
+        got = comm.all_to_all_rows(rows, send_counts, recv_counts)
+    finally:
+        dist.all_to_all_single = real
+    torch.save((got, len(rounds)), out / f"received_rank{comm.rank}_{round_bytes}.pt")
+
+
+def test_the_row_exchange_in_small_rounds_delivers_what_one_round_does(tmp_path):
+    """Rounds of 2 rows (of 3 int64) per pair of the 2 ranks, against one round."""
+    small_round, one_round = 2 * 3 * 8 * 2, 64 << 20
+    for round_bytes in (small_round, one_round):
+        spawn_ranks(functools.partial(exchange_worker, tmp_path, round_bytes), 2)
+    for rank in range(2):
+        small, small_rounds = torch.load(tmp_path / f"received_rank{rank}_{small_round}.pt")
+        whole, whole_rounds = torch.load(tmp_path / f"received_rank{rank}_{one_round}.pt")
+        want = torch.tensor([[s, rank, i] for s in range(2) for i in range((rank + 1) * (s + 2))])
+        assert torch.equal(whole, want) and torch.equal(small, want)
+        # the longest block, rank 1's 6 rows for rank 1, takes 3 rounds of 2 rows
+        assert (small_rounds, whole_rounds) == (3, 1)
+
+
+def side_group_worker(out: Path, comm: Comm) -> None:
+    """A Comm over a described NCCL group (no GPU here: get_backend answers "nccl"), which
+    makes the gloo side group an NCCL job waits in; saves that group's timeout."""
+    import torch.distributed as dist
+
+    real = dist.get_backend
+    dist.get_backend = lambda group=None: "nccl" if group is None else real(group)
+    try:
+        host = Comm(comm.env, timeout_s=75).on_host()
+    finally:
+        dist.get_backend = real
+    assert host is not comm and dist.get_backend(host.group) == "gloo"
+    timeout = host.group._get_backend(torch.device("cpu")).options._timeout
+    (out / f"timeout{comm.rank}.txt").write_text(str(timeout.total_seconds()))
+
+
+def test_the_gloo_side_group_of_a_described_nccl_job_has_the_configured_timeout(tmp_path):
+    spawn_ranks(functools.partial(side_group_worker, tmp_path), 2)
+    assert [float((tmp_path / f"timeout{r}.txt").read_text()) for r in range(2)] == [75.0, 75.0]

@@ -2,8 +2,9 @@
 GPUs below are descriptions passed to the pure decision function, not present."""
 import pytest
 
-from dcluster.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, check,
-                               default_threads, describe, profile_of, torch_build)
+from dcluster.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, Driver,
+                               binary_runs_on, check, conflicting_builds, default_threads,
+                               describe, driver_from_smi, profile_of, torch_build)
 
 TORCH_CU13 = torch_build("2.14.1", "13.0", ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100",
                                             "sm_120", "compute_120"])
@@ -97,3 +98,104 @@ def test_unknown_faiss_build_is_not_guessed_at():
 ])
 def test_threads_default_to_the_tasks_cpus(environ, expected):
     assert default_threads(environ, usable_cpus=96) == expected
+
+
+L4 = GPU(0, "NVIDIA L4", 89)
+
+
+def test_described_ada_runs_the_sm86_code_of_torch_cu13():
+    """torch 2.14.1's CUDA 13 build has sm_86, not sm_89: CUDA runs a cubin for X.y on any
+    X.z with z >= y (the rule of torch's own DEVICE_REQUIREMENT)."""
+    assert TORCH_CU13.runs_on(89) and TORCH_CU13.runs_on(87)
+    assert not TORCH_CU13.runs_on(70) and not TORCH_CU13.runs_on(61)
+    hw = machine(TORCH_CU13, "faiss-gpu-cuvs", "nvidia-dali-cuda130", L4)
+    assert check(hw, "auto") == []
+
+
+def test_binary_code_runs_on_the_same_major_and_a_higher_minor_only():
+    assert binary_runs_on(86, 89) and binary_runs_on(80, 86) and binary_runs_on(90, 90)
+    assert not binary_runs_on(86, 80) and not binary_runs_on(80, 90)
+    assert not Build("x", "12", (80,)).runs_on(75)
+
+
+SMI_OUT = "NVIDIA A100-SXM4-80GB, 535.104.05\nNVIDIA A100-SXM4-80GB, 535.104.05\n"
+
+
+def test_described_driver_too_old_for_cuda_13_names_driver_and_build():
+    """torch sees no GPU (cudaGetDeviceCount fails under a 535 driver), nvidia-smi lists two:
+    the run must not quietly train on the CPU."""
+    driver = driver_from_smi(SMI_OUT)
+    assert driver == Driver("535.104.05", ("NVIDIA A100-SXM4-80GB",) * 2)
+    hw = Detected("cu13", TORCH_CU13, FAISS_BUILDS["faiss-gpu-cuvs"],
+                  DALI_BUILDS["nvidia-dali-cuda130"], (), driver)
+    [problem] = check(hw, "auto")
+    for words in ("driver 535.104.05", "2 GPU(s)", "torch 2.14.1", "CUDA 13", "580 or newer",
+                  "whl/cu126"):
+        assert words in problem.message, words
+
+
+def test_described_machines_without_a_driver_gpu_or_with_a_cpu_torch_pass_the_driver_rule():
+    cpu_torch = torch_build("2.14.1+cpu", None, [])
+    no_gpu = Detected("cpu", TORCH_CU13, FAISS_BUILDS["faiss-cpu"], None, (), None)
+    listed = driver_from_smi(SMI_OUT)
+    assert check(no_gpu, "auto") == []
+    assert check(Detected("cpu", cpu_torch, FAISS_BUILDS["faiss-cpu"], None, (), listed),
+                 "auto") == []
+    assert driver_from_smi("") is None
+
+
+def test_cu13_profile_runs_the_cuda_12_faiss_wheel_beside_cuda_13_dali():
+    """setup.py's cu13 extra: faiss-gpu (CUDA 12.6, its own runtime) with DALI's CUDA 13 build."""
+    hw = machine(TORCH_CU13, "faiss-gpu", "nvidia-dali-cuda130", H100, GPU(1, A100.name, 80))
+    assert hw.profile == "cu13" and check(hw, "auto") == []
+    assert profile_of(FAISS_BUILDS["faiss-gpu-cuvs"], DALI_BUILDS["nvidia-dali-cuda120"]) == "unknown"
+
+
+def test_described_cpu_and_cu13_extras_together_name_both_faiss_distributions():
+    """`pip install '.[cpu,cu13]'` as importlib.metadata would list it."""
+    installed = {"faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"}
+    [problem] = conflicting_builds(installed)
+    assert "faiss-cpu 1.15.1" in problem.message and "faiss-gpu 1.15.1" in problem.message
+    assert "'faiss' module" in problem.message
+    assert conflicting_builds({"faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"}) == []
+
+
+def test_described_two_dali_builds_are_named():
+    installed = {"faiss-gpu": "1.15.1", "nvidia-dali-cuda120": "2.4.0",
+                 "nvidia-dali-cuda130": "2.4.0"}
+    [problem] = conflicting_builds(installed)
+    assert "nvidia-dali-cuda120 2.4.0, nvidia-dali-cuda130 2.4.0" in problem.message
+
+
+def test_start_up_check_refuses_two_described_faiss_builds(monkeypatch):
+    """require_fitting_build stops (exit 2) before importing faiss when importlib.metadata
+    reports two FAISS distributions; here the metadata lookup is described."""
+    import importlib.metadata
+
+    from dcluster import hardware
+    from dcluster.config import Config
+    from dcluster.errors import UserError
+
+    versions = {"faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1"}
+
+    def version(name):
+        if name not in versions:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(hardware, "detect", lambda: pytest.fail("detect() ran"))
+    with pytest.raises(UserError, match="faiss-cpu 1.15.1, faiss-gpu 1.15.1"):
+        hardware.require_fitting_build(Config())
+
+
+def test_info_names_both_described_faiss_distributions(monkeypatch, capsys):
+    """`dcluster info` on an environment that importlib.metadata describes as `.[cpu,cu13]`."""
+    from dcluster import cli, hardware
+
+    monkeypatch.setattr(hardware, "installed_distributions", lambda: {
+        "faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"})
+    assert cli.main(["info"]) == 0
+    problems = [line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("problem")]
+    assert len(problems) == 1 and "faiss-cpu 1.15.1, faiss-gpu 1.15.1" in problems[0]

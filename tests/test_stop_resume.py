@@ -58,6 +58,9 @@ STOP_CASES = [
     # already written is the one to resume from; the preemption signal is the configured one
     StopCase("features:1", "SIGUSR1", {"SUBMITIT_PREEMPT_SIGNAL": "USR1"}, (1, 0), None,
              "after epoch 1", clusterings_before=1),
+    # while `dcluster train` starts up, before the run's own handlers: recorded all the same,
+    # the run stops at its first stop point (the feature pass cut short)
+    StopCase("startup:0", "SIGTERM", {}, (0, 0), None, "after epoch 0", clusterings_before=0),
 ]
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from dcluster.config import Config, config_hash
+from dcluster.config import Config
+from dcluster.config_settings import config_hash
 from dcluster.plots import plot_cluster_sizes, plot_nmi_curves
 from dcluster.rundir import prepare_run_dir
 from dcluster.mlflow_run import Tracker, steps_to_redo

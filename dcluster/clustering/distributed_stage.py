@@ -38,6 +38,7 @@ from dcluster.clustering.sharded_kmeans import sharded_kmeans
 from dcluster.collectives import Comm
 from dcluster.config import ClusteringConfig
 from dcluster.distributed import shard_bounds
+from dcluster.precision import full_float32
 
 log = logging.getLogger(__name__)
 
@@ -114,24 +115,26 @@ def row_blocks(x: torch.Tensor, positions: Optional[np.ndarray],
 
 
 def fit_shared_transform(x: Features, layout: RowLayout, cfg: ClusteringConfig, comm: Comm,
-                         seed: int = 0) -> PCATransform:
+                         seed: int = 0, device: Optional[torch.device] = None) -> PCATransform:
     """The PCA (and whitening) of all ranks' rows (or of ``cfg.pca_sample`` of them, drawn
-    from ``seed``), fitted on rank 0 and the same on every rank, on the device of ``x`` (this
-    rank's rows)."""
+    from ``seed``), fitted on rank 0 and the same on every rank, on ``device`` (default: that
+    of ``x``, this rank's rows; rows in host memory are streamed to it a block at a time)."""
     rows = as_rows(x)
+    device = device or rows.device
     positions = pca_sample_rows(layout, comm.rank, cfg.pca_sample, seed)
     # products about a shift near the mean avoid cancellation (see PCAStats), and the sums of
     # all ranks only add up about one common shift: the global mean is both, for one cheap
     # pass and an all-reduce of d numbers
-    stats = PCAStats(layout.dim, device=rows.device,
-                     shift=mean_of_blocks(row_blocks(rows, positions), layout.dim, comm))
+    stats = PCAStats(layout.dim, device=device,
+                     shift=mean_of_blocks((block.to(device) for block in row_blocks(rows, positions)),
+                                          layout.dim, comm))
     for block in row_blocks(rows, positions):
         stats.update(block, chunk_rows=CHUNK_ROWS)
     stats.sum, stats.outer = all_reduce_tensor(stats.sum, comm), all_reduce_tensor(stats.outer, comm)
     stats.count = layout.total if positions is None else cfg.pca_sample  # the same everywhere
     out_dim = cfg.pca_dim or layout.dim
     fitted = fit_whitening(stats, out_dim, whiten=cfg.whiten) if comm.is_main else None
-    return broadcast_transform(fitted, layout.dim, out_dim, cfg.whiten, comm).to(rows.device)
+    return broadcast_transform(fitted, layout.dim, out_dim, cfg.whiten, comm).to(device)
 
 
 def all_reduce_tensor(t: torch.Tensor, comm: Comm) -> torch.Tensor:
@@ -164,8 +167,8 @@ def broadcast_transform(fitted: Optional[PCATransform], dim: int, out_dim: int, 
 
 
 def gather_reduced(features: Features, indices: np.ndarray, n_images: int,
-                   cfg: ClusteringConfig, comm: Comm,
-                   seed: int = 0) -> Optional[tuple[np.ndarray, np.ndarray]]:
+                   cfg: ClusteringConfig, comm: Comm, seed: int = 0,
+                   device: Optional[torch.device] = None) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """Reduce every rank's rows and stack them on rank 0 in global index order, with the mask
     of the images they belong to (bool (N,)); None on the other ranks. Rank 0 writes its own
     rows straight into the stacked matrix, so its peak is that matrix (N x 256 float32) or the
@@ -174,7 +177,7 @@ def gather_reduced(features: Features, indices: np.ndarray, n_images: int,
     layout = row_layout(features, comm)
     present = present_mask(indices, n_images, comm)
     x = rows_of(features, layout)
-    transform = fit_shared_transform(x, layout, cfg, comm, seed)  # its d x d stats are freed
+    transform = fit_shared_transform(x, layout, cfg, comm, seed, device)  # d x d stats freed
     stacked = own = None
     if comm.is_main:
         stacked = np.empty((layout.total, transform.dim), dtype=np.float32)
@@ -256,17 +259,26 @@ def cluster_shards(features: Features, indices: np.ndarray, n_images: int,
                    device: torch.device) -> StageResult:
     """Pseudo-labels of all N images from every rank's features of its shard (rows of
     ``features``, an array or a tensor on any device, belong to the global ``indices``); call
-    on every rank. ``device`` is this rank's device (sharded mode assigns on it)."""
+    on every rank. ``device`` is this rank's device: the PCA runs there, on rows streamed
+    from host memory if the memory plan put them there, and sharded mode assigns on it. The
+    stage runs in full float32 (:func:`full_float32`)."""
+    with full_float32():
+        return _cluster_shards(features, indices, n_images, cfg, comm, seed, device)
+
+
+def _cluster_shards(features: Features, indices: np.ndarray, n_images: int,
+                    cfg: ClusteringConfig, comm: Comm, seed: int,
+                    device: torch.device) -> StageResult:
     if cfg.mode == "sharded":
         layout = row_layout(features, comm)
         x = rows_of(features, layout)
-        reduced = reduce_rows(x, fit_shared_transform(x, layout, cfg, comm, seed), cfg)
+        reduced = reduce_rows(x, fit_shared_transform(x, layout, cfg, comm, seed, device), cfg)
         km = sharded_kmeans(reduced, cfg.k, seed=seed, niter=cfg.niter, comm=comm,
                             gpu=own_gpu(device, cfg.device))
         labels = spread_labels(km.labels, indices, n_images, comm)
         summary = (cfg.k, km.objective, km.n_empty, km.n_reseeded, km.backend)
     else:
-        gathered = gather_reduced(features, indices, n_images, cfg, comm, seed)
+        gathered = gather_reduced(features, indices, n_images, cfg, comm, seed, device)
         labels = np.empty(n_images, dtype=np.int64)
         summary = None
         if gathered is None:

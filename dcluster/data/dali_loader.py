@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -97,8 +99,11 @@ def train_recipe(min_scale: float, seed: int, epoch: int) -> Recipe:
 
 
 def _define(kind: str, batch_size: int, threads: int, device_id: Optional[int], crop: int,
-            grayscale_stats: bool) -> Pipeline:
-    """The DALI graph of one pass kind; ``device_id`` None runs it all on the CPU."""
+            grayscale_stats: bool, roi_decode: bool = True) -> Pipeline:
+    """The DALI graph of one pass kind; ``device_id`` None runs it all on the CPU.
+    ``roi_decode`` False: the training crop is cut from the fully decoded image (fn.slice,
+    the same anchor and shape in the same "WH" order) instead of decoding only its window,
+    for GPUs whose window decode is broken (:func:`probe_roi_decode`)."""
     mean, std = normalization(grayscale_stats)
     decoder = "cpu" if device_id is None else "mixed"
     pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
@@ -113,9 +118,11 @@ def _define(kind: str, batch_size: int, threads: int, device_id: Optional[int], 
             anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
             shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
             mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-            # ROI decoding: only the crop window is decoded.
-            images = fn.decoders.image_slice(encoded, anchor, shape, normalized_anchor=False,
-                                             normalized_shape=False, **common)
+            window = dict(normalized_anchor=False, normalized_shape=False)
+            if roi_decode:  # ROI decoding: only the crop window is decoded
+                images = fn.decoders.image_slice(encoded, anchor, shape, **window, **common)
+            else:
+                images = fn.slice(fn.decoders.image(encoded, **common), anchor, shape, **window)
             images = fn.resize(images, size=[crop, crop], antialias=True,
                                interp_type=types.INTERP_LINEAR)
         else:
@@ -310,6 +317,9 @@ class DaliPipelines:
         self.bad_indices: dict[int, str] = {}
         self.threads = max(1, data_cfg.workers)
         self.device_id = _decode_device(data_cfg.decode_device)
+        self.roi_decode = True
+        if self.device_id is not None:
+            self.roi_decode = roi_decode_choice(probe_roi_decode(self.device_id))
         self._idle: dict[tuple[str, int], _Runner] = {}
         self._rejected: dict[int, Unreadable] = {}  # not fed to DALI again
         self._readers = ThreadPoolExecutor(self.threads, thread_name_prefix="dcluster-read")
@@ -337,7 +347,8 @@ class DaliPipelines:
 
     def _new_runner(self, kind: str, batch_size: int, recipe: Recipe) -> _Runner:
         return _Runner(lambda: _define(kind, batch_size, self.threads, self.device_id,
-                                       self.cfg.crop_size, self.cfg.grayscale_stats), recipe)
+                                       self.cfg.crop_size, self.cfg.grayscale_stats,
+                                       self.roi_decode), recipe)
 
     def _run(self, kind: str, recipe: Recipe, indices: np.ndarray, start: int,
              batch_size: int) -> Iterator[_Decoded]:
@@ -410,3 +421,71 @@ def _decode_device(choice: str) -> Optional[int]:
     if choice == "cpu" or not has_gpu:
         return None
     return torch.cuda.current_device()
+
+
+# ---------------------------------------------------------------- the GPU window-decode probe
+#
+# DALI 2.4.0 requires nvImageCodec 0.9, whose GPU JPEG region-of-interest decode (the path of
+# fn.decoders.image_slice with device="mixed") fails on ordinary in-bounds windows on some
+# GPUs: NVIMGCODEC_STATUS_INTERNAL_ERROR on an A100, SIGSEGV on an H100
+# (github.com/NVIDIA/nvImageCodec/issues/55, open). Every training image would then be
+# "unreadable" and the bad-image budget would stop the run, or the rank would die. So before
+# the first pass, one batch of real-sized JPEGs goes through the training graph on the GPU, in
+# a child process (a SIGSEGV must not take the rank with it).
+
+PROBE_TIMEOUT_S = 120
+
+
+class ProbeResult(NamedTuple):
+    returncode: int  # negative: killed by that signal
+    output: str
+
+
+def probe_roi_decode(device_id: Optional[int], timeout: float = PROBE_TIMEOUT_S,
+                     run: Callable[..., subprocess.CompletedProcess] = subprocess.run
+                     ) -> ProbeResult:
+    """Decode one batch through the training graph's window decode on GPU ``device_id`` (None:
+    the CPU) in a child process (``python -m dcluster.data.dali_loader DEVICE``)."""
+    try:
+        done = run([sys.executable, "-m", "dcluster.data.dali_loader",
+                    "cpu" if device_id is None else str(device_id)],
+                   capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return ProbeResult(-1, f"no answer within {timeout:g} s")
+    return ProbeResult(done.returncode, (done.stdout + done.stderr).strip())
+
+
+def roi_decode_choice(probe: ProbeResult) -> bool:
+    """Whether the training pass decodes only the crop window on the GPU (the probe passed),
+    or decodes whole images and slices them (it failed: said in the log, with why)."""
+    if probe.returncode == 0:
+        log.info("DALI: GPU window decode (fn.decoders.image_slice) works here")
+        return True
+    how = (f"killed by signal {-probe.returncode}" if probe.returncode < 0
+           else f"exit {probe.returncode}")
+    last = probe.output.splitlines()[-1][:300] if probe.output else "no output"
+    log.warning("DALI: GPU window decode fails on this GPU (%s: %s; nvImageCodec 0.9, "
+                "NVIDIA/nvImageCodec#55): training images are decoded whole on the GPU and "
+                "then cropped (fn.slice), which costs decoding time", how, last)
+    return False
+
+
+def _probe_main(device_id: Optional[int]) -> None:
+    """One batch of 256 x 320 JPEGs, each with an in-bounds window, through the training
+    graph's window decode on ``device_id``; exits non-zero (or dies) if it fails."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    encoded = np.frombuffer(buffer.getvalue(), np.uint8)
+    recipe = train_recipe(0.08, seed=0, epoch=0)
+    samples = [_Sample(i, encoded, recipe(256, 320, i, i)) for i in range(4)]
+    runner = _Runner(lambda: _define(_TRAIN, len(samples), 1, device_id, 224, False), recipe)
+    runner.submit(samples)
+    images = runner.result()
+    assert tuple(images.shape) == (4, 3, 224, 224), images.shape
+    print("window decode ok")
+
+
+if __name__ == "__main__":
+    _probe_main(None if sys.argv[1] == "cpu" else int(sys.argv[1]))

@@ -146,7 +146,7 @@ def evaluate(protocol: str, target_path: str | Path, overrides: Sequence[str] = 
     log.info("eval %s of %s (%s, %s)", protocol, target.describe(), cfg.method, cfg.model.arch)
     t0 = time.perf_counter()
     with process_group(env, cfg.distributed):
-        comm = Comm(env)
+        comm = Comm(env, timeout_s=cfg.distributed.timeout_s)
         outcome = PROTOCOLS[protocol](target, net, env, comm)
         comm.barrier()
     if outcome is None:
