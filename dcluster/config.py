@@ -34,6 +34,9 @@ class DataConfig:
     crop_size: int = 224  # side of the centre crop (feature pass) and random crop (training)
     resize_size: int = 256  # shorter side before the centre crop of the feature pass
     min_scale: float = 0.08  # lower bound of the random-resized-crop area fraction
+    # horizontal flip of training crops with probability 1/2; false for data whose mirror
+    # image is another thing (digits: a mirrored 2 is no 2)
+    flip: bool = True
     workers: int = 2  # torchvision: decoding processes (0: main process); dali: threads
     max_bad_fraction: float = 0.01  # unreadable images tolerated before the run stops
     grayscale_stats: bool = False  # normalise with one mean/std for grayscale sources
