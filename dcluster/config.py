@@ -50,6 +50,9 @@ class DataConfig:
                            bounds="> 0")
     min_scale: float = key(0.08, "Lower bound of the random-resized-crop area fraction.",
                            bounds="(0, 1]")
+    flip: bool = key(True, "Horizontal flip of training crops with probability 1/2; false for "
+                     "data whose mirror image is another thing (digits: a mirrored 2 is no 2).",
+                     since="987da1c", legacy=True)
     workers: int = key(2, "torchvision: decoding processes (0: the main process); dali: "
                        "threads.", bounds=">= 0", hashed=False)
     max_bad_fraction: float = key(0.01, "Fraction of unreadable images tolerated per pass "

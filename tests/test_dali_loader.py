@@ -91,6 +91,17 @@ def test_train_crops_are_the_torchvision_loader_crops(tree):
     assert diff.mean() <= 0.5 * LEVEL and diff.max() <= 12 * LEVEL
 
 
+@pytest.mark.parametrize("make", [dali, torchvision], ids=["dali", "torchvision"])
+def test_without_flips_the_train_crops_are_the_same_windows_never_mirrored(tree, make):
+    flipped, _, _ = train_pass(make(tree, seed=3), ORDER, epoch=1)
+    plain, _, _ = train_pass(make(tree, seed=3, flip=False), ORDER, epoch=1)
+    same = [torch.allclose(a, b, atol=1e-5) for a, b in zip(flipped, plain)]
+    mirrored = [torch.allclose(a, b.flip(-1), atol=1e-5) for a, b in zip(flipped, plain)]
+    # data.flip=false keeps every window (the coin is still tossed) and drops only the mirror
+    assert all(s != m for s, m in zip(same, mirrored))
+    assert 0 < sum(mirrored) < len(ORDER)
+
+
 def test_train_pass_follows_the_order_with_repeats_and_labels(tree):
     targets = np.arange(13) * 10 % 7
     images, got, batches = train_pass(dali(tree), ORDER, epoch=0, targets=targets)

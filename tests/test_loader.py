@@ -1,4 +1,5 @@
 """The torchvision pipelines: order, coverage, reproducibility, resume and bad files."""
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -170,6 +171,14 @@ def test_random_crops_cover_the_scale_and_ratio_ranges_and_flip_half_the_time():
     assert 160 < sum(p.flip for p in crops) < 240
     again = [sample_crop(np.random.default_rng(key), 120, 160, 0.2) for key in range(400)]
     assert again == crops
+
+
+def test_switching_flips_off_keeps_every_box_and_never_flips():
+    crops = [sample_crop(np.random.default_rng(key), 120, 160, 0.2) for key in range(100)]
+    plain = [sample_crop(np.random.default_rng(key), 120, 160, 0.2, flip=False)
+             for key in range(100)]
+    assert not any(p.flip for p in plain) and any(p.flip for p in crops)
+    assert [dataclasses.replace(p, flip=False) for p in crops] == plain
 
 
 def test_extreme_aspect_ratio_falls_back_to_a_clamped_centre_crop():

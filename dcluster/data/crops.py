@@ -39,8 +39,9 @@ def sample_generator(seed: int, epoch: int, position: int, index: int) -> np.ran
 
 
 def sample_crop(rng: np.random.Generator, height: int, width: int,
-                min_scale: float) -> CropParams:
-    """torchvision's RandomResizedCrop.get_params drawing from ``rng``, plus the flip coin.
+                min_scale: float, flip: bool = True) -> CropParams:
+    """torchvision's RandomResizedCrop.get_params drawing from ``rng``, plus the flip coin
+    (tossed even when ``flip`` is false, so that switching flips off keeps every box).
 
     Area fraction uniform in (min_scale, 1), aspect ratio log-uniform in RATIO_RANGE, retried
     until the box fits, with the centre crop clamped to RATIO_RANGE as the fallback.
@@ -65,7 +66,8 @@ def sample_crop(rng: np.random.Generator, height: int, width: int,
         else:
             w, h = width, height
         box = ((height - h) // 2, (width - w) // 2, h, w)
-    return CropParams(*box, flip=bool(rng.random() < 0.5))
+    heads = bool(rng.random() < 0.5)
+    return CropParams(*box, flip=flip and heads)
 
 
 def normalization(grayscale_stats: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:

