@@ -115,6 +115,9 @@ class ClusteringConfig:
     niter: int = 20  # k-means iterations
     max_points_per_centroid: int = 0  # 0 means no subsampling (the paper's setting)
     device: str = "auto"  # auto | cpu | gpu
+    # what assigns rows to centroids: auto (FAISS where its build has code for the GPUs,
+    # PyTorch on GPUs it has none for, FAISS on the CPU) | faiss | torch
+    backend: str = "auto"
     every: int = 1  # re-cluster every n epochs (the paper: every epoch)
     # gather: the 256-d vectors of all ranks go to rank 0, which clusters them (k-means or
     # PIC); sharded: Lloyd iterations across ranks, no rank holds more than its own shard
@@ -282,6 +285,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.lr_scaling": ("none", "linear"),
     "clustering.method": ("kmeans", "pic"),
     "clustering.device": ("auto", "cpu", "gpu"),
+    "clustering.backend": ("auto", "faiss", "torch"),
     "clustering.mode": ("gather", "sharded"),
     "clustering.features": ("extra_pass", "training_pass"),
     "clustering.bank.dtype": ("float32", "float16", "bfloat16"),
@@ -299,7 +303,10 @@ EXECUTION_ONLY_KEYS = frozenset(
      "tracking.plots", "checkpoint.keep_last", "checkpoint.interval", "data.path", "runs_root",
      "checkpoint.every_iterations", "checkpoint.every_minutes", "checkpoint.poll_every",
      "distributed.backend", "distributed.timeout_s", "monitor.every", "checkpoint.keep_best",
-     "clustering.bank.memory"}
+     "clustering.bank.memory",
+     # the backends assign alike (tests/test_kmeans_engine.py): a run may resume on a node
+     # whose GPUs need the other one
+     "clustering.backend"}
     # what `dcluster eval` measures afterwards never changes what training computes
     | {f"eval.{key}" for key in ("val_path", "val_fraction", "batch_size")}
     | {f"eval.knn.{f.name}" for f in dataclasses.fields(KnnEvalConfig)}

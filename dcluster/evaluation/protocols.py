@@ -66,7 +66,7 @@ def clusters_protocol(target: EvalTarget, net: Network, env: Env,
         return None
     features, labels = rows
     metrics = kmeans_scores(features, labels, derived_seed(cfg.seed, target.epoch, "eval_kmeans"),
-                            cfg.clustering.niter, cfg.clustering.device)
+                            cfg.clustering.niter, cfg.clustering.device, cfg.clustering.backend)
     if embedded is not None:
         own = label_scores(nearest_component(embedded[0], net.means), labels)
         metrics.update({f"head_{key}": value for key, value in own.items()})
