@@ -17,10 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from dcluster.errors import UserError
 from dcluster.hardware import GPU, Build
 
 BACKENDS = ("auto", "faiss", "torch")
 DEVICES = ("auto", "cpu", "gpu")
+
+
+class BackendError(UserError, RuntimeError):
+    """clustering.device=gpu where no backend can use a GPU: the CLI's exit 2, raised at
+    start-up (dcluster/train.py) before any compute."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ def choose_backend(backend: str, device: str, gpus: Sequence[GPU], faiss_build: 
             why = "clustering.backend=torch"
         return Backend("torch", len(gpus), why)
     if device == "gpu":
-        raise RuntimeError(
+        raise BackendError(
             "clustering device 'gpu' was requested but "
             + ("no GPU is visible" if not gpus and not faiss_gpus else
                f"the FAISS build ({faiss_build.name}) cannot use the GPUs; set "
