@@ -26,8 +26,9 @@ import faiss
 import numpy as np
 import torch
 
-FAISS_CHUNK_ROWS = 16384
-"""Rows per FAISS search: bounds its result buffers and the float64 copy of a chunk."""
+FAISS_CHUNK_ROWS = 8192
+"""Rows per FAISS search: bounds its result buffers, and the rows a float32 partial sum
+covers before it is added to the float64 totals."""
 
 CPU_SCRATCH_BYTES = 256 << 20
 """Room for one chunk's rows x centroids distances on the CPU."""
@@ -70,13 +71,18 @@ class Assigner(abc.ABC):
         counts, and with ``with_sums`` the per-cluster sums of the rows."""
 
 
+CHECK_ROWS = 16384
+"""Rows checked for finiteness at a time: a whole-matrix check would hold an N x d boolean
+array, a quarter of the gathered matrix, at rank 0's peak."""
+
+
 def as_points(x: np.ndarray) -> np.ndarray:
     """``x`` as the C-contiguous float32 (N, d) array FAISS needs, checked to be finite."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"points must be an (N, d) array, got shape {x.shape}")
-    finite = np.isfinite(x)
-    if not finite.all():
+    if not all(np.isfinite(x[lo:lo + CHECK_ROWS]).all() for lo in range(0, len(x), CHECK_ROWS)):
+        finite = np.isfinite(x)
         raise ValueError(f"points contain {x.size - int(finite.sum())} non-finite values "
                          f"(NaN or inf) in {int((~finite.all(axis=1)).sum())} rows")
     return x
@@ -106,15 +112,17 @@ class FaissAssign(Assigner):
         self.index.add(centroids)
         labels = np.empty(self.count(), dtype=np.int64)
         sums = torch.zeros(k, d, dtype=torch.float64) if with_sums else None
+        partial = torch.empty(k, d) if with_sums else None
         objective = 0.0
         for lo in range(0, self.count(), FAISS_CHUNK_ROWS):
             chunk = self.x[lo:lo + FAISS_CHUNK_ROWS]
             distances, assigned = self.index.search(chunk, 1)
             labels[lo:lo + chunk.shape[0]] = assigned.ravel()
             objective += float(distances.sum(dtype=np.float64))
-            if sums is not None:
-                sums.index_add_(0, torch.from_numpy(assigned.ravel()),
-                                torch.from_numpy(chunk).double())
+            if sums is not None:  # no float64 copy of the rows: a k x d float32 partial sum
+                partial.zero_().index_add_(0, torch.from_numpy(assigned.ravel()),
+                                           torch.from_numpy(chunk))
+                sums += partial
         return Assignment(labels, objective, np.bincount(labels, minlength=k),
                           None if sums is None else sums.numpy())
 

@@ -25,6 +25,8 @@ With one process every collective is the identity and this is the single-machine
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
@@ -165,12 +167,14 @@ def gather_reduced(features: Features, indices: np.ndarray, n_images: int,
     transform = fit_shared_transform(x, layout, cfg, comm, seed)  # its d x d stats are freed
     stacked = own = None
     if comm.is_main:
+        release_freed_host_memory()
         stacked = np.empty((layout.total, transform.dim), dtype=np.float32)
         own = stacked[: layout.counts[0]]
     reduced = reduce_rows(x, transform, cfg, out=own)
     stacked = comm.gather_rows(reduced, layout.counts, stacked)
     if stacked is None:
         return None
+    release_freed_host_memory()  # the gather rounds' buffers
     log.debug("gathered %d x %d vectors on rank 0 (%.1f MB, %.1f MB of them from other ranks)",
               *stacked.shape, stacked.nbytes / 1e6,
               (layout.total - layout.counts[0]) * stacked.shape[1] * 4 / 1e6)
@@ -225,6 +229,23 @@ def mean_of_blocks(blocks: Iterable[Features], dim: int, comm: Comm) -> np.ndarr
         totals[-1] += rows.shape[0]
     totals = comm.all_reduce_sum(totals)
     return (totals[:-1] / totals[-1]).astype(np.float32)
+
+
+def release_freed_host_memory() -> None:
+    """Give the host memory the PCA's freed blocks leave in glibc's heaps back to the system
+    (``malloc_trim(0)``, glibc's malloc_trim(3)), before rank 0 allocates the gathered matrix:
+    blocks under glibc's mmap threshold (up to 32 MB) stay in the heap when freed, and would
+    otherwise sit under the matrix in rank 0's peak. A no-op where the C library has none."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def release_cached_gpu_memory(device: torch.device) -> None:
