@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 CHUNK_ROWS = 2048
 """Rows per GEMM of the PCA passes: 32 MB of 4096-d floats, still at full BLAS speed, where
 the single-process default (8192) would hold 128 MB next to rank 0's gathered matrix."""
+
+STATS_ROWS = 4096
+"""Rows per block of the covariance pass: its products are GEMMs of 4096 x 512 x D, at the
+BLAS rate; the pass runs before rank 0 allocates the gathered matrix, so the 64 MB block of
+4096-d rows is not on top of it."""
 
 PCA_SAMPLE_STREAM = 1
 """Mixed into the stage's seed for the PCA sample, so that it is not k-means' own stream."""
@@ -111,12 +117,14 @@ def fit_shared_transform(x: Features, layout: RowLayout, cfg: ClusteringConfig, 
     rows = as_rows(x)
     positions = pca_sample_rows(layout, comm.rank, cfg.pca_sample, seed)
     # products about a shift near the mean avoid cancellation (see PCAStats), and the sums of
-    # all ranks only add up about one common shift: the global mean is both, for one cheap
-    # pass and an all-reduce of d numbers
-    stats = PCAStats(layout.dim, device=rows.device,
-                     shift=mean_of_blocks(row_blocks(rows, positions), layout.dim, comm))
-    for block in row_blocks(rows, positions):
-        stats.update(block, chunk_rows=CHUNK_ROWS)
+    # all ranks only add up about one common shift: the mean of every rank's first block is
+    # both, for an all-reduce of d numbers and no pass over the rows of its own
+    blocks = row_blocks(rows, positions, STATS_ROWS)
+    first = next(blocks, None)
+    head = [] if first is None else [first]
+    stats = PCAStats(layout.dim, device=rows.device, shift=mean_of_blocks(head, layout.dim, comm))
+    for block in itertools.chain(head, blocks):
+        stats.update(block, chunk_rows=STATS_ROWS)
     stats.sum, stats.outer = all_reduce_tensor(stats.sum, comm), all_reduce_tensor(stats.outer, comm)
     stats.count = layout.total if positions is None else cfg.pca_sample  # the same everywhere
     out_dim = cfg.pca_dim or layout.dim
