@@ -24,11 +24,11 @@ from typing import Optional, Sequence
 
 import faiss
 import numpy as np
+import scipy.sparse
 import torch
 
 FAISS_CHUNK_ROWS = 8192
-"""Rows per FAISS search: bounds its result buffers, and the rows a float32 partial sum
-covers before it is added to the float64 totals."""
+"""Rows per FAISS search: bounds its result buffers."""
 
 CPU_SCRATCH_BYTES = 256 << 20
 """Room for one chunk's rows x centroids distances on the CPU."""
@@ -111,20 +111,32 @@ class FaissAssign(Assigner):
         self.index.reset()
         self.index.add(centroids)
         labels = np.empty(self.count(), dtype=np.int64)
-        sums = torch.zeros(k, d, dtype=torch.float64) if with_sums else None
-        partial = torch.empty(k, d) if with_sums else None
         objective = 0.0
         for lo in range(0, self.count(), FAISS_CHUNK_ROWS):
-            chunk = self.x[lo:lo + FAISS_CHUNK_ROWS]
-            distances, assigned = self.index.search(chunk, 1)
-            labels[lo:lo + chunk.shape[0]] = assigned.ravel()
+            distances, assigned = self.index.search(self.x[lo:lo + FAISS_CHUNK_ROWS], 1)
+            labels[lo:lo + assigned.shape[0]] = assigned.ravel()
             objective += float(distances.sum(dtype=np.float64))
-            if sums is not None:  # no float64 copy of the rows: a k x d float32 partial sum
-                partial.zero_().index_add_(0, torch.from_numpy(assigned.ravel()),
-                                           torch.from_numpy(chunk))
-                sums += partial
+        # all searches first, then the sums in one go (see summed_by_label)
+        sums = summed_by_label(torch.from_numpy(self.x), torch.from_numpy(labels), k) \
+            if with_sums else None
         return Assignment(labels, objective, np.bincount(labels, minlength=k),
                           None if sums is None else sums.numpy())
+
+
+def summed_by_label(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """float64 (k, d) sums of the rows of ``x`` per label, on their device, accumulated in
+    float32 as FAISS's own centroid update does (faiss/Clustering.cpp ``compute_centroids``).
+
+    On the CPU as the product of a sparse k x n indicator matrix with the rows (scipy, one
+    thread): torch's multi-threaded CPU ``index_add_`` took 50 times as long as one thread
+    on the shared 2-core machines (121 ms against 2.4 ms for 20k x 256 rows). On a GPU,
+    ``index_add_`` (atomic adds)."""
+    if x.device.type != "cpu":
+        return torch.zeros(k, x.shape[1], device=x.device).index_add_(0, labels, x).double()
+    n = x.shape[0]
+    indicator = scipy.sparse.csr_matrix(
+        (np.ones(n, dtype=np.float32), (labels.numpy(), np.arange(n))), shape=(k, n))
+    return torch.from_numpy(np.asarray(indicator @ x.numpy(), dtype=np.float64))
 
 
 def faiss_cpu(x: np.ndarray) -> FaissAssign:
@@ -220,8 +232,6 @@ class TorchAssign(Assigner):
         c_norms = (c * c).sum(dim=1)
         labels = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
         objective = torch.zeros((), dtype=torch.float64, device=x.device)
-        sums = (torch.zeros(c.shape, dtype=torch.float64, device=x.device) if with_sums
-                else None)
         step = scratch_rows(x.device, c.shape[0])
         for lo in range(0, x.shape[0], step):
             chunk = x[lo:lo + step]
@@ -232,6 +242,4 @@ class TorchAssign(Assigner):
             del partial
             labels[lo:lo + chunk.shape[0]] = assigned
             objective += (nearest + norms[lo:lo + step]).clamp_min_(0).sum(dtype=torch.float64)
-            if sums is not None:
-                sums.index_add_(0, assigned, chunk.double())
-        return labels, objective, sums
+        return labels, objective, summed_by_label(x, labels, c.shape[0]) if with_sums else None
