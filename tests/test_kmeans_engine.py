@@ -183,3 +183,24 @@ def test_rows_go_to_every_gpu_in_gather_mode_and_the_own_gpu_in_sharded_describe
     assigner_for(x, Backend("torch", 4, ""), own_device=torch.device("cuda", 2))
     assert made == [[torch.device("cuda", i) for i in range(4)], [torch.device("cuda", 2)]]
     assert assigner_for(x, Backend("faiss", 4, ""), own_device=CPU).name == "faiss-cpu"
+
+
+def test_torch_assignments_run_without_tf32_and_restore_the_setting():
+    """The training turns TF32 on for Ampere and later; the assignment GEMMs must not use it,
+    and must leave the training's setting as they found it."""
+    seen = []
+    original = TorchAssign._assign_part
+
+    def recording(*args):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return original(*args)
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        data = TorchAssign(points(200), [CPU])
+        data._assign_part = recording
+        data.assign_to(points(200)[:5], with_sums=False)
+        assert seen == [False] and torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved

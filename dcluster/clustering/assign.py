@@ -19,8 +19,9 @@ that they add up exactly enough across chunks, GPUs and ranks.
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -182,6 +183,20 @@ def scratch_rows(device: torch.device, k: int) -> int:
     return max(1, budget // (4 * (k + 2)))
 
 
+@contextlib.contextmanager
+def exact_float32_matmul() -> Iterator[None]:
+    """float32 GEMMs without TF32 inside, whatever the training set
+    (dcluster/execution.py turns TF32 on for Ampere and later): TF32's 10-bit mantissa would
+    move distances by ~1e-3 and assign rows unlike FAISS's float32 flat index. The flag is
+    read when a product is launched, so it can be restored before the GPU has run it."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 class TorchAssign(Assigner):
     """Rows split into one contiguous part per device in ``devices`` (moved there once),
     assigned by chunked float32 GEMMs; every device's work is queued before any result is
@@ -212,8 +227,9 @@ class TorchAssign(Assigner):
 
     def assign_to(self, centroids: np.ndarray, with_sums: bool) -> Assignment:
         k, d = centroids.shape
-        queued = [self._assign_part(part, norms, torch.from_numpy(centroids), with_sums)
-                  for part, norms in zip(self.parts, self.norms)]
+        with exact_float32_matmul():
+            queued = [self._assign_part(part, norms, torch.from_numpy(centroids), with_sums)
+                      for part, norms in zip(self.parts, self.norms)]
         labels = np.concatenate([lab.cpu().numpy() for lab, _, _ in queued]
                                 or [np.empty(0, dtype=np.int64)])
         objective = float(sum(float(obj) for _, obj, _ in queued))
