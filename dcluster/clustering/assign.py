@@ -47,31 +47,6 @@ class Assignment:
     sums: Optional[np.ndarray] = None  # float64 (k, d): sum of each cluster's rows, if asked
 
 
-class Assigner(abc.ABC):
-    """A rank's rows and a way to assign them to centroids."""
-
-    name: str  # the backend, as logs and results report it
-
-    @abc.abstractmethod
-    def count(self) -> int: ...
-
-    @abc.abstractmethod
-    def dim(self) -> int: ...
-
-    @abc.abstractmethod
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        """The float32 rows at ``positions``, in host memory."""
-
-    @abc.abstractmethod
-    def subset(self, positions: np.ndarray) -> "Assigner":
-        """The same backend over the rows at ``positions`` only."""
-
-    @abc.abstractmethod
-    def assign_to(self, centroids: np.ndarray, with_sums: bool) -> Assignment:
-        """Every row's nearest centroid (float32 (k, d) ``centroids``), the objective and
-        counts, and with ``with_sums`` the per-cluster sums of the rows."""
-
-
 CHECK_ROWS = 16384
 """Rows checked for finiteness at a time: a whole-matrix check would hold an N x d boolean
 array, a quarter of the gathered matrix, at rank 0's peak."""
@@ -89,11 +64,14 @@ def as_points(x: np.ndarray) -> np.ndarray:
     return x
 
 
-class FaissAssign(Assigner):
-    """Rows in host memory, assigned by a FAISS flat L2 index (CPU, one GPU or replicas)."""
+class Assigner(abc.ABC):
+    """A rank's rows (float32, host memory; a backend may keep copies on its devices) and a
+    way to assign them to centroids."""
 
-    def __init__(self, x: np.ndarray, index: faiss.Index, name: str) -> None:
-        self.x, self.index, self.name = as_points(x), index, name
+    name: str  # the backend, as logs and results report it
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.x = as_points(x)
 
     def count(self) -> int:
         return self.x.shape[0]
@@ -102,7 +80,25 @@ class FaissAssign(Assigner):
         return self.x.shape[1]
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at ``positions``."""
         return self.x[positions]
+
+    @abc.abstractmethod
+    def subset(self, positions: np.ndarray) -> "Assigner":
+        """The same backend over the rows at ``positions`` only."""
+
+    @abc.abstractmethod
+    def assign_to(self, centroids: np.ndarray, with_sums: bool) -> Assignment:
+        """Every row's nearest centroid (float32 (k, d) ``centroids``), the objective and
+        counts, and with ``with_sums`` the per-cluster sums of the rows."""
+
+
+class FaissAssign(Assigner):
+    """Rows in host memory, assigned by a FAISS flat L2 index (CPU, one GPU or replicas)."""
+
+    def __init__(self, x: np.ndarray, index: faiss.Index, name: str) -> None:
+        super().__init__(x)
+        self.index, self.name = index, name
 
     def subset(self, positions: np.ndarray) -> "FaissAssign":
         return FaissAssign(self.x[positions], self.index, self.name)
@@ -203,7 +199,7 @@ class TorchAssign(Assigner):
     read, so several GPUs compute at once."""
 
     def __init__(self, x: np.ndarray, devices: Sequence[torch.device]) -> None:
-        self.x = as_points(x)
+        super().__init__(x)
         self.devices = [torch.device(d) for d in devices]
         bounds = np.linspace(0, self.x.shape[0], len(self.devices) + 1).astype(np.int64)
         self.parts = [torch.from_numpy(self.x[lo:hi]).to(dev)
@@ -212,15 +208,6 @@ class TorchAssign(Assigner):
         kinds = sorted({d.type for d in self.devices})
         self.name = f"torch {'/'.join(kinds)}" + (f" x{len(self.devices)}"
                                                  if len(self.devices) > 1 else "")
-
-    def count(self) -> int:
-        return self.x.shape[0]
-
-    def dim(self) -> int:
-        return self.x.shape[1]
-
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        return self.x[positions]
 
     def subset(self, positions: np.ndarray) -> "TorchAssign":
         return TorchAssign(self.x[positions], self.devices)
