@@ -204,3 +204,14 @@ def test_torch_assignments_run_without_tf32_and_restore_the_setting():
         assert seen == [False] and torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_a_converged_run_stops_early_and_more_iterations_change_nothing():
+    """Well separated blobs converge in a few iterations; the loop then stops (as
+    faiss.Clustering does on an unchanged objective) with what more iterations would give."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 16))[rng.integers(0, 8, 2000)] * 10
+         + rng.standard_normal((2000, 16))).astype(np.float32)
+    short, long = (lloyd(faiss_cpu(x), 8, niter=n, seed=0) for n in (60, 300))
+    np.testing.assert_array_equal(short.labels, long.labels)
+    assert short.objective == long.objective

@@ -10,7 +10,7 @@ calls ``DatasetAssign``), and which ranks hold rows (``comm``; None for one proc
 The loop: k initial centroids drawn uniformly from all ranks' rows; per iteration every rank
 assigns its rows and sums them per cluster, one all-reduce of the k x (d + 1) sums and counts
 (and the objective) gives every rank the same totals, and each computes the same new
-centroids. Empty clusters are re-seeded as FAISS does (``faiss/Clustering.cpp``
+centroids; it stops early, as FAISS does, when an iteration leaves the objective unchanged. Empty clusters are re-seeded as FAISS does (``faiss/Clustering.cpp``
 ``split_clusters``, the paper's section 3.3): a non-empty cluster drawn with probability
 proportional to (size - 1) is split, the empty one taking a copy of its centroid, the two
 pushed apart by a small symmetric perturbation. Everything random comes from one generator
@@ -79,7 +79,7 @@ def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm]
             raise ValueError(f"initial centroids must be ({k}, {data.dim()}), got {centroids.shape}")
     log.debug("k-means (%s): %d points x %d dims, k=%d, %d iterations",
               data.name, total, data.dim(), k, niter)
-    n_reseeded = 0
+    n_reseeded, previous = 0, None
     for iteration in range(niter):
         step = train.assign_to(centroids, with_sums=True)
         packed = np.zeros((k + 1, data.dim() + 1))
@@ -87,8 +87,16 @@ def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm]
         packed = _sum(comm, packed)
         sizes = packed[:k, -1].astype(np.int64)
         centroids = (packed[:k, :-1] / np.maximum(sizes, 1)[:, None]).astype(np.float32)
-        n_reseeded += split_empty_clusters(centroids, sizes, rng)
+        split = split_empty_clusters(centroids, sizes, rng)
+        n_reseeded += split
         log.debug("iteration %d: objective %.6g", iteration, packed[k, 0])
+        # converged: the same objective as the last step and no split, so the centroids are
+        # (up to ties) a fixed point and later iterations would repeat this one. FAISS stops
+        # on the same test (faiss/Clustering.cpp, early_stop_threshold 0); the all-reduced
+        # objective is the same on every rank, so all stop together
+        if packed[k, 0] == previous and not split:
+            break
+        previous = packed[k, 0]
     final = data.assign_to(centroids, with_sums=False)
     totals = _sum(comm, np.append(final.counts, final.objective))
     sizes = totals[:k].astype(np.int64)
