@@ -11,6 +11,14 @@ What each timed side includes:
 * bare k-means: ``faiss.Kmeans`` on the stage's own 256-d reduced vectors, same k, niter and
   seed, no subsampling, training plus the ``index.search`` that gives the labels: the floor
   no preprocessing can go below. Goal: stage <= 1.10 x bare k-means.
+* engine: the k-means engine's Lloyd loop (``dcluster.clustering.engine.lloyd``) with the FAISS
+  CPU backend against ``faiss.Clustering`` on the same reduced vectors, from the same initial
+  centroids, for the same iterations, each with its final assignment
+  (``engine_over_faiss_kmeans``, goal <= 1.05), and the PyTorch backend against the FAISS one
+  on this device (``torch_backend_over_faiss``, informative on a CPU).
+* with ``--device cuda``: one assignment pass of the PyTorch backend on the GPU, as a share of
+  the GPU's float32 GEMM rate measured in the same run (``torch_assign_share_of_gemm``, goal
+  >= 0.5), and FAISS's GPU flat index beside it where a FAISS GPU build is installed.
 * original: the stage as the DeepCluster code does it: ``faiss.PCAMatrix(D, 256, -0.5)``
   trained on all rows, applied, ``faiss.normalize_L2``, ``faiss.Clustering`` with a flat L2
   index (on the GPUs with ``--device cuda``), and the search for the labels. Ours must be
@@ -44,9 +52,11 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from dcluster.clustering import cluster_reduced
+from dcluster.clustering.assign import TorchAssign, faiss_cpu, faiss_gpus
 from dcluster.clustering.distributed_stage import (cluster_shards, fit_shared_transform,
                                                    reduce_rows, row_layout)
-from dcluster.clustering.kmeans import flat_l2_index, resolve_gpus
+from dcluster.clustering.engine import lloyd
+from dcluster.clustering.kmeans import available_gpus, flat_l2_index
 from dcluster.clustering.pca import PCAStats
 from dcluster.collectives import Comm
 from dcluster.config import ClusteringConfig
@@ -126,6 +136,64 @@ def bare_kmeans(x: np.ndarray, k: int, niter: int, seed: int, ngpu: int) -> np.n
     return km.index.search(x, 1)[1].ravel()
 
 
+def faiss_clustering(x: np.ndarray, init: np.ndarray, niter: int) -> np.ndarray:
+    """``faiss.Clustering`` from the centroids ``init`` on every point, and the final
+    assignment."""
+    clus = faiss.Clustering(x.shape[1], init.shape[0])
+    clus.niter, clus.max_points_per_centroid = niter, -(-x.shape[0] // init.shape[0])
+    faiss.copy_array_to_vector(init.ravel(), clus.centroids)
+    index = faiss.IndexFlatL2(x.shape[1])
+    clus.train(x, index)
+    return index.search(x, 1)[1].ravel()
+
+
+def engine_kmeans(data, init: np.ndarray, niter: int) -> np.ndarray:
+    return lloyd(data, init.shape[0], niter=niter, seed=0, init=init).labels
+
+
+def gemm_rate(device: torch.device, n: int, d: int, k: int, repeats: int = 5) -> float:
+    """float32 FLOP/s of an (n x d) @ (d x k) product on ``device``, best of ``repeats``."""
+    a = torch.randn(n, d, device=device)
+    b = torch.randn(d, k, device=device)
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n * d * k / best
+
+
+def assign_rate(data, centroids: np.ndarray, device: torch.device, repeats: int = 3) -> float:
+    """FLOP/s (2 n k d) of one assignment pass of ``data``, best of ``repeats``."""
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        data.assign_to(centroids, with_sums=True)
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * data.count() * centroids.shape[0] * centroids.shape[1] / best
+
+
+def gpu_rates(reduced: np.ndarray, k: int, device: torch.device) -> dict[str, float]:
+    """The PyTorch backend's assignment rate on the GPU as a share of its GEMM rate, and
+    FAISS's GPU flat index beside it where installed."""
+    centroids = reduced[np.random.default_rng(0).choice(len(reduced), k, replace=False)]
+    gemm = gemm_rate(device, min(len(reduced), 65536), reduced.shape[1], k)
+    torch_rate = assign_rate(TorchAssign(reduced, [device]), centroids, device)
+    out = {"gpu_gemm_tflops": gemm / 1e12, "torch_assign_tflops": torch_rate / 1e12,
+           "torch_assign_share_of_gemm": torch_rate / gemm}
+    if available_gpus():
+        faiss_rate = assign_rate(faiss_gpus(reduced, 1), centroids, device)
+        out.update(faiss_gpu_assign_tflops=faiss_rate / 1e12,
+                   faiss_gpu_assign_share_of_gemm=faiss_rate / gemm)
+    for key, value in out.items():
+        print(f"{key:40s} {value:9.3f}")
+    return out
+
+
 def original_stage(x: np.ndarray, k: int, niter: int, seed: int, ngpu: int) -> np.ndarray:
     """DeepCluster's preprocess_features + run_kmeans: faiss PCA-whitening on all rows, L2,
     faiss.Clustering on a flat index, then the search for the labels."""
@@ -183,7 +251,7 @@ def main() -> None:
     device = torch.device(args.device)
     comm = Comm(Env(rank=0, world_size=1, local_rank=0, device=device))
     clustering_device = "gpu" if device.type == "cuda" else "cpu"
-    ngpu = resolve_gpus(clustering_device)
+    ngpu = available_gpus() if device.type == "cuda" else 0
     cfg = ClusteringConfig(k=args.k, pca_dim=PCA_DIM, niter=args.niter,
                            pca_sample=args.pca_sample, device=clustering_device)
     x_host = synthetic_features(args.n, args.dim, n_classes=max(args.k // 4, 2), seed=args.seed)
@@ -199,6 +267,16 @@ def main() -> None:
                                            args.seed, comm, device=device)
     sampled_labels, bare_s = timed("bare", bare_kmeans, reduced, args.k, args.niter, args.seed,
                                    ngpu, device=device)
+    init = reduced[np.random.default_rng(args.seed).choice(len(reduced), args.k, replace=False)]
+    faiss_labels, faiss_s = timed("faiss.Clustering, given centroids", faiss_clustering, reduced,
+                                  init, args.niter, device=device)
+    engine_labels, engine_s = timed("engine, FAISS CPU backend", engine_kmeans,
+                                    faiss_cpu(reduced), init, args.niter, device=device)
+    torch_labels, torch_s = timed(f"engine, PyTorch backend ({device.type})", engine_kmeans,
+                                  TorchAssign(reduced, [device]), init, args.niter, device=device)
+    backends_nmi = normalized_mutual_info_score(engine_labels, torch_labels)
+    engine_nmi = normalized_mutual_info_score(engine_labels, faiss_labels)
+    rates = gpu_rates(reduced, args.k, device) if device.type == "cuda" else {}
     original_s = CPU_SECONDS["original"] = math.nan
     if not args.skip_original:
         _, original_s = timed("original", original_stage, x_host.numpy(), args.k, args.niter,
@@ -209,6 +287,11 @@ def main() -> None:
     print(f"eigensolver: {transform.solver}")
     print(f"{'stage / bare k-means':40s} {stage_s / bare_s:9.3f} x wall "
           f"{cpu['stage'] / cpu['bare']:9.3f} x CPU  (goal <= 1.10)")
+    print(f"{'engine / faiss.Clustering':40s} {engine_s / faiss_s:9.3f} x wall "
+          f"{cpu['engine, FAISS CPU backend'] / cpu['faiss.Clustering, given centroids']:9.3f}"
+          f" x CPU  (goal <= 1.05; label NMI {engine_nmi:.4f})")
+    print(f"{'PyTorch / FAISS backend':40s} {torch_s / engine_s:9.3f} x wall  "
+          f"(label NMI {backends_nmi:.4f})")
     print(f"{'original / stage':40s} {original_s / stage_s:9.2f} x wall "
           f"{cpu['original'] / cpu['stage']:9.2f} x CPU  (goal > 1)")
     print(f"{'captured variance / exact top-256':40s} {variance:9.6f}")
@@ -219,6 +302,10 @@ def main() -> None:
         "pca_sample": args.pca_sample, "device": str(device), "faiss_gpus": ngpu,
         "load_average": os.getloadavg()[0], "eigensolver": transform.solver,
         "stage_over_bare_kmeans": stage_s / bare_s,
+        "engine_over_faiss_kmeans": engine_s / faiss_s,
+        "torch_backend_over_faiss": torch_s / engine_s,
+        "nmi_engine_vs_faiss_kmeans": engine_nmi, "nmi_torch_vs_faiss_backend": backends_nmi,
+        **rates,
         "stage_speedup_vs_original": original_s / stage_s,
         "pca_captured_variance_vs_exact": variance,
         "stage_over_bare_kmeans_cpu_time": cpu["stage"] / cpu["bare"],

@@ -19,6 +19,14 @@ from dcluster.distributed import Env
 
 CHUNK_BYTES = 64 << 20
 
+GATHER_ROUND_BYTES = 4 << 20
+"""All ranks' rows of one :meth:`Comm.gather_rows` round. Rank 0 holds them twice while a
+round lasts (gloo's gather receives into one flat tensor, then copies it into the per-rank
+outputs: torch/csrc/distributed/c10d/ProcessGroupGloo.cpp, ``AsyncGatherWork``) and its own
+padded send buffer, next to the gathered matrix: at 64 MB a round (CHUNK_BYTES, since commit
+d854d04) this put 0.2-0.3 x the 256-d matrix of 500k rows on top of rank 0's peak
+(benchmarks/bench_dist_clustering.py). At 4 MB, 1.28M rows take about 330 rounds."""
+
 
 class Comm:
     """The job's collectives, seen from one rank. Its place in the job (rank, world size,
@@ -110,7 +118,7 @@ class Comm:
         """Every rank's ``rows`` stacked on rank 0 in rank order (rank r sends ``counts[r]``
         rows); None on the other ranks.
 
-        One ``gather`` collective per round of at most CHUNK_BYTES in all, each rank's block
+        One ``gather`` collective per round of at most GATHER_ROUND_BYTES in all, each rank's block
         padded to the round's row count: point-to-point sends would make NCCL build a
         communicator for every (sender, rank 0) pair. Rank 0 may pass ``out`` with its own
         block already written in place (as the clustering stage does), which saves it a copy
@@ -127,7 +135,8 @@ class Comm:
         if self.world_size == 1:
             return out
         row_bytes = max(1, int(np.prod(rows.shape[1:], dtype=np.int64)) * rows.itemsize)
-        step = max(1, CHUNK_BYTES // (row_bytes * self.world_size))
+        round_bytes = min(CHUNK_BYTES, GATHER_ROUND_BYTES)
+        step = max(1, round_bytes // (row_bytes * self.world_size))
         source = torch.from_numpy(np.ascontiguousarray(rows))
         send = torch.zeros((step, *rows.shape[1:]), dtype=source.dtype, device=self.device)
         received = ([torch.empty_like(send) for _ in range(self.world_size)]

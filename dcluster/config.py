@@ -165,6 +165,11 @@ class ClusteringConfig:
     device: str = key("auto", "Where the clustering runs: auto (GPUs if a FAISS GPU build sees "
                       "any; exit 2 if torch sees GPUs and FAISS is a CPU build), cpu or gpu.",
                       choices=("auto", "cpu", "gpu"))
+    backend: str = key("auto", "What assigns rows to centroids: auto (FAISS where its build has "
+                        "code for the GPUs, PyTorch on GPUs it has none for, FAISS on the CPU), "
+                        "faiss or torch. The backends assign alike (tests/test_kmeans_engine.py), "
+                        "so a run may resume on a node whose GPUs need the other one.",
+                        choices=("auto", "faiss", "torch"), hashed=False, since="7c19a2f")
     every: int = key(1, "Re-cluster every n epochs, a new head each time (the paper: every "
                  "epoch).", bounds="> 0")
     mode: str = key("gather", "gather: the vectors of all ranks go to rank 0, which clusters "

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcluster.clustering.distributed_stage import (cluster_shards, global_mean, own_gpu,
-                                                   row_layout, rows_of, spread_labels)
+from dcluster.clustering.distributed_stage import (cluster_shards, global_mean, row_layout,
+                                                   rows_of, sharded_kmeans, spread_labels)
 from dcluster.clustering.pca import l2_normalize
-from dcluster.clustering.sharded_kmeans import sharded_kmeans
 from dcluster.config import Config, check_key
 from dcluster.distributed import my_indices
 from dcluster.evaluation.network import Network
@@ -243,9 +242,8 @@ def class_probe(shard: ShardFeatures, targets: np.ndarray, ctx: RunContext,
     x = rows_of(shard.host_features(), row_layout(shard.features, comm))
     x = l2_normalize(x - global_mean(x, comm))
     n_classes = int(targets.max()) + 1
-    km = sharded_kmeans(x, n_classes, seed=derived_seed(cfg.seed, epoch, "probe"),
-                        niter=cfg.clustering.niter, comm=comm,
-                        gpu=own_gpu(ctx.device, cfg.clustering.device))
+    km = sharded_kmeans(x, n_classes, derived_seed(cfg.seed, epoch, "probe"), cfg.clustering,
+                        comm, ctx.device)
     pred = spread_labels(km.labels, shard.indices, len(targets), comm)
     keep = pred >= 0
     return {"probe_nmi": nmi(pred[keep], targets[keep]),

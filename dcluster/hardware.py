@@ -153,10 +153,15 @@ class Problem:
     message: str
 
 
-def check(hw: Detected, clustering_device: str, dali_on_gpu: bool = True) -> list[Problem]:
+def check(hw: Detected, clustering_device: str, dali_on_gpu: bool = True,
+          clustering_backend: str = "auto") -> list[Problem]:
     """What is wrong with running on ``hw`` with clustering.device ``clustering_device``
-    (auto | cpu | gpu), DALI decoding on the GPU or not; empty when nothing is. A pure
-    function of its arguments."""
+    (auto | cpu | gpu) and clustering.backend ``clustering_backend`` (auto | faiss | torch),
+    DALI decoding on the GPU or not; empty when nothing is. A pure function of its arguments.
+
+    FAISS without code for the GPUs is a problem only when asked for by name
+    (clustering.backend=faiss): ``auto`` then assigns with PyTorch on the GPUs
+    (clustering/backend.py), which is logged, not an error."""
     problems: list[Problem] = []
     if hw.torch.cuda is not None and not hw.gpus and hw.driver is not None and hw.driver.gpus:
         needed = MIN_DRIVER.get(hw.torch.cuda)
@@ -166,26 +171,29 @@ def check(hw: Detected, clustering_device: str, dali_on_gpu: bool = True) -> lis
             + (f" CUDA {hw.torch.cuda} needs driver {needed} or newer;" if needed else "")
             + " update the driver or install a torch build for an older CUDA (the 'cu12' "
             f"profile: {PROFILES['cu12']}); training would otherwise run on the CPU"))
-    if hw.gpus and hw.faiss.cuda is None and clustering_device != "cpu":
+    faiss_required = clustering_backend == "faiss" and clustering_device != "cpu"
+    if hw.gpus and hw.faiss.cuda is None and faiss_required:
         problems.append(Problem(
             f"torch sees {len(hw.gpus)} GPU(s) but FAISS is a CPU-only build ({hw.faiss.name}):"
             f" k-means would run on the CPU. Install the GPU profile "
-            f"({_profile_hint(hw.gpus[0])}), or set clustering.device=cpu to cluster on the "
-            "CPU deliberately"))
+            f"({_profile_hint(hw.gpus[0])}), set clustering.backend=auto to cluster on the "
+            "GPUs with PyTorch, or clustering.device=cpu to cluster on the CPU deliberately"))
     for gpu in hw.gpus:
-        libraries = [hw.torch, hw.faiss if clustering_device != "cpu" else None,
-                     hw.dali if dali_on_gpu else None]
+        libraries = [hw.torch, hw.faiss if clustering_device != "cpu" and clustering_backend != "torch"
+                     else None, hw.dali if dali_on_gpu else None]
         missing = [lib for lib in libraries
                    if lib is not None and lib.cuda is not None and lib.runs_on(gpu.capability) is False]
+        if missing == [hw.faiss] and not faiss_required:
+            continue  # PyTorch assigns on this GPU instead
         if missing:
             names = ", ".join(f"{lib.name} (CUDA {lib.cuda})" for lib in missing)
             if fitting_profile(gpu) != hw.profile:
                 fix = f"install the {_profile_hint(gpu)}"
                 if missing == [hw.faiss]:
                     fix += ", or set clustering.device=cpu"
-            else:  # no FAISS wheel has code for it (Pascal): cluster on the CPU
-                fix = ("set clustering.device=cpu, or install a FAISS build with code for it "
-                       "(conda or source)")
+            else:  # no FAISS wheel has code for it (Pascal): PyTorch assigns there
+                fix = ("set clustering.backend=auto to cluster on it with PyTorch, or install a "
+                       "FAISS build with code for it (conda or source)")
             problems.append(Problem(
                 f"GPU {gpu.index} ({gpu.name}, compute capability {_cc(gpu.capability)}) has no "
                 f"code in {names}: {fix}"))
@@ -322,7 +330,7 @@ def require_fitting_build(cfg: "Config") -> None:
         raise UserError("; ".join(p.message for p in conflicts))
     hw = detect()
     dali_on_gpu = cfg.data.loader == "dali" and cfg.data.decode_device != "cpu"
-    problems = check(hw, cfg.clustering.device, dali_on_gpu)
+    problems = check(hw, cfg.clustering.device, dali_on_gpu, cfg.clustering.backend)
     if problems:
         raise UserError("; ".join(p.message for p in problems))
     log.debug("build fits the hardware: profile %s, %d GPU(s)", hw.profile, len(hw.gpus))

@@ -102,7 +102,8 @@ class Monitor:
         # the seed of `dcluster eval clusters` on this epoch's checkpoint
         kmeans = kmeans_scores(features, labels,
                                derived_seed(cfg.seed, epoch_number, "eval_kmeans"),
-                               cfg.clustering.niter, cfg.clustering.device)
+                               cfg.clustering.niter, cfg.clustering.device,
+                               cfg.clustering.backend)
         values = (knn["top1"], knn["top5"], kmeans["nmi"], kmeans["acc"])
         return dict(zip(MONITOR_METRICS, values))
 

@@ -18,7 +18,6 @@ N iterations.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time

@@ -7,6 +7,9 @@ dcluster/mmdc/method.py.
 """
 from __future__ import annotations
 
+import logging
+
+from dcluster.clustering.kmeans import machine_backend
 from dcluster.collectives import Comm
 from dcluster.config import Config
 from dcluster.distributed import detect_env, process_group
@@ -15,9 +18,13 @@ from dcluster.harness import RunResult, run_method
 from dcluster.methods import method_module
 from dcluster.stop import StopRequest
 
+log = logging.getLogger(__name__)
+
 
 def train(cfg: Config) -> RunResult:
     require_fitting_build(cfg)  # exit 2 before the job starts, not an epoch into it
+    kmeans = machine_backend(cfg.clustering.backend, cfg.clustering.device)
+    log.info("k-means assigns with %s: %s", kmeans.label, kmeans.reason)
     env = detect_env()
     method = method_module(cfg.method).METHOD
     with process_group(env, cfg.distributed), StopRequest() as stop_request:

@@ -80,3 +80,12 @@ def test_same_seed_same_pairs():
 def test_a_block_of_most_of_the_space_uses_eigh(k):
     ours = top_eigenpairs(covariance(power_law(), seed=4), k)
     assert ours.solver.startswith("eigh") and ours.vectors.shape == (D, k)
+
+
+def test_small_dimensions_take_eigh_directly():
+    """256-d features at 64 components: the spectrum beyond the block is too flat for the
+    iteration, and eigh of 256 x 256 is cheap, so it is used without trying."""
+    cov = covariance(power_law()[:256].sqrt(), seed=2)  # flat: lambda_i ~ i^-1/2
+    ours = top_eigenpairs(cov, 64)
+    assert ours.solver == "eigh (256 dimensions)"
+    torch.testing.assert_close(ours.values, full_eigh(cov, 64, "reference").values)

@@ -24,11 +24,13 @@ def test_cpu_profile_without_gpus_is_fine():
     assert hw.profile == "cpu" and check(hw, "auto") == []
 
 
-def test_described_gpus_with_cpu_faiss_name_the_gpu_profile():
+def test_described_gpus_with_cpu_faiss_name_the_gpu_profile_when_faiss_is_asked_for():
     hw = machine(TORCH_CU13, "faiss-cpu", "nvidia-dali-cuda130", A100, GPU(1, A100.name, 80))
-    [problem] = check(hw, "auto")
+    assert check(hw, "auto") == []  # clustering.backend=auto assigns with PyTorch there
+    [problem] = check(hw, "auto", clustering_backend="faiss")
     assert "2 GPU(s)" in problem.message and "CPU-only" in problem.message
     assert "'cu13' profile" in problem.message and "clustering.device=cpu" in problem.message
+    assert "clustering.backend=auto" in problem.message
 
 
 def test_described_gpu_with_cpu_faiss_is_fine_when_the_cpu_is_chosen():
@@ -51,12 +53,14 @@ def test_described_v100_fits_the_cu12_profile():
 
 
 def test_described_p100_under_cu12_lacks_only_faiss_code():
-    """FAISS's CUDA 12 wheel starts at sm_70: clustering on the CPU is the way out."""
+    """FAISS's CUDA 12 wheel starts at sm_70: PyTorch (sm_60 in its cu126 build) assigns
+    there unless FAISS is asked for by name."""
     hw = machine(TORCH_CU126, "faiss-gpu", "nvidia-dali-cuda120", P100)
-    [problem] = check(hw, "auto")
+    assert check(hw, "auto") == [] and check(hw, "auto", clustering_backend="torch") == []
+    [problem] = check(hw, "auto", clustering_backend="faiss")
     assert "faiss-gpu (CUDA 12)" in problem.message and "torch" not in problem.message
-    assert "clustering.device=cpu" in problem.message
-    assert check(hw, "cpu") == []
+    assert "clustering.backend=auto" in problem.message
+    assert check(hw, "cpu", clustering_backend="faiss") == []
 
 
 @pytest.mark.parametrize("gpu", [A100, H100])

@@ -12,18 +12,22 @@ Raw features never move: a 4096-d row is 16 times a 256-d one. Instead:
 4. gather mode: only these 256-d rows go to rank 0, stacked in rank order, which with
    contiguous shards is global index order; rank 0 clusters them with FAISS (its node's GPUs)
    or PIC and broadcasts the N labels. sharded mode: Lloyd iterations across the ranks
-   (sharded_kmeans), and the ranks exchange their labels.
+   (the same engine, engine.py), and the ranks exchange their labels.
 
 Features may be numpy arrays or torch tensors on any device (the feature pass leaves them
 on the GPU that computed them); the PCA runs where they are, and only the reduced 256-d rows
-reach host memory, where FAISS and the collectives take them. While rank 0 clusters in gather
-mode, the other ranks wait on the host (:meth:`Comm.on_host`), leaving their GPUs to FAISS.
+reach host memory, where the assignment backends and the collectives take them. While rank 0
+clusters in gather mode, the other ranks wait on the host (:meth:`Comm.on_host`), leaving
+their GPUs to its k-means.
 
 Unreadable images have no row anywhere, so they come out with label -1.
 With one process every collective is the identity and this is the single-machine stage.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
@@ -32,9 +36,9 @@ import numpy as np
 import torch
 
 from dcluster.clustering import cluster_reduced
-from dcluster.clustering.kmeans import resolve_gpus
+from dcluster.clustering.engine import Clustering
+from dcluster.clustering.kmeans import run_kmeans
 from dcluster.clustering.pca import Features, PCAStats, PCATransform, as_rows, fit_whitening
-from dcluster.clustering.sharded_kmeans import sharded_kmeans
 from dcluster.collectives import Comm
 from dcluster.config import ClusteringConfig
 from dcluster.distributed import shard_bounds
@@ -46,21 +50,13 @@ CHUNK_ROWS = 2048
 """Rows per GEMM of the PCA passes: 32 MB of 4096-d floats, still at full BLAS speed, where
 the single-process default (8192) would hold 128 MB next to rank 0's gathered matrix."""
 
+STATS_ROWS = 4096
+"""Rows per block of the covariance pass: its products are GEMMs of 4096 x 512 x D, at the
+BLAS rate; the pass runs before rank 0 allocates the gathered matrix, so the 64 MB block of
+4096-d rows is not on top of it."""
+
 PCA_SAMPLE_STREAM = 1
 """Mixed into the stage's seed for the PCA sample, so that it is not k-means' own stream."""
-
-
-@dataclass
-class StageResult:
-    """The same on every rank."""
-    labels: np.ndarray  # int64 (N,), -1 for images without features (unreadable)
-    n_clusters: int
-    # k-means, both modes: the sum over all points of the squared distance of the final
-    # assignment to the final centroids; nan for PIC
-    objective: float
-    n_empty: int
-    n_reseeded: int
-    backend: str
 
 
 @dataclass
@@ -123,13 +119,15 @@ def fit_shared_transform(x: Features, layout: RowLayout, cfg: ClusteringConfig, 
     device = device or rows.device
     positions = pca_sample_rows(layout, comm.rank, cfg.pca_sample, seed)
     # products about a shift near the mean avoid cancellation (see PCAStats), and the sums of
-    # all ranks only add up about one common shift: the global mean is both, for one cheap
-    # pass and an all-reduce of d numbers
-    stats = PCAStats(layout.dim, device=device,
-                     shift=mean_of_blocks((block.to(device) for block in row_blocks(rows, positions)),
-                                          layout.dim, comm))
-    for block in row_blocks(rows, positions):
-        stats.update(block, chunk_rows=CHUNK_ROWS)
+    # all ranks only add up about one common shift: the mean of every rank's first block is
+    # both, for an all-reduce of d numbers and no pass over the rows of its own; rows in host
+    # memory are moved to ``device`` a chunk at a time (PCAStats.update)
+    blocks = row_blocks(rows, positions, STATS_ROWS)
+    first = next(blocks, None)
+    head = [] if first is None else [first]
+    stats = PCAStats(layout.dim, device=device, shift=mean_of_blocks(head, layout.dim, comm))
+    for block in itertools.chain(head, blocks):
+        stats.update(block, chunk_rows=STATS_ROWS)
     stats.sum, stats.outer = all_reduce_tensor(stats.sum, comm), all_reduce_tensor(stats.outer, comm)
     stats.count = layout.total if positions is None else cfg.pca_sample  # the same everywhere
     out_dim = cfg.pca_dim or layout.dim
@@ -180,12 +178,14 @@ def gather_reduced(features: Features, indices: np.ndarray, n_images: int,
     transform = fit_shared_transform(x, layout, cfg, comm, seed, device)  # d x d stats freed
     stacked = own = None
     if comm.is_main:
+        release_freed_host_memory()
         stacked = np.empty((layout.total, transform.dim), dtype=np.float32)
         own = stacked[: layout.counts[0]]
     reduced = reduce_rows(x, transform, cfg, out=own)
     stacked = comm.gather_rows(reduced, layout.counts, stacked)
     if stacked is None:
         return None
+    release_freed_host_memory()  # the gather rounds' buffers
     log.debug("gathered %d x %d vectors on rank 0 (%.1f MB, %.1f MB of them from other ranks)",
               *stacked.shape, stacked.nbytes / 1e6,
               (layout.total - layout.counts[0]) * stacked.shape[1] * 4 / 1e6)
@@ -242,59 +242,75 @@ def mean_of_blocks(blocks: Iterable[Features], dim: int, comm: Comm) -> np.ndarr
     return (totals[:-1] / totals[-1]).astype(np.float32)
 
 
+def release_freed_host_memory() -> None:
+    """Give the host memory the PCA's freed blocks leave in glibc's heaps back to the system
+    (``malloc_trim(0)``, glibc's malloc_trim(3)), before rank 0 allocates the gathered matrix:
+    blocks under glibc's mmap threshold (up to 32 MB) stay in the heap when freed, and would
+    otherwise sit under the matrix in rank 0's peak. A no-op where the C library has none."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def release_cached_gpu_memory(device: torch.device) -> None:
     """Return the memory torch's allocator holds but does not use on ``device`` to the GPU."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def own_gpu(device: torch.device, choice: str) -> Optional[int]:
-    """The GPU this rank's FAISS assignments run on in sharded mode (its training GPU), or None
-    for the CPU; ``choice`` is clustering.device (auto | cpu | gpu)."""
-    return device.index if device.type == "cuda" and resolve_gpus(choice) else None
+def sharded_kmeans(x: np.ndarray, k: int, seed: int, cfg: ClusteringConfig, comm: Comm,
+                   device: torch.device) -> Clustering:
+    """k-means of every rank's rows ``x`` (float32, host memory), each rank assigning its own
+    on its ``device`` with the configured backend; the labels are this rank's rows'."""
+    return run_kmeans(x, k, seed=seed, niter=cfg.niter, device=cfg.device, backend=cfg.backend,
+                      comm=comm, own_device=device)
 
 
 def cluster_shards(features: Features, indices: np.ndarray, n_images: int,
                    cfg: ClusteringConfig, comm: Comm, seed: int,
-                   device: torch.device) -> StageResult:
+                   device: torch.device) -> Clustering:
     """Pseudo-labels of all N images from every rank's features of its shard (rows of
     ``features``, an array or a tensor on any device, belong to the global ``indices``); call
     on every rank. ``device`` is this rank's device: the PCA runs there, on rows streamed
     from host memory if the memory plan put them there, and sharded mode assigns on it. The
-    stage runs in full float32 (:func:`full_float32`)."""
+    stage runs in full float32 (:func:`full_float32`). The result is the same on every rank;
+    its labels are the N images', -1 for those without a row."""
     with full_float32():
         return _cluster_shards(features, indices, n_images, cfg, comm, seed, device)
 
 
 def _cluster_shards(features: Features, indices: np.ndarray, n_images: int,
                     cfg: ClusteringConfig, comm: Comm, seed: int,
-                    device: torch.device) -> StageResult:
+                    device: torch.device) -> Clustering:
     if cfg.mode == "sharded":
         layout = row_layout(features, comm)
         x = rows_of(features, layout)
         reduced = reduce_rows(x, fit_shared_transform(x, layout, cfg, comm, seed, device), cfg)
-        km = sharded_kmeans(reduced, cfg.k, seed=seed, niter=cfg.niter, comm=comm,
-                            gpu=own_gpu(device, cfg.device))
-        labels = spread_labels(km.labels, indices, n_images, comm)
-        summary = (cfg.k, km.objective, km.n_empty, km.n_reseeded, km.backend)
+        result = sharded_kmeans(reduced, cfg.k, seed, cfg, comm, device)
+        result.labels = spread_labels(result.labels, indices, n_images, comm)
+        return result
+    gathered = gather_reduced(features, indices, n_images, cfg, comm, seed, device)
+    labels = np.empty(n_images, dtype=np.int64)
+    result = None
+    if gathered is None:
+        release_cached_gpu_memory(device)  # rank 0's k-means may run on this GPU
     else:
-        gathered = gather_reduced(features, indices, n_images, cfg, comm, seed, device)
-        labels = np.empty(n_images, dtype=np.int64)
-        summary = None
-        if gathered is None:
-            release_cached_gpu_memory(device)  # rank 0's FAISS may run on this GPU
-        else:
-            stacked, present = gathered
-            result = cluster_reduced(stacked, cfg, seed)
-            labels.fill(-1)
-            labels[present] = result.labels
-            summary = (result.n_clusters, result.objective, result.n_empty,
-                       result.n_reseeded, result.backend)
-        # on the host: an NCCL broadcast would occupy the waiting ranks' GPUs for the
-        # minutes rank 0's FAISS works on them
-        host = comm.on_host()
-        host.broadcast(labels)
-        summary = host.broadcast_object(summary)
-    n_clusters, objective, n_empty, n_reseeded, backend = summary
-    return StageResult(labels=labels, n_clusters=n_clusters, objective=objective,
-                       n_empty=n_empty, n_reseeded=n_reseeded, backend=backend)
+        stacked, present = gathered
+        result = cluster_reduced(stacked, cfg, seed)
+        labels.fill(-1)
+        labels[present] = result.labels
+        result.labels = None  # the N labels travel apart, as an array
+    # on the host: an NCCL broadcast would occupy the waiting ranks' GPUs for the
+    # minutes rank 0's k-means works on them
+    host = comm.on_host()
+    host.broadcast(labels)
+    result = host.broadcast_object(result)
+    result.labels = labels
+    return result

@@ -34,6 +34,11 @@ TEST_FLOOR = 1e-4
 fraction: the test's float32 products resolve residuals down to ~1e-7 of the largest
 eigenvalue only (and the whitening floors eigenvalues at 1e-5 of it anyway)."""
 
+EIGH_MAX_DIM = 512
+"""Up to this many dimensions a full ``eigh`` takes tens of milliseconds, and the features
+of small networks (a 256-d smallconv at pca_dim 64) have spectra too flat beyond the block
+for the iteration to converge in MAX_ITERATIONS: it would end in the eigh anyway."""
+
 MAX_ITERATIONS = 60
 CHECK_EVERY = 2
 """Iterations between convergence tests (a test reuses the iteration's product, and costs a
@@ -59,6 +64,8 @@ def top_eigenpairs(cov: torch.Tensor, k: int, *, seed: int = 0,
     """The ``k`` largest eigenvalues and their eigenvectors of the symmetric float64 ``cov``,
     on its device. Deterministic for a given ``seed`` (the random start block)."""
     dim = cov.shape[0]
+    if dim <= EIGH_MAX_DIM:
+        return full_eigh(cov, k, f"{dim} dimensions")
     block = min(dim, k + (oversample if oversample is not None else max(k // 2, 16)))
     if 2 * block >= dim:  # the block is most of the space: eigh is as cheap
         return full_eigh(cov, k, f"block of {block} of {dim} dimensions")

@@ -127,7 +127,9 @@ class PCAStats:
         """The float64 covariance, normalised by the count (not count - 1) so that whitened
         fitting data has exactly the identity as its (population) covariance."""
         m = self.sum / self.count
-        return _symmetric(self.outer) / self.count - torch.outer(m, m)
+        cov = torch.triu(self.outer)  # one D x D float64 array and one temporary at a time
+        cov += torch.triu(self.outer, diagonal=1).T
+        return cov.div_(self.count).addr_(m, m, alpha=-1.0)
 
 
 def _symmetric(upper: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,9 @@ from dcluster.evaluation.scoring import label_scores
 
 
 def kmeans_scores(features: np.ndarray, labels: np.ndarray, seed: int, niter: int = 20,
-                  device: str = "auto") -> dict[str, float]:
+                  device: str = "auto", backend: str = "auto") -> dict[str, float]:
     """{"nmi", "acc"} of k-means (k = number of distinct labels) on ``features``."""
     centred = np.ascontiguousarray(features - features.mean(axis=0), dtype=np.float32)
     pred = kmeans_labels(l2_normalize(centred), len(np.unique(labels)), seed, niter, device,
-                         plus_plus=True)
+                         plus_plus=True, backend=backend)
     return label_scores(pred, labels)

@@ -67,7 +67,7 @@ def clusters_protocol(target: EvalTarget, net: Network, env: Env,
         return None
     features, labels = rows
     metrics = kmeans_scores(features, labels, derived_seed(cfg.seed, target.epoch, "eval_kmeans"),
-                            cfg.clustering.niter, cfg.clustering.device)
+                            cfg.clustering.niter, cfg.clustering.device, cfg.clustering.backend)
     if own is not None and embedded is not None:
         scores = label_scores(own.assign(embedded[0]), labels)
         metrics.update({f"head_{key}": value for key, value in scores.items()})

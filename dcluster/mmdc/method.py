@@ -181,7 +181,8 @@ class MMDC:
             t = self.targets
             before = t.refined if t.refined is not None else self.bank.components[t.assignment]
             clusters = kmeans_labels(features, cfg.mmdc.k, derived_seed(cfg.seed, epoch, "refine"),
-                                     cfg.clustering.niter, cfg.clustering.device, plus_plus=True)
+                                     cfg.clustering.niter, cfg.clustering.device, plus_plus=True,
+                                     backend=cfg.clustering.backend)
             refined[indices] = match_labels(clusters, before[indices], cfg.mmdc.k)
         return comm.broadcast(refined)
 

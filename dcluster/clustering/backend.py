@@ -1,0 +1,79 @@
+"""Which assignment backend the k-means engine uses, and why: a pure function of the
+configuration and the described hardware, so that it is tested for machines this one is not.
+
+``clustering.backend``:
+
+* ``auto``: FAISS on the GPUs where its build has code for them; PyTorch on GPUs FAISS
+  cannot use (a P100, for which no FAISS wheel has code, or GPUs next to a CPU-only FAISS
+  build); FAISS on the CPU where no GPU is used.
+* ``faiss``: FAISS, on the GPUs if it can use them, else on the CPU.
+* ``torch``: PyTorch's GEMM on the GPUs, or on the CPU without one.
+
+``clustering.device`` (auto | cpu | gpu) still says where: ``cpu`` keeps k-means on the CPU,
+``gpu`` makes it an error when no backend can use the GPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from dcluster.errors import UserError
+from dcluster.hardware import GPU, Build
+
+BACKENDS = ("auto", "faiss", "torch")
+DEVICES = ("auto", "cpu", "gpu")
+
+
+class BackendError(UserError, RuntimeError):
+    """clustering.device=gpu where no backend can use a GPU: the CLI's exit 2, raised at
+    start-up (dcluster/train.py) before any compute."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    kind: str  # faiss | torch
+    gpus: int  # GPUs it assigns on (0: the CPU)
+    reason: str  # one line for the log and `dcluster info`
+
+    @property
+    def label(self) -> str:
+        where = f"{self.gpus} GPU(s)" if self.gpus else "the CPU"
+        return f"{'FAISS' if self.kind == 'faiss' else 'PyTorch'} on {where}"
+
+
+def choose_backend(backend: str, device: str, gpus: Sequence[GPU], faiss_build: Build,
+                   faiss_gpus: int) -> Backend:
+    """The backend for ``clustering.backend`` and ``clustering.device`` on a node whose torch
+    sees ``gpus``, with FAISS installed as ``faiss_build`` seeing ``faiss_gpus`` GPUs (0 for a
+    CPU-only build)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"clustering backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if device not in DEVICES:
+        raise ValueError(f"clustering device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "cpu":
+        return Backend("torch" if backend == "torch" else "faiss", 0, "clustering.device=cpu")
+    unusable = [g for g in gpus if faiss_build.runs_on(g.capability) is False]
+    faiss_fits = faiss_gpus > 0 and not unusable
+    if backend != "torch" and faiss_fits:
+        return Backend("faiss", faiss_gpus, f"the FAISS build ({faiss_build.name}) has code "
+                                            f"for the {faiss_gpus} GPU(s)")
+    if gpus and backend != "faiss":
+        if faiss_gpus == 0:
+            why = f"FAISS is a CPU-only build ({faiss_build.name})"
+        elif unusable:
+            g = unusable[0]
+            why = (f"the FAISS build ({faiss_build.name}) has no code for GPU {g.index} "
+                   f"({g.name}, compute capability {g.capability // 10}.{g.capability % 10})")
+        else:
+            why = "clustering.backend=torch"
+        return Backend("torch", len(gpus), why)
+    if device == "gpu":
+        raise BackendError(
+            "clustering device 'gpu' was requested but "
+            + ("no GPU is visible" if not gpus and not faiss_gpus else
+               f"the FAISS build ({faiss_build.name}) cannot use the GPUs; set "
+               "clustering.backend=auto or torch to cluster on them with PyTorch"))
+    if backend == "torch":
+        return Backend("torch", 0, "no GPU is visible")
+    return Backend("faiss", 0, "no GPU FAISS can use" + ("" if not gpus else
+                   f" (clustering.backend=faiss with {faiss_build.name})"))

@@ -1,0 +1,217 @@
+"""The k-means engine: the PyTorch and FAISS backends agree from the same initial centroids
+(one process, 2 gloo ranks in gather and sharded mode), empty clusters split alike on every
+rank, results are a function of the seed, and `auto` picks the documented backend for
+described hardware."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dcluster.clustering.assign as assign
+import dcluster.clustering.kmeans as kmeans
+from dcluster.clustering.assign import TorchAssign, faiss_cpu
+from dcluster.clustering.backend import Backend, BackendError, choose_backend
+from dcluster.clustering.distributed_stage import cluster_shards
+from dcluster.clustering.engine import lloyd
+from dcluster.clustering.kmeans import assigner_for, run_kmeans
+from dcluster.collectives import Comm
+from dcluster.config import ClusteringConfig
+from dcluster.distributed import shard_bounds
+from dcluster.hardware import FAISS_BUILDS, GPU
+from dcluster.metrics import nmi
+from ranks import spawn_ranks
+
+CPU = torch.device("cpu")
+P100, V100, A100, H100 = (GPU(0, "Tesla P100-PCIE-16GB", 60), GPU(0, "Tesla V100-SXM2-32GB", 70),
+                          GPU(0, "NVIDIA A100-SXM4-80GB", 80), GPU(0, "NVIDIA H100 80GB HBM3", 90))
+
+
+def points(n: int = 6000, d: int = 32, centres: int = 40, seed: int = 0) -> np.ndarray:
+    """Blobs on a sphere: many clusters of comparable loss, as whitened features are."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, d))
+    x = c[rng.integers(0, centres, n)] + 0.6 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def assert_agree(a, b) -> None:
+    assert nmi(a.labels, b.labels) >= 0.999
+    assert abs(a.objective / b.objective - 1) <= 1e-3
+
+
+def test_torch_and_faiss_backends_agree_in_one_process():
+    x = points()
+    runs = {name: run_kmeans(x, 50, seed=3, niter=15, device="cpu", backend=name)
+            for name in ("faiss", "torch")}
+    assert runs["faiss"].backend == "faiss-cpu" and runs["torch"].backend == "torch cpu"
+    assert_agree(runs["torch"], runs["faiss"])
+    # the objective is that of the returned labels to the returned centroids
+    r = runs["torch"]
+    assert r.objective == pytest.approx(((x - r.centroids[r.labels]) ** 2).sum(), rel=1e-4)
+
+
+def test_torch_rows_split_over_devices_and_chunks_give_the_same_result(monkeypatch):
+    """The multi-GPU path (one part per device, all queued before any is read) and small
+    chunks, run on CPU devices: the same labels and centroids as one part in one chunk."""
+    x = points(3000)
+    whole = lloyd(TorchAssign(x, [CPU]), 30, niter=8, seed=1)
+    monkeypatch.setattr(assign, "scratch_rows", lambda device, k: 97)
+    split = lloyd(TorchAssign(x, [CPU, CPU, CPU]), 30, niter=8, seed=1)
+    np.testing.assert_array_equal(split.labels, whole.labels)
+    np.testing.assert_allclose(split.centroids, whole.centroids, rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    x = points(2000)
+    a, b, c = (lloyd(TorchAssign(x, [CPU]), 20, niter=5, seed=s) for s in (7, 7, 8))
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.objective == b.objective and np.array_equal(a.centroids, b.centroids)
+    assert not np.array_equal(a.labels, c.labels)
+
+
+def test_same_initial_centroids_give_faiss_clusterings_labels():
+    """The engine with the FAISS backend against faiss.Clustering itself, both started from
+    the same centroids: the same Lloyd iterations."""
+    import faiss
+
+    x = points(4000)
+    init = x[np.random.default_rng(0).choice(len(x), 40, replace=False)]
+    ours = lloyd(faiss_cpu(x), 40, niter=10, seed=0, init=init)
+    clus = faiss.Clustering(x.shape[1], 40)
+    clus.niter, clus.max_points_per_centroid = 10, len(x)
+    faiss.copy_array_to_vector(init.ravel(), clus.centroids)
+    index = faiss.IndexFlatL2(x.shape[1])
+    clus.train(x, index)
+    theirs = index.search(x, 1)[1].ravel()
+    assert nmi(ours.labels, theirs) >= 0.999
+
+
+def repeated_points() -> np.ndarray:
+    """Three distinct points, many copies each: with k = 6 clusters go empty and are split."""
+    return np.repeat(np.eye(3, 4, dtype=np.float32), 60, axis=0)
+
+
+def rank_worker(out: Path, comm: Comm) -> None:
+    x = points(4000)
+    lo, hi = shard_bounds(len(x), comm.world_size)[comm.rank: comm.rank + 2]
+    indices = np.arange(lo, hi)
+    cfg = ClusteringConfig(k=30, pca_dim=16, niter=10, pca_sample=0, device="cpu")
+    for mode in ("gather", "sharded"):
+        for backend in ("faiss", "torch"):
+            result = cluster_shards(x[lo:hi], indices, len(x),
+                                    dataclasses.replace(cfg, mode=mode, backend=backend),
+                                    comm, seed=5, device=CPU)
+            np.savez(out / f"{mode}-{backend}-world{comm.world_size}-rank{comm.rank}.npz",
+                     labels=result.labels, objective=result.objective)
+    y = repeated_points()
+    lo, hi = shard_bounds(len(y), comm.world_size)[comm.rank: comm.rank + 2]
+    split = run_kmeans(y[lo:hi], 6, seed=0, niter=5, device="cpu", backend="torch", comm=comm,
+                       own_device=CPU)
+    np.savez(out / f"split-world{comm.world_size}-rank{comm.rank}.npz", centroids=split.centroids,
+             n_reseeded=split.n_reseeded, sizes=split.sizes, objective=split.objective)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_backends_agree_in_gather_and_sharded_mode_over_gloo_ranks(tmp_path, world):
+    spawn_ranks(functools.partial(rank_worker, tmp_path), world)
+    for mode in ("gather", "sharded"):
+        run = {b: [np.load(tmp_path / f"{mode}-{b}-world{world}-rank{r}.npz")
+                   for r in range(world)] for b in ("faiss", "torch")}
+        for backend in run.values():  # every rank ends with the same N labels
+            for other in backend[1:]:
+                assert np.array_equal(other["labels"], backend[0]["labels"])
+        faiss_run, torch_run = run["faiss"][0], run["torch"][0]
+        assert nmi(faiss_run["labels"], torch_run["labels"]) >= 0.999
+        assert abs(float(torch_run["objective"]) / float(faiss_run["objective"]) - 1) <= 1e-3
+
+
+def test_empty_clusters_are_split_identically_on_every_rank(tmp_path):
+    spawn_ranks(functools.partial(rank_worker, tmp_path), 2)
+    ranks = [np.load(tmp_path / f"split-world2-rank{r}.npz") for r in range(2)]
+    assert int(ranks[0]["n_reseeded"]) > 0
+    assert np.array_equal(ranks[0]["centroids"], ranks[1]["centroids"])
+    assert ranks[0]["sizes"].sum() == len(repeated_points())
+    # every point sits on a centroid, up to the split perturbation
+    assert float(ranks[0]["objective"]) < len(repeated_points()) * 1e-5
+
+
+@pytest.mark.parametrize("gpus, faiss_build, faiss_gpus, expected", [
+    ((P100,), "faiss-gpu", 1, ("torch", 1, "no code for GPU 0")),  # cu12 wheel: sm_70 up
+    ((P100,), "faiss-cpu", 0, ("torch", 1, "CPU-only")),
+    ((V100, V100), "faiss-gpu", 2, ("faiss", 2, "has code")),
+    ((A100,), "faiss-gpu-cuvs", 1, ("faiss", 1, "has code")),
+    ((H100,), "faiss-gpu-cuvs", 1, ("faiss", 1, "has code")),
+    ((H100,), "faiss-cpu", 0, ("torch", 1, "CPU-only")),
+    ((), "faiss-cpu", 0, ("faiss", 0, "no GPU")),
+])
+def test_auto_picks_the_documented_backend_for_described_hardware(gpus, faiss_build, faiss_gpus,
+                                                                  expected):
+    chosen = choose_backend("auto", "auto", gpus, FAISS_BUILDS[faiss_build], faiss_gpus)
+    kind, n, why = expected
+    assert (chosen.kind, chosen.gpus) == (kind, n) and why in chosen.reason
+
+
+def test_explicit_choices_for_described_hardware():
+    p100_faiss = ((P100,), FAISS_BUILDS["faiss-gpu"], 1)
+    assert choose_backend("faiss", "auto", *p100_faiss) == Backend(
+        "faiss", 0, "no GPU FAISS can use (clustering.backend=faiss with faiss-gpu)")
+    assert choose_backend("torch", "auto", (A100,), FAISS_BUILDS["faiss-gpu-cuvs"], 1).kind == "torch"
+    assert choose_backend("auto", "cpu", (A100,), FAISS_BUILDS["faiss-gpu-cuvs"], 1).gpus == 0
+    assert choose_backend("torch", "auto", (), FAISS_BUILDS["faiss-cpu"], 0) == Backend(
+        "torch", 0, "no GPU is visible")
+    with pytest.raises(BackendError, match="cannot use the GPUs"):
+        choose_backend("faiss", "gpu", *p100_faiss)
+    with pytest.raises(BackendError, match="no GPU is visible"):
+        choose_backend("auto", "gpu", (), FAISS_BUILDS["faiss-cpu"], 0)
+    with pytest.raises(ValueError, match="'cuml'"):
+        choose_backend("cuml", "auto", (), FAISS_BUILDS["faiss-cpu"], 0)
+
+
+def test_rows_go_to_every_gpu_in_gather_mode_and_the_own_gpu_in_sharded_described_gpu(
+        monkeypatch):
+    """Which devices the torch backend is built on, with its construction recorded (no GPU
+    here): the node's GPUs for one process clustering all rows, the rank's own otherwise."""
+    made = []
+    monkeypatch.setattr(kmeans, "TorchAssign", lambda x, devices: made.append(devices))
+    x = points(10)
+    assigner_for(x, Backend("torch", 4, ""))
+    assigner_for(x, Backend("torch", 4, ""), own_device=torch.device("cuda", 2))
+    assert made == [[torch.device("cuda", i) for i in range(4)], [torch.device("cuda", 2)]]
+    assert assigner_for(x, Backend("faiss", 4, ""), own_device=CPU).name == "faiss-cpu"
+
+
+def test_torch_assignments_run_without_tf32_and_restore_the_setting():
+    """The training turns TF32 on for Ampere and later; the assignment GEMMs must not use it,
+    and must leave the training's setting as they found it."""
+    seen = []
+    original = TorchAssign._assign_part
+
+    def recording(*args):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return original(*args)
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        data = TorchAssign(points(200), [CPU])
+        data._assign_part = recording
+        data.assign_to(points(200)[:5], with_sums=False)
+        assert seen == [False] and torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_a_converged_run_stops_early_and_more_iterations_change_nothing():
+    """Well separated blobs converge in a few iterations; the loop then stops (as
+    faiss.Clustering does on an unchanged objective) with what more iterations would give."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 16))[rng.integers(0, 8, 2000)] * 10
+         + rng.standard_normal((2000, 16))).astype(np.float32)
+    short, long = (lloyd(faiss_cpu(x), 8, niter=n, seed=0) for n in (60, 300))
+    np.testing.assert_array_equal(short.labels, long.labels)
+    assert short.objective == long.objective
