@@ -31,7 +31,7 @@ from dcluster.distributed import my_indices
 from dcluster.evaluation.network import Network
 from dcluster.extract import ShardFeatures, extract_features
 from dcluster.feature_bank import FeatureBank, TrainingFeatureTap
-from dcluster.harness import RunContext
+from dcluster.run_context import RunContext
 from dcluster.metric_spec import Metric
 from dcluster.metrics import clustering_accuracy, nmi
 from dcluster.models import DeepClusterNet, build_model

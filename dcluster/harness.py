@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import logging
 import signal
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -34,13 +33,12 @@ from dcluster.checkpoint import (SHARD_FILES, CheckpointError, capture_rng_state
 from dcluster.collectives import Comm
 from dcluster.config import Config
 from dcluster.config_settings import hashed_settings, settings_hash
-from dcluster.data import ImageSource, Pipelines, build_pipelines, open_source
+from dcluster.data import build_pipelines, open_source
 from dcluster.distributed import Env
 from dcluster.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.errors import CleanStop
 from dcluster.hardware import set_torch_threads
-from dcluster.execution import Execution, execution_for
-from dcluster.metric_spec import Metric
+from dcluster.execution import execution_for
 from dcluster.monitor import DECLARED as MONITORED
 from dcluster.monitor import Monitor, is_best_epoch, monitored
 from dcluster.optimize import EpochProgress, Pause, StepLoop, align_replicas, pass_loss
@@ -49,7 +47,8 @@ from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunP
                                 Stateful, check_compatible, restore_objects, sharded_objects,
                                 upgraded)
 from dcluster.seeding import derived_seed, seed_everything
-from dcluster.stages import Epoch, Pass, Stage, Step
+from dcluster.stages import Epoch, Pass, Step
+from dcluster.run_context import Method, RunContext, timed
 from dcluster.stop import StopPoints, StopRequest, TrainingStopped
 from dcluster.telemetry import speed_metrics
 from dcluster.mlflow_store import tracking_uri
@@ -66,77 +65,6 @@ class RunResult:
     mlflow_run_id: Optional[str]
     history: list[dict[str, float]]  # rank 0's is the run's (other ranks skip the reports)
     rank: int = 0  # of the process that returns it: rank 0 alone speaks for the run
-
-
-class Method(Protocol):
-    """A training method on the harness; built as ``Method(ctx)``."""
-    model: nn.Module  # the network: its buffers are saved per rank in mid-epoch checkpoints
-    epochs: int  # the epochs of a whole run
-    scored_at: str  # which network the epoch's cluster scores measure ("end-of-epoch features")
-    metrics: Sequence[Metric]  # what its epochs measure, for the epoch line (epoch_report.py)
-
-    @staticmethod
-    def check_data(cfg: Config, n_images: int) -> None:
-        """Raise ConfigError for settings the number of images rules out (k above it): called
-        once the image list is known, before the run directory is made or an image decoded."""
-
-    def state(self) -> dict[str, Stateful]:
-        """The method's objects by checkpoint name, in the order a restore loads them."""
-
-    def after_restore(self) -> None:
-        """Called once the checkpoint's state is loaded (DeepCluster re-wraps DDP for the
-        restored head)."""
-
-    def share_state(self) -> None:
-        """Called on every rank before a mid-epoch checkpoint: make what rank 0 writes hold
-        every rank's part (MMDC's targets are updated by each rank for its own images), and
-        what each rank writes to its shard files its own (DeepCluster's feature bank rows go
-        to the ranks that own them)."""
-
-    def stages(self, epoch: Epoch) -> list[Stage]:
-        """Epoch ``epoch.number``'s stages, in order (stages.py). Called when the epoch starts
-        and again when a run resumes inside it (then ``epoch.metrics`` is what it had
-        measured): what it does besides declaring them is the epoch's set-up (MMDC's learning
-        rate)."""
-
-
-@dataclass
-class RunContext:
-    """What a method's epoch works with. The job (rank, world size, device) is read from
-    ``comm`` alone."""
-    cfg: Config
-    comm: Comm
-    run: RunDir
-    source: ImageSource
-    pipelines: Pipelines
-    clusters: Clusters  # set by the method, reported and checkpointed by the harness
-    stops: StopPoints
-    steps: StepLoop  # the optimisation loop of every training pass
-
-    @property
-    def device(self) -> torch.device:
-        return self.comm.env.device
-
-    @property
-    def execution(self) -> Execution:
-        """How the passes run on this rank's device (precision, memory format)."""
-        assert self.steps.execution is not None
-        return self.steps.execution
-
-    @property
-    def show(self) -> bool:
-        """Progress bars and epoch lines: rank 0 only."""
-        return self.comm.is_main
-
-
-@contextmanager
-def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
-    """Add the block's wall time to ``metrics[key]`` (a stage paused and resumed adds up)."""
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        metrics[key] = metrics.get(key, 0.0) + time.perf_counter() - start
 
 
 class EpochRunner:

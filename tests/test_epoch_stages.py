@@ -16,7 +16,8 @@ from dcluster.checkpoint import load_checkpoint
 from dcluster.collectives import Comm
 from dcluster.config import Config
 from dcluster.distributed import Env
-from dcluster.harness import Checkpointer, EpochRunner, RunContext
+from dcluster.harness import Checkpointer, EpochRunner
+from dcluster.run_context import RunContext
 from dcluster.optimize import EpochProgress, Pause, StepLoop
 from dcluster.run_state import Clusters, InterruptedEpoch, RunProgress
 from dcluster.rundir import RunDir

@@ -23,7 +23,7 @@ from dcluster.config import Config, MMDCConfig, check_key
 from dcluster.distributed import my_indices
 from dcluster.evaluation.network import Network, OwnClusters
 from dcluster.extract import ShardFeatures, extract_features
-from dcluster.harness import RunContext
+from dcluster.run_context import RunContext
 from dcluster.metric_spec import Metric
 from dcluster.mmdc.assignment import match_labels, merge_owned
 from dcluster.mmdc.model import build_mmdc_model
