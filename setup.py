@@ -33,7 +33,7 @@ setup(
     # One profile per install, complete on its own: FAISS and DALI ship one module each
     # (`faiss`, `nvidia.dali`) whatever the build, so two builds in one environment overwrite
     # each other. `dcluster info` says which profile is installed and whether it fits the
-    # GPUs; train and eval stop with exit 2 when it does not (dcluster/hardware.py).
+    # GPUs; train and eval stop with exit 2 when it does not (dcluster/parallel/hardware.py).
     extras_require={
         # CPU only: what `make install`, `make test`, `make demo` and CI use. DALI's CUDA 13
         # build runs CPU pipelines (device_id=None) without a GPU.

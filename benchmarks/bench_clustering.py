@@ -58,9 +58,9 @@ from dcluster.clustering.distributed_stage import (cluster_shards, fit_shared_tr
 from dcluster.clustering.engine import lloyd
 from dcluster.clustering.kmeans import available_gpus, flat_l2_index
 from dcluster.clustering.pca import PCAStats
-from dcluster.collectives import Comm
-from dcluster.config import ClusteringConfig
-from dcluster.distributed import Env
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import ClusteringConfig
+from dcluster.parallel.distributed import Env
 
 PCA_DIM = 256
 STRUCTURED_DIMS = 512

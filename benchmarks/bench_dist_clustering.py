@@ -37,9 +37,9 @@ import torch
 import torch.multiprocessing as mp
 
 from dcluster.clustering.distributed_stage import cluster_shards
-from dcluster.collectives import Comm
-from dcluster.config import ClusteringConfig, DistributedConfig
-from dcluster.distributed import Env, my_indices, process_group
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import ClusteringConfig, DistributedConfig
+from dcluster.parallel.distributed import Env, my_indices, process_group
 
 BLOCK_ROWS = 8192
 CENTRES = 100

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
-from dcluster.config import DataConfig
+from dcluster.core.config import DataConfig
 from dcluster.data import FolderSource
 from dcluster.data.torchvision_loader import TorchvisionPipelines
 from dcluster.data.dali_loader import DaliPipelines

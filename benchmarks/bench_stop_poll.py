@@ -1,7 +1,7 @@
 """What the per-iteration stop poll costs a training step.
 
 The training pass all-reduces three integers after every ``checkpoint.poll_every``-th
-iteration (dcluster/stop.py; every iteration on the CPU, as here), so that a stop signal is
+iteration (dcluster/runtime/stop.py; every iteration on the CPU, as here), so that a stop signal is
 acted on by all ranks after the same iteration. This measures, on W gloo
 ranks on this machine, DDP training steps of the demo network (configs/demo.yaml: Sobel
 smallconv, width 32, fc 256, batch 16 of 32x32 crops, 30 clusters) inside DDP's join:
@@ -35,12 +35,12 @@ from torch import nn
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel
 
-from dcluster.collectives import Comm
-from dcluster.config import CheckpointConfig, DistributedConfig, ModelConfig
-from dcluster.distributed import Env, process_group
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import CheckpointConfig, DistributedConfig, ModelConfig
+from dcluster.parallel.distributed import Env, process_group
 from dcluster.models import build_model
-from dcluster.optimize import EpochProgress, StepLoop
-from dcluster.stop import StopPoints, StopRequest
+from dcluster.runtime.optimize import EpochProgress, StepLoop
+from dcluster.runtime.stop import StopPoints, StopRequest
 
 BATCH = 16
 CROP = 32

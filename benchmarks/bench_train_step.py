@@ -37,15 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcluster.collectives import Comm
-from dcluster.config import CheckpointConfig, ModelConfig, OptimConfig
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import CheckpointConfig, ModelConfig, OptimConfig
 from dcluster.data import FeatureBatch, TrainBatch
-from dcluster.distributed import Env
-from dcluster.execution import Execution
-from dcluster.extract import extract_features
+from dcluster.parallel.distributed import Env
+from dcluster.parallel.execution import Execution
+from dcluster.runtime.extract import extract_features
 from dcluster.models import build_model
-from dcluster.optimize import EpochProgress, StepLoop, sgd, train_one_epoch
-from dcluster.stop import StopPoints, StopRequest
+from dcluster.runtime.optimize import EpochProgress, StepLoop, sgd, train_one_epoch
+from dcluster.runtime.stop import StopPoints, StopRequest
 
 CROP = 32
 CLUSTERS = 30

@@ -147,8 +147,8 @@ def seconds_of(device: torch.device, run: Callable[[], Any]) -> float:
 def alexnet(ctx: Context, precision: str):
     """AlexNet-BN (Sobel front end) with a 1000-way head, prepared as a run would be (with
     the backend flags a run sets on this GPU: TF32, cuDNN's autotuner)."""
-    from dcluster.config import ModelConfig
-    from dcluster.execution import Execution, enable_gpu_backends
+    from dcluster.core.config import ModelConfig
+    from dcluster.parallel.execution import Execution, enable_gpu_backends
     from dcluster.models import build_model
 
     if ctx.device.type == "cuda":
@@ -161,8 +161,8 @@ def alexnet(ctx: Context, precision: str):
 
 
 def train_step(ctx: Context) -> dict[str, Any]:
-    from dcluster.config import OptimConfig
-    from dcluster.optimize import sgd
+    from dcluster.core.config import OptimConfig
+    from dcluster.runtime.optimize import sgd
 
     out: dict[str, Any] = {"batch": ctx.sizes.batch, "crop": ctx.sizes.crop}
     gen = torch.Generator().manual_seed(0)
@@ -265,12 +265,12 @@ def pca_eigensolver(ctx: Context) -> dict[str, Any]:
     x = power_law_features(sizes.pca_rows, sizes.pca_in, ctx.device)
     out: dict[str, Any] = {"rows": sizes.pca_rows, "dim": f"{sizes.pca_in} -> {sizes.pca_out}"}
     if ctx.device.type == "cuda":
-        from dcluster.execution import enable_gpu_backends
+        from dcluster.parallel.execution import enable_gpu_backends
 
         enable_gpu_backends(ctx.device)
         out["tf32_on"] = torch.backends.cuda.matmul.allow_tf32
         out["under_training_flags"] = fit_against_float64(x, sizes.pca_out)
-    # full float32 (the stage's own guard is dcluster.precision.full_float32 once finding 9's
+    # full float32 (the stage's own guard is dcluster.parallel.precision.full_float32 once finding 9's
     # fix is merged; the flags are set here so that the check runs on either side of it)
     flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -307,7 +307,7 @@ KMEANS_BACKENDS: dict[str, KMeansBackend] = {
 
 def kmeans_section(backend: KMeansBackend) -> Callable[[Context], dict[str, Any]]:
     def run(ctx: Context) -> dict[str, Any]:
-        from dcluster.metrics import nmi
+        from dcluster.core.metrics import nmi
 
         sizes = ctx.sizes
         rng = np.random.default_rng(0)
@@ -367,7 +367,7 @@ def train_command(ctx: Context, name: str, extra: tuple[str, ...]) -> list[str]:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    from dcluster.checkpoint import load_latest
+    from dcluster.runtime.checkpoint import load_latest
 
     found = load_latest(run / "checkpoints")
     if found is None or found[0]["epoch"] != 2:

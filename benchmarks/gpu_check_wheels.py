@@ -28,7 +28,7 @@ LIMIT_MIB = 64
 # torch for the target), each at the version installed here, where CI tests it
 DISTRIBUTIONS = (
     "faiss-cpu", "packaging",  # packaging: faiss-cpu's
-    "scipy",  # dcluster.metrics (Hungarian accuracy)
+    "scipy",  # dcluster.core.metrics (Hungarian accuracy)
     "omegaconf", "PyYAML",  # the config; omegaconf 2.4 needs no antlr4
     "tqdm", "submitit", "cloudpickle",  # cloudpickle: submitit's (typing_extensions: torch's)
 )

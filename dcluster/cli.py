@@ -13,17 +13,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dcluster import startup_signals
-from dcluster.logs import configure_logging
+from dcluster.core import startup_signals
+from dcluster.core.logs import configure_logging
 
 log = logging.getLogger("dcluster")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dcluster.config import load_config
+    from dcluster.core.config import load_config
     from dcluster.train import train
 
-    from dcluster.stop import TrainingStopped
+    from dcluster.runtime.stop import TrainingStopped
 
     try:
         result = train(load_config(args.config, args.overrides))
@@ -66,7 +66,7 @@ def _version(module: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from dcluster.hardware import conflicting_builds, installed_distributions
+    from dcluster.parallel.hardware import conflicting_builds, installed_distributions
 
     conflicts = conflicting_builds(installed_distributions())  # two builds of one module
     import faiss
@@ -74,7 +74,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from dcluster.clustering.backend import choose_backend
     from dcluster.clustering.kmeans import available_gpus as faiss_gpu_count
-    from dcluster.hardware import check, describe, detect
+    from dcluster.parallel.hardware import check, describe, detect
 
     hw = detect()
     gpus = len(hw.gpus)
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcluster", description="DeepCluster training, data preparation and diagnostics")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    from dcluster.config_reference import help_text
+    from dcluster.core.config_reference import help_text
 
     p = sub.add_parser("train", help="train DeepCluster from a YAML config", epilog=help_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if next((arg for arg in argv if not arg.startswith("-")), None) == "train":
         startup_signals.install()  # before torch is imported: seconds in which a stop is lost
-    from dcluster.errors import UserError
+    from dcluster.core.errors import UserError
 
     args = build_parser().parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dcluster.atomic import atomic_write
-from dcluster.errors import UserError
+from dcluster.core.atomic import atomic_write
+from dcluster.core.errors import UserError
 from dcluster.models import DeepClusterNet, Sobel
 
 log = logging.getLogger("dcluster.export")

@@ -27,32 +27,32 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcluster.checkpoint import (SHARD_FILES, CheckpointError, capture_rng_state, checkpoint_name,
+from dcluster.runtime.checkpoint import (SHARD_FILES, CheckpointError, capture_rng_state, checkpoint_name,
                                  keep_as_best, load_checkpoint, load_latest, restore_rng_state,
                                  save_checkpoint, save_shard, shard_path)
-from dcluster.collectives import Comm
-from dcluster.config import Config
-from dcluster.config_settings import hashed_settings, settings_hash
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import Config
+from dcluster.core.config_settings import hashed_settings, settings_hash
 from dcluster.data import build_pipelines, open_source
-from dcluster.distributed import Env
-from dcluster.epoch_report import assignment_metrics, format_epoch_line
-from dcluster.errors import CleanStop
-from dcluster.hardware import set_torch_threads
-from dcluster.execution import execution_for
-from dcluster.monitor import DECLARED as MONITORED
-from dcluster.monitor import Monitor, is_best_epoch, monitored
-from dcluster.optimize import EpochProgress, Pause, StepLoop, align_replicas, pass_loss
-from dcluster.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
-from dcluster.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
+from dcluster.parallel.distributed import Env
+from dcluster.reporting.epoch_report import assignment_metrics, format_epoch_line
+from dcluster.core.errors import CleanStop
+from dcluster.parallel.hardware import set_torch_threads
+from dcluster.parallel.execution import execution_for
+from dcluster.evaluation.monitor import DECLARED as MONITORED
+from dcluster.evaluation.monitor import Monitor, is_best_epoch, monitored
+from dcluster.runtime.optimize import EpochProgress, Pause, StepLoop, align_replicas, pass_loss
+from dcluster.core.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
+from dcluster.runtime.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
                                 Stateful, check_compatible, restore_objects, sharded_objects,
                                 upgraded)
-from dcluster.seeding import derived_seed, seed_everything
-from dcluster.stages import Epoch, Pass, Step
-from dcluster.run_context import Method, RunContext, timed
-from dcluster.stop import StopPoints, StopRequest, TrainingStopped
-from dcluster.telemetry import speed_metrics
-from dcluster.mlflow_store import tracking_uri
-from dcluster.tracking import RunTracker, make_tracker
+from dcluster.core.seeding import derived_seed, seed_everything
+from dcluster.runtime.stages import Epoch, Pass, Step
+from dcluster.runtime.context import Method, RunContext, timed
+from dcluster.runtime.stop import StopPoints, StopRequest, TrainingStopped
+from dcluster.reporting.telemetry import speed_metrics
+from dcluster.reporting.mlflow_store import tracking_uri
+from dcluster.reporting.tracking import RunTracker, make_tracker
 
 log = logging.getLogger("dcluster.harness")
 
@@ -423,7 +423,7 @@ def finish_plots(cfg: Config, run: RunDir, clusters: Clusters, history: list[dic
                  tracker: RunTracker) -> None:
     if not cfg.tracking.plots or not history or clusters.labels is None:
         return
-    from dcluster.plots import (plot_cluster_sizes, plot_monitor_curves,  # matplotlib: 0.6 s
+    from dcluster.reporting.plots import (plot_cluster_sizes, plot_monitor_curves,  # matplotlib: 0.6 s
                                 plot_nmi_curves, plot_throughput)
 
     curves = plot_nmi_curves(history, run.plots / "nmi_curves.png")

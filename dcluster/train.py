@@ -1,22 +1,22 @@
 """`dcluster train`: one run of the config's method, in this process's place in the job.
 
 Environment (rank, world size, device) -> process group -> stop-signal handlers -> the run
-harness (dcluster/harness.py) with the method the registry names (dcluster/methods.py). The
-epochs themselves read top to bottom in the method's module: dcluster/deepcluster.py,
-dcluster/mmdc/method.py.
+harness (dcluster/harness.py) with the method the registry names (dcluster/core/registry.py). The
+epochs themselves read top to bottom in the method's module: dcluster/methods/deepcluster/method.py,
+dcluster/methods/mmdc/method.py.
 """
 from __future__ import annotations
 
 import logging
 
 from dcluster.clustering.kmeans import machine_backend
-from dcluster.collectives import Comm
-from dcluster.config import Config
-from dcluster.distributed import detect_env, process_group
-from dcluster.hardware import require_fitting_build
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import Config
+from dcluster.parallel.distributed import detect_env, process_group
+from dcluster.parallel.hardware import require_fitting_build
 from dcluster.harness import RunResult, run_method
-from dcluster.methods import method_module
-from dcluster.stop import StopRequest
+from dcluster.core.registry import method_module
+from dcluster.runtime.stop import StopRequest
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,12 @@
 """The callable a Slurm job runs: one training run, checkpointable by submitit.
 
 submitit pickles this object and runs it on every task of the job. On the timeout or
-preemption signal the training loop (dcluster/stop.py) checkpoints at the next iteration
+preemption signal the training loop (dcluster/runtime/stop.py) checkpoints at the next iteration
 boundary on which all ranks agree and raises TrainingStopped; only then is the signal handed
 to submitit's own handler, which on global rank 0 calls ``checkpoint`` (Checkpointable's:
 requeue this same call) and requeues the job. The requeued call resumes from the newest valid
 checkpoint of its run directory, with a fresh rendezvous (the port is derived from the job id
-and the restart count, dcluster.distributed).
+and the restart count, dcluster.parallel.distributed).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import submitit
 
-from dcluster.config import load_config
+from dcluster.core.config import load_config
 
 log = logging.getLogger("dcluster.launch")
 
@@ -28,9 +28,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.overrides = [*overrides, "resume=auto", "overwrite=false"]
 
     def __call__(self) -> Any:
-        from dcluster.logs import configure_logging
+        from dcluster.core.logs import configure_logging
         from dcluster.train import train
-        from dcluster.stop import TrainingStopped, preempt_signal
+        from dcluster.runtime.stop import TrainingStopped, preempt_signal
 
         configure_logging()
         try:

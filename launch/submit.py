@@ -1,7 +1,7 @@
 """Build the submitit executor from the config's `slurm:` section and submit a TrainJob.
 
 One task per GPU (or `slurm.tasks_per_node` CPU tasks where there are none); the processes
-find each other from Slurm's environment (dcluster.distributed). The run directory is
+find each other from Slurm's environment (dcluster.parallel.distributed). The run directory is
 prepared here, before anything is queued, so a config error or a clash with another run's
 directory is reported at once rather than hours later when the job starts.
 """
@@ -16,8 +16,8 @@ from typing import Iterator, Optional, Sequence
 import submitit
 from submitit import SlurmExecutor
 
-from dcluster.config import Config, SlurmConfig, load_config
-from dcluster.rundir import prepare_run_dir
+from dcluster.core.config import Config, SlurmConfig, load_config
+from dcluster.core.rundir import prepare_run_dir
 from launch.job import TrainJob
 
 log = logging.getLogger("dcluster.launch")

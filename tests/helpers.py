@@ -6,8 +6,8 @@ from typing import Mapping
 
 import torch
 
-from dcluster.config import Config, load_config
-from dcluster.logs import configure_logging
+from dcluster.core.config import Config, load_config
+from dcluster.core.logs import configure_logging
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -3,7 +3,7 @@ point of the epoch loop, and record which images its training passes were given.
 
 Used by tests/rank_main.py (local processes) and by the Slurm tests (inside the submitted
 job), so both interrupt at exactly the same places. The product has no switch for this; the
-patches wrap the functions the DeepCluster epoch (dcluster/deepcluster.py) calls, and the
+patches wrap the functions the DeepCluster epoch (dcluster/methods/deepcluster/method.py) calls, and the
 pipelines the harness builds (training batches, for every method).
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
-import dcluster.config
-import dcluster.deepcluster
+import dcluster.core.config
+import dcluster.methods.deepcluster.method
 import dcluster.harness
 
 STAGES = ("startup", "features", "clustering", "train")
@@ -47,14 +47,14 @@ def interrupt_at(text: str, send: Callable[[], None]) -> None:
         return wrapper
 
     if stage == "startup":
-        load_config = dcluster.config.load_config
+        load_config = dcluster.core.config.load_config
 
         def signalling(*args, **kwargs):
             send()
             return load_config(*args, **kwargs)
 
-        dcluster.config.load_config = signalling
-    method = dcluster.deepcluster
+        dcluster.core.config.load_config = signalling
+    method = dcluster.methods.deepcluster.method
     method.extract_features = counting("features", method.extract_features)
     method.cluster_shards = counting("clustering", method.cluster_shards)
     if stage == "train":
@@ -71,7 +71,7 @@ def record_orders(directory: Path, rank: int) -> None:
             out.write(" ".join(map(str, indices.tolist())) + "\n")
 
     _wrap_train_batches(lambda e, b: None, note)
-    cluster_shards = dcluster.deepcluster.cluster_shards
+    cluster_shards = dcluster.methods.deepcluster.method.cluster_shards
 
     def noting_clustering(*args, **kwargs):
         result = cluster_shards(*args, **kwargs)
@@ -79,7 +79,7 @@ def record_orders(directory: Path, rank: int) -> None:
             out.write(f"{result.backend}\n")
         return result
 
-    dcluster.deepcluster.cluster_shards = noting_clustering
+    dcluster.methods.deepcluster.method.cluster_shards = noting_clustering
 
 
 def clusterings(directory: Path, rank: int = 0) -> int:

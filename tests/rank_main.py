@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-import dcluster.deepcluster
+import dcluster.methods.deepcluster.method
 import dcluster.harness
 from dcluster.cli import main
 from interrupts import interrupt_at, record_orders, signal_self
@@ -48,7 +48,7 @@ if __name__ == "__main__":
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.fail_on_rank is not None and int(os.environ["RANK"]) == args.fail_on_rank:
-        dcluster.deepcluster.train_one_epoch = fail_in_training
+        dcluster.methods.deepcluster.method.train_one_epoch = fail_in_training
     if args.save_weights is not None:
         # the harness aligns the replicas after every epoch's last pass, whatever the method
         dcluster.harness.align_replicas = saving_weights(args.save_weights,

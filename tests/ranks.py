@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import torch
 import torch.multiprocessing as mp
 
-from dcluster.collectives import Comm
-from dcluster.config import DistributedConfig
-from dcluster.distributed import Env, process_group
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import DistributedConfig
+from dcluster.parallel.distributed import Env, process_group
 
 REPO = Path(__file__).resolve().parent.parent
 RANK_MAIN = Path(__file__).resolve().parent / "rank_main.py"

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.checkpoint import checkpoint_name, load_checkpoint
-from dcluster.telemetry import SPEED
+from dcluster.runtime.checkpoint import checkpoint_name, load_checkpoint
+from dcluster.reporting.telemetry import SPEED
 from helpers import SMALL_DEMO, TINY_MMDC, assert_same_weights
 from interrupts import clusterings
 from ranks import RankOutcome, describe, free_port, rank_command, run_ranks, torchrun_env
@@ -30,7 +30,7 @@ BATCH = 16
 IMAGES = 400  # the digits_subset fixture
 BATCHES = math.ceil(IMAGES / BATCH)  # training iterations per epoch in one process
 RANK_BATCHES = math.ceil(IMAGES // 2 / BATCH)  # ... and on each of two ranks
-# what places a process in a job (dcluster/distributed.py): a single process must see none
+# what places a process in a job (dcluster/parallel/distributed.py): a single process must see none
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 MMDC_EPOCHS = 1  # + MMDC_REFINE refinement epochs

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcluster.checkpoint import load_checkpoint, shard_path
-from dcluster.distributed import shard_bounds
-from dcluster.feature_bank import STAMP_EPOCH, stamp_epoch
+from dcluster.runtime.checkpoint import load_checkpoint, shard_path
+from dcluster.parallel.distributed import shard_bounds
+from dcluster.methods.deepcluster.feature_bank import STAMP_EPOCH, stamp_epoch
 from ranks import describe
 from reference_runs import (BANK, EPOCHS, IMAGES, Run, assert_same_run, new_dir, orders_of,
                             run_pair, train_args)

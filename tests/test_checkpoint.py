@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.checkpoint import (
+from dcluster.runtime.checkpoint import (
     SHARD_FILES,
     CheckpointError,
     capture_rng_state,
@@ -27,9 +27,9 @@ from dcluster.checkpoint import (
 
 @pytest.fixture
 def warnings_seen(caplog: pytest.LogCaptureFixture):
-    """Capture dcluster.checkpoint warnings even where the dcluster logger does not propagate
-    (dcluster.logs.configure_logging turns propagation off)."""
-    logger = logging.getLogger("dcluster.checkpoint")
+    """Capture dcluster.runtime.checkpoint warnings even where the dcluster logger does not propagate
+    (dcluster.core.logs.configure_logging turns propagation off)."""
+    logger = logging.getLogger("dcluster.runtime.checkpoint")
     logger.addHandler(caplog.handler)
     caplog.handler.setLevel(logging.WARNING)
     yield caplog

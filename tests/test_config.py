@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcluster.config import ConfigError, load_config
-from dcluster.config_settings import config_hash, hashed_settings, setting_changes
+from dcluster.core.config import ConfigError, load_config
+from dcluster.core.config_settings import config_hash, hashed_settings, setting_changes
 from dcluster.models import build_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

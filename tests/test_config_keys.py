@@ -1,4 +1,4 @@
-"""The key declarations (dcluster/config_keys.py) and what derives from them: value checks,
+"""The key declarations (dcluster/core/config_keys.py) and what derives from them: value checks,
 legacy values for the keys older runs lack, the old releases' config hashes, the generated
 reference page and `dcluster train --help`."""
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from dcluster.cli import build_parser
-from dcluster.config import Config, ConfigError, keys_in_yaml_file
-from dcluster.config_keys import NO_LEGACY, Key, SameAs, declarations, key
-from dcluster.config_reference import PAGE, reference_markdown
-from dcluster.config_settings import (HASH_ONLY_RELEASES, hashed_settings, setting_changes,
+from dcluster.core.config import Config, ConfigError, keys_in_yaml_file
+from dcluster.core.config_keys import NO_LEGACY, Key, SameAs, declarations, key
+from dcluster.core.config_reference import PAGE, reference_markdown
+from dcluster.core.config_settings import (HASH_ONLY_RELEASES, hashed_settings, setting_changes,
                                       settings_behind_hash, with_legacy)
 
 DECLARED = declarations(Config)
@@ -20,7 +20,7 @@ FROZEN_CONFIG = (Path(__file__).resolve().parent / "fixtures" / "legacy_0dd45d7"
                  / "config.yaml")
 
 # The config hash of each release's default config and the number of hashed keys it had,
-# measured by importing that commit's dcluster/config.py (config_hash(Config())).
+# measured by importing that commit's dcluster/core/config.py (config_hash(Config())).
 RELEASE_HASHES = [("3645733", "c5c5d252974a653b", 46), ("482ef12", "f9fe4814bbbe5df4", 47),
                   ("629576f", "58fdf81f82c34303", 48), ("231d085", "8c2cdbfbeaae64b9", 52),
                   ("ad76a52", "e15abd5336d7186d", 55), ("b62a755", "bcdb12c37f3c423e", 56)]
@@ -28,7 +28,7 @@ RELEASE_HASHES = [("3645733", "c5c5d252974a653b", 46), ("482ef12", "f9fe4814bbbe
 
 def test_the_committed_reference_is_the_generated_one():
     assert PAGE.read_text() == reference_markdown(), \
-        "docs/configuration.md is out of date: run python -m dcluster.config_reference"
+        "docs/configuration.md is out of date: run python -m dcluster.core.config_reference"
 
 
 def test_train_help_lists_every_key_with_its_default(capsys):

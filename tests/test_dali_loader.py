@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.config import ConfigError, DataConfig
+from dcluster.core.config import ConfigError, DataConfig
 from dcluster.data import FolderSource, build_pipelines, num_batches
 from dcluster.data.torchvision_loader import TorchvisionPipelines
 from dcluster.data import dali_loader

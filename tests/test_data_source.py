@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dcluster.config import DataConfig
+from dcluster.core.config import DataConfig
 from dcluster.data import BadImageError, DataSourceError, FolderSource, decode_rgb, open_source
 from images import (photo, write_cmyk_jpeg, write_grayscale_jpeg, write_photo, write_png,
                     write_text_as_jpg, write_truncated_jpeg, write_zero_byte)

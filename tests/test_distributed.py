@@ -15,12 +15,12 @@ from dcluster.clustering.distributed_stage import (cluster_shards, gather_reduce
 from dcluster.clustering.kmeans import run_kmeans
 from dcluster.clustering.pca import l2_normalize
 from dcluster.clustering.sharded_kmeans import sharded_kmeans, split_empty_clusters
-from dcluster.collectives import Comm
-from dcluster.config import ClusteringConfig, ConfigError
-from dcluster.distributed import (Env, detect_env, expand_nodelist, my_indices,
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import ClusteringConfig, ConfigError
+from dcluster.parallel.distributed import (Env, detect_env, expand_nodelist, my_indices,
                                   rendezvous_port, shard_bounds)
-from dcluster.metrics import nmi
-from dcluster.sampler import balanced_order, rank_slice
+from dcluster.core.metrics import nmi
+from dcluster.runtime.sampler import balanced_order, rank_slice
 from ranks import spawn_ranks
 
 CPU = torch.device("cpu")
@@ -141,7 +141,7 @@ def test_gathered_and_spread_indices_cover_every_image_once(world, tmp_path):
 def uneven_rows_worker(out: Path, comm: Comm) -> None:
     """Gather shards of uneven sizes (one empty with 3 ranks) in rounds of a few rows: each
     row holds its global index, so rank 0 can check where every row landed."""
-    import dcluster.collectives as collectives
+    import dcluster.parallel.collectives as collectives
 
     collectives.CHUNK_BYTES = 3 * 2 * 8 * comm.world_size  # 3 rows of 2 float64 per round
     counts = [7, 0, 4][:comm.world_size] if comm.world_size == 3 else [5, 2][:comm.world_size]
@@ -326,7 +326,7 @@ def test_split_empty_clusters_halves_a_cluster_symmetrically():
 def exchange_worker(out: Path, round_bytes: int, comm: Comm) -> None:
     """Rank r sends rank d (d + 1) * (r + 2) rows, each saying (source, destination, number),
     in rounds of ``round_bytes``; saves what it received."""
-    import dcluster.collectives as collectives
+    import dcluster.parallel.collectives as collectives
 
     collectives.CHUNK_BYTES = round_bytes
     send_counts = [(d + 1) * (comm.rank + 2) for d in range(comm.world_size)]

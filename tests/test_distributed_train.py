@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.checkpoint import load_checkpoint
-from dcluster.config import to_yaml
+from dcluster.runtime.checkpoint import load_checkpoint
+from dcluster.core.config import to_yaml
 from helpers import assert_same_weights, small_demo
 from ranks import describe, free_port, rank_command, run_ranks, torchrun_env
 from reference_runs import EPOCHS, IMAGES, run_pair, train_args

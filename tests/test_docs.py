@@ -167,9 +167,10 @@ def test_checker_reports_missing_files_and_anchors(tmp_path):
 
 
 def test_repository_paths_are_found_in_prose_and_commands():
-    text = ("runs on `dcluster/harness.py` and dcluster/mmdc/;\n```bash\n"
+    text = ("runs on `dcluster/harness.py` and dcluster/methods/mmdc/;\n```bash\n"
             "dcluster train configs/demo.yaml # not python -m dcluster train or runs/dcluster/x\n```")
-    assert REPO_PATH.findall(text) == ["dcluster/harness.py", "dcluster/mmdc", "configs/demo.yaml"]
+    assert REPO_PATH.findall(text) == ["dcluster/harness.py", "dcluster/methods/mmdc",
+                                      "configs/demo.yaml"]
 
 
 @pytest.mark.parametrize("heading, slug", [

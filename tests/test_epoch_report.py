@@ -1,9 +1,9 @@
 """The epoch's one log line: numbered from 1, says which network its scores measure, and
 prints only what the method measured, from the method's declarations (metric_spec.Metric)."""
-from dcluster.deepcluster import DeepCluster
-from dcluster.epoch_report import format_epoch_line
-from dcluster.metric_spec import Metric
-from dcluster.mmdc.method import MMDC
+from dcluster.methods.deepcluster.method import DeepCluster
+from dcluster.reporting.epoch_report import format_epoch_line
+from dcluster.core.metric_spec import Metric
+from dcluster.methods.mmdc.method import MMDC
 
 TIMES = {"time_features": 1.0, "time_clustering": 0.5, "time_training": 3.0}
 

@@ -12,17 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from dcluster.checkpoint import load_checkpoint
-from dcluster.collectives import Comm
-from dcluster.config import Config
-from dcluster.distributed import Env
+from dcluster.runtime.checkpoint import load_checkpoint
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import Config
+from dcluster.parallel.distributed import Env
 from dcluster.harness import Checkpointer, EpochRunner
-from dcluster.run_context import RunContext
-from dcluster.optimize import EpochProgress, Pause, StepLoop
-from dcluster.run_state import Clusters, InterruptedEpoch, RunProgress
-from dcluster.rundir import RunDir
-from dcluster.stages import Epoch, Pass, Stage, Step, Train
-from dcluster.stop import StopPoints, StopRequest, TrainingStopped
+from dcluster.runtime.context import RunContext
+from dcluster.runtime.optimize import EpochProgress, Pause, StepLoop
+from dcluster.runtime.run_state import Clusters, InterruptedEpoch, RunProgress
+from dcluster.core.rundir import RunDir
+from dcluster.runtime.stages import Epoch, Pass, Stage, Step, Train
+from dcluster.runtime.stop import StopPoints, StopRequest, TrainingStopped
 
 CPU = torch.device("cpu")
 

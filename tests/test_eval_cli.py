@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from dcluster.checkpoint import CheckpointError
-from dcluster.config import ConfigError, load_config
+from dcluster.runtime.checkpoint import CheckpointError
+from dcluster.core.config import ConfigError, load_config
 from dcluster.evaluation.cli import add_parser
 from dcluster.evaluation.protocols import evaluate
-from dcluster.logs import configure_logging
+from dcluster.core.logs import configure_logging
 from dcluster.train import train
-from dcluster.mlflow_store import tracking_uri
+from dcluster.reporting.mlflow_store import tracking_uri
 from helpers import TINY_MMDC
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

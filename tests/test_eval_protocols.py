@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.config import LinearEvalConfig
+from dcluster.core.config import LinearEvalConfig
 from dcluster.evaluation.clusters import kmeans_scores
 from dcluster.evaluation.knn import knn_scores
 from dcluster.evaluation.linear import LinearProbe, pooled_side, probe_scores, train_probe
 from dcluster.evaluation.scoring import topk_accuracy
-from dcluster.collectives import Comm
-from dcluster.distributed import Env
-from dcluster.sampler import rank_slice
+from dcluster.parallel.collectives import Comm
+from dcluster.parallel.distributed import Env
+from dcluster.runtime.sampler import rank_slice
 from ranks import spawn_ranks
 
 N_CLASSES = 10

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from dcluster.config import ModelConfig
+from dcluster.core.config import ModelConfig
 from dcluster.models import LayerTap, build_model, tap_positions
 
 

@@ -1,11 +1,11 @@
-"""How passes run on described GPUs (dcluster/execution.py): NHWC where tensor cores use it,
+"""How passes run on described GPUs (dcluster/parallel/execution.py): NHWC where tensor cores use it,
 bf16 only where the GPU computes in it. The GPUs are compute capabilities passed to the pure
 decision function, not present."""
 import pytest
 import torch
 
-from dcluster.config import ConfigError
-from dcluster.execution import resolve_execution
+from dcluster.core.config import ConfigError
+from dcluster.parallel.execution import resolve_execution
 
 GPU, CPU = torch.device("cuda", 0), torch.device("cpu")
 P100, V100, A100, H100 = (6, 0), (7, 0), (8, 0), (9, 0)

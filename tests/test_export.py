@@ -8,9 +8,9 @@ import torchvision
 
 from dcluster import load_backbone
 from dcluster.cli import main
-from dcluster.config import ModelConfig, load_config
+from dcluster.core.config import ModelConfig, load_config
 from dcluster.export import ExportError, SobelBackbone, torchvision_state_dict
-from dcluster.logs import configure_logging
+from dcluster.core.logs import configure_logging
 from dcluster.models import build_model
 from dcluster.train import train
 

@@ -2,7 +2,7 @@
 GPUs below are descriptions passed to the pure decision function, not present."""
 import pytest
 
-from dcluster.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, Driver,
+from dcluster.parallel.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, Driver,
                                binary_runs_on, check, conflicting_builds, default_threads,
                                describe, driver_from_smi, profile_of, torch_build)
 
@@ -176,9 +176,9 @@ def test_start_up_check_refuses_two_described_faiss_builds(monkeypatch):
     reports two FAISS distributions; here the metadata lookup is described."""
     import importlib.metadata
 
-    from dcluster import hardware
-    from dcluster.config import Config
-    from dcluster.errors import UserError
+    from dcluster.parallel import hardware
+    from dcluster.core.config import Config
+    from dcluster.core.errors import UserError
 
     versions = {"faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1"}
 
@@ -195,7 +195,8 @@ def test_start_up_check_refuses_two_described_faiss_builds(monkeypatch):
 
 def test_info_names_both_described_faiss_distributions(monkeypatch, capsys):
     """`dcluster info` on an environment that importlib.metadata describes as `.[cpu,cu13]`."""
-    from dcluster import cli, hardware
+    from dcluster import cli
+    from dcluster.parallel import hardware
 
     monkeypatch.setattr(hardware, "installed_distributions", lambda: {
         "faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1", "nvidia-dali-cuda130": "2.4.0"})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from dcluster.checkpoint import load_latest
+from dcluster.runtime.checkpoint import load_latest
 from helpers import SMALL_DEMO, assert_same_weights
 from reference_runs import EPOCHS as REFERENCE_EPOCHS, train_args
 

@@ -8,7 +8,7 @@ import pytest
 
 from dcluster.clustering import kmeans_labels
 from dcluster.clustering.kmeans import resolve_gpus, run_kmeans
-from dcluster.metrics import nmi
+from dcluster.core.metrics import nmi
 
 
 def blobs(n_blobs: int, n: int, d: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -19,11 +19,11 @@ from dcluster.clustering.backend import Backend, BackendError, choose_backend
 from dcluster.clustering.distributed_stage import cluster_shards
 from dcluster.clustering.engine import lloyd
 from dcluster.clustering.kmeans import assigner_for, run_kmeans
-from dcluster.collectives import Comm
-from dcluster.config import ClusteringConfig
-from dcluster.distributed import shard_bounds
-from dcluster.hardware import FAISS_BUILDS, GPU
-from dcluster.metrics import nmi
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import ClusteringConfig
+from dcluster.parallel.distributed import shard_bounds
+from dcluster.parallel.hardware import FAISS_BUILDS, GPU
+from dcluster.core.metrics import nmi
 from ranks import spawn_ranks
 
 CPU = torch.device("cpu")

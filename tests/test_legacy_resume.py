@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcluster.checkpoint import CheckpointError, checkpoint_name, load_checkpoint
-from dcluster.config import Config, load_config
-from dcluster.config_settings import hashed_settings
-from dcluster.rundir import RunDirError, prepare_run_dir
-from dcluster.run_state import check_compatible, upgraded
+from dcluster.runtime.checkpoint import CheckpointError, checkpoint_name, load_checkpoint
+from dcluster.core.config import Config, load_config
+from dcluster.core.config_settings import hashed_settings
+from dcluster.core.rundir import RunDirError, prepare_run_dir
+from dcluster.runtime.run_state import check_compatible, upgraded
 from dcluster.train import train
 from helpers import assert_same_weights
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.config import DataConfig
+from dcluster.core.config import DataConfig
 from dcluster.data import FolderSource, TooManyBadImagesError, build_pipelines, num_batches
 from dcluster.data.torchvision_loader import TorchvisionPipelines
 from dcluster.data.crops import sample_crop

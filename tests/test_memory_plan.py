@@ -1,4 +1,4 @@
-"""Where feature rows live (dcluster/memory_plan.py) on described GPUs at ImageNet and
+"""Where feature rows live (dcluster/parallel/memory_plan.py) on described GPUs at ImageNet and
 YFCC100M scale, the host path of the feature pass and the clustering stage on this CPU, the
 clustering stage in full float32, and the outbox's page-locked buffer on a described CUDA
 runtime. The GPUs below are descriptions passed to the pure decision function, not present."""
@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from dcluster.clustering.distributed_stage import cluster_shards
-from dcluster.collectives import Comm
-from dcluster.config import BankConfig, ClusteringConfig
-from dcluster.distributed import Env
-from dcluster.memory_plan import (GB, GPU_FRACTION, WORKING_SET, Memory, MemoryPlanError,
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import BankConfig, ClusteringConfig
+from dcluster.parallel.distributed import Env
+from dcluster.parallel.memory_plan import (GB, GPU_FRACTION, WORKING_SET, Memory, MemoryPlanError,
                                   host_available, local_ranks, place_rows)
-from dcluster.pinned import PinnedBuffer
+from dcluster.parallel.pinned import PinnedBuffer
 
 GiB = 1 << 30
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -138,8 +138,8 @@ def test_a_bf16_feature_pass_writes_float32_host_rows_once():
     it), the rows of the batches in order."""
     from types import SimpleNamespace
 
-    from dcluster.execution import Execution
-    from dcluster.extract import extract_features
+    from dcluster.parallel.execution import Execution
+    from dcluster.runtime.extract import extract_features
 
     images = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3)
 
@@ -198,8 +198,8 @@ def test_a_failed_page_lock_is_an_error_naming_the_size():
 
 
 def test_a_bank_with_automatic_memory_lives_with_a_cpu_device():
-    from dcluster.extract import ShardFeatures
-    from dcluster.feature_bank import FeatureBank
+    from dcluster.runtime.extract import ShardFeatures
+    from dcluster.methods.deepcluster.feature_bank import FeatureBank
 
     bank = FeatureBank(10, Comm(Env(0, 1, 0, CPU)), BankConfig(), CPU)
     assert BankConfig().memory == "auto" and bank.storage is None

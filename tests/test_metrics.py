@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from dcluster.metrics import clustering_accuracy, contingency, nmi
+from dcluster.core.metrics import clustering_accuracy, contingency, nmi
 
 
 def test_nmi_hand_computed_example():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
-from dcluster.mlflow_store import ensure_store
+from dcluster.reporting.mlflow_store import ensure_store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ command.upgrade = upgrade_half_way_and_die
 db, creator = sys.argv[1], sys.argv[2]
 if creator == "dcluster":
     from pathlib import Path
-    from dcluster.mlflow_store import ensure_store
+    from dcluster.reporting.mlflow_store import ensure_store
     ensure_store(Path(db), "file:///tmp/artifacts")
 else:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -39,9 +39,9 @@ else:
 # Three `dcluster train`-like starts on one fresh runs root: the tracker of each.
 START_TRACKER = """
 import sys
-from dcluster.config import Config
-from dcluster.mlflow_run import Tracker
-from dcluster.rundir import prepare_run_dir
+from dcluster.core.config import Config
+from dcluster.reporting.mlflow_run import Tracker
+from dcluster.core.rundir import prepare_run_dir
 cfg = Config(name=sys.argv[2], runs_root=sys.argv[1])
 cfg.data.path = sys.argv[1]
 tracker = Tracker()

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.config import MMDCConfig
-from dcluster.mmdc.assignment import best_permutation, match_labels
-from dcluster.mmdc.rotation import rotated_batch
-from dcluster.mmdc.targets import TargetBank, mixture_means, nearest_component
+from dcluster.core.config import MMDCConfig
+from dcluster.methods.mmdc.assignment import best_permutation, match_labels
+from dcluster.methods.mmdc.rotation import rotated_batch
+from dcluster.methods.mmdc.targets import TargetBank, mixture_means, nearest_component
 
 
 def test_onehot_targets_with_sigma_zero_are_the_means_drawn_uniformly():

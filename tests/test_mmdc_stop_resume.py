@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from dcluster.checkpoint import load_checkpoint
+from dcluster.runtime.checkpoint import load_checkpoint
 from ranks import RankOutcome, describe, rank_command
 from reference_runs import (IMAGES, MMDC_EPOCHS, MMDC_OPTIMIZERS, MMDC_RANK_BATCHES, MMDC_REFINE,
                             Run, assert_same_run, mmdc_train_args, new_dir, orders_of, run_pair,

@@ -3,10 +3,10 @@ refinement stage resumes to the same weights and targets as an uninterrupted one
 import numpy as np
 import pytest
 
-from dcluster.checkpoint import load_checkpoint
-from dcluster.config import load_config
-from dcluster.logs import configure_logging
-from dcluster.mmdc.method import MMDC, lr_at
+from dcluster.runtime.checkpoint import load_checkpoint
+from dcluster.core.config import load_config
+from dcluster.core.logs import configure_logging
+from dcluster.methods.mmdc.method import MMDC, lr_at
 from dcluster.train import train
 from helpers import CONFIGS, TINY_MMDC, assert_same_weights
 

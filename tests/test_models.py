@@ -2,9 +2,9 @@
 import torch
 from torch import nn
 
-from dcluster.config import ModelConfig, OptimConfig
+from dcluster.core.config import ModelConfig, OptimConfig
 from dcluster.models import Sobel, build_model
-from dcluster.optimize import body_optimizer
+from dcluster.runtime.optimize import body_optimizer
 
 
 def conv_channels(model) -> list[int]:

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcluster.checkpoint import BEST_NAME, keep_as_best, load_checkpoint, load_latest, save_checkpoint
-from dcluster.config import MONITOR_METRICS, ConfigError, load_config
+from dcluster.runtime.checkpoint import BEST_NAME, keep_as_best, load_checkpoint, load_latest, save_checkpoint
+from dcluster.core.config import MONITOR_METRICS, ConfigError, load_config
 from dcluster.evaluation.protocols import evaluate
-from dcluster.logs import configure_logging
-from dcluster.monitor import best_epoch
+from dcluster.core.logs import configure_logging
+from dcluster.evaluation.monitor import best_epoch
 from dcluster.train import train
 from helpers import TINY_MMDC
 

@@ -122,9 +122,9 @@ def test_fit_on_a_device_argument_equals_the_cpu_fit(data):
     tensor's device) is the same code as the host-array path: on the CPU both give the same
     transform and the same reduced rows, L2 normalisation included."""
     from dcluster.clustering.distributed_stage import fit_shared_transform, reduce_rows, row_layout
-    from dcluster.collectives import Comm
-    from dcluster.config import ClusteringConfig
-    from dcluster.distributed import Env
+    from dcluster.parallel.collectives import Comm
+    from dcluster.core.config import ClusteringConfig
+    from dcluster.parallel.distributed import Env
 
     device = torch.device("cpu")
     comm = Comm(Env(0, 1, 0, device))

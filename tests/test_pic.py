@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from dcluster.clustering.pic import knn_graph, power_iteration, run_pic, steepest_ascent
-from dcluster.metrics import nmi
+from dcluster.core.metrics import nmi
 
 DEFAULTS = dict(alpha=1e-3, knn=5, iterations=10, device="cpu")
 

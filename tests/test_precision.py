@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dcluster.config import ConfigError
+from dcluster.core.config import ConfigError
 from reference_runs import (EPOCHS, Run, assert_same_run, interrupted_command, new_dir,
                             recording, run_single, train_args)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dcluster.config import Config, flatten, keys_in_yaml_file
-from dcluster.rundir import RunDirError, attach_log_file, prepare_run_dir, save_assignments
+from dcluster.core.config import Config, flatten, keys_in_yaml_file
+from dcluster.core.rundir import RunDirError, attach_log_file, prepare_run_dir, save_assignments
 
 
 def _cfg(tmp_path: Path, **changes) -> Config:

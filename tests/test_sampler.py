@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dcluster.sampler import balanced_order, rank_slice
+from dcluster.runtime.sampler import balanced_order, rank_slice
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dcluster.config import DataConfig
+from dcluster.core.config import DataConfig
 from dcluster.data import DataSourceError, FolderSource, TarShardSource, open_source
 from dcluster.data import prepare_shards as prep
 from dcluster.data.prepare_shards import MANIFEST, REJECTS, PathListSource, prepare_shards

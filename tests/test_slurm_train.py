@@ -24,9 +24,9 @@ import torch
 from mlflow import MlflowClient
 
 import interrupts
-from dcluster.checkpoint import load_checkpoint, load_latest
-from dcluster.config import load_config, to_yaml
-from dcluster.rundir import prepare_run_dir
+from dcluster.runtime.checkpoint import load_checkpoint, load_latest
+from dcluster.core.config import load_config, to_yaml
+from dcluster.core.rundir import prepare_run_dir
 from helpers import SMALL_DEMO, TINY_MMDC, assert_same_weights
 from interrupts import clusterings, interrupt_at, record_orders
 from launch.job import TrainJob
@@ -144,7 +144,7 @@ def send_timeout_signal() -> None:
     task of the job, sent the same way (scancel --signal to the job's steps). Returns once
     this process's stop request has recorded it, so the interruption lands where asked: the
     signal's arrival wakes a select on Python's signal wake-up pipe."""
-    request = signal.getsignal(signal.SIGUSR2).__self__  # the run's dcluster.stop.StopRequest
+    request = signal.getsignal(signal.SIGUSR2).__self__  # the run's dcluster.runtime.stop.StopRequest
     woken, wake = os.pipe()
     os.set_blocking(wake, False)
     previous = signal.set_wakeup_fd(wake)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import dcluster.stop
-from dcluster.collectives import Comm
-from dcluster.config import CheckpointConfig, ConfigError
-from dcluster.distributed import Env
-from dcluster.stop import StopPoints, StopRequest, TrainingStopped, preempt_signal
+import dcluster.runtime.stop
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import CheckpointConfig, ConfigError
+from dcluster.parallel.distributed import Env
+from dcluster.runtime.stop import StopPoints, StopRequest, TrainingStopped, preempt_signal
 
 
 def single_comm() -> Comm:
@@ -53,7 +53,7 @@ def test_a_signal_is_recorded_not_acted_on_and_handlers_are_given_back(monkeypat
 
 def test_iteration_rule_and_rank_zeros_clock_ask_for_periodic_checkpoints(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(dcluster.stop.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(dcluster.runtime.stop.time, "monotonic", lambda: clock[0])
     request = StopRequest()
     every_5 = StopPoints(request, CheckpointConfig(every_iterations=5), single_comm())
     assert [every_5.local_flags(i)[1] for i in range(1, 11)] == [0, 0, 0, 0, 1] * 2

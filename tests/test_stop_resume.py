@@ -1,4 +1,4 @@
-"""Cooperative stop on a signal (dcluster/stop.py) and mid-epoch checkpoints, with real
+"""Cooperative stop on a signal (dcluster/runtime/stop.py) and mid-epoch checkpoints, with real
 `dcluster train` processes (one process, and two gloo ranks): the stopped run exits with
 128 + signal, leaves the checkpoint of exactly where the epoch stood, and the same command
 then finishes with the weights, losses, pseudo-labels and training orders of a run that was
@@ -20,7 +20,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from dcluster.checkpoint import checkpoint_name, load_checkpoint
+from dcluster.runtime.checkpoint import checkpoint_name, load_checkpoint
 from helpers import assert_same_weights
 from ranks import RankOutcome, describe
 from reference_runs import (BATCH, BATCHES, EPOCHS, IMAGES, RANK_BATCHES, Run, assert_same_run,

@@ -1,4 +1,4 @@
-"""The training pass's pause protocol (dcluster/optimize.py, dcluster/stop.py) when ranks have
+"""The training pass's pause protocol (dcluster/runtime/optimize.py, dcluster/runtime/stop.py) when ranks have
 uneven inputs: a batch whose images are all unreadable is skipped, so one rank runs out of
 batches early and sits in DDP's join while the others train on. The flag poll must then be
 shadowed too, a stop or a periodic checkpoint decided by the ranks still training must reach
@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.collectives import Comm
-from dcluster.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig
 from dcluster.data import build_pipelines, open_source
-from dcluster.distributed import Env
+from dcluster.parallel.distributed import Env
 from dcluster.models import build_model
-from dcluster.optimize import EpochProgress, StepLoop, data_parallel, sgd, train_one_epoch
-from dcluster.stop import StopPoints, StopRequest
+from dcluster.runtime.optimize import EpochProgress, StepLoop, data_parallel, sgd, train_one_epoch
+from dcluster.runtime.stop import StopPoints, StopRequest
 from helpers import assert_same_weights
 from images import write_photo, write_zero_byte
 from ranks import spawn_ranks

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from dcluster.config import Config
-from dcluster.config_settings import config_hash
-from dcluster.plots import plot_cluster_sizes, plot_nmi_curves
-from dcluster.rundir import prepare_run_dir
-from dcluster.mlflow_run import Tracker, steps_to_redo
-from dcluster.mlflow_store import tracking_uri
-from dcluster.tracking import NullTracker, make_tracker
+from dcluster.core.config import Config
+from dcluster.core.config_settings import config_hash
+from dcluster.reporting.plots import plot_cluster_sizes, plot_nmi_curves
+from dcluster.core.rundir import prepare_run_dir
+from dcluster.reporting.mlflow_run import Tracker, steps_to_redo
+from dcluster.reporting.mlflow_store import tracking_uri
+from dcluster.reporting.tracking import NullTracker, make_tracker
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

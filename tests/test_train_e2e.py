@@ -7,9 +7,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from dcluster.checkpoint import load_checkpoint, save_checkpoint
+from dcluster.runtime.checkpoint import load_checkpoint, save_checkpoint
 from dcluster.cli import main
-from dcluster.config import load_config
+from dcluster.core.config import load_config
 from dcluster.train import train
 from helpers import SMALL_DEMO, assert_same_weights, small_demo
 

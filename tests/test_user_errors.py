@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dcluster.checkpoint import load_latest
+from dcluster.runtime.checkpoint import load_latest
 from dcluster.cli import main
 from helpers import SMALL_DEMO
 

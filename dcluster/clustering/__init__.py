@@ -15,7 +15,7 @@ from dcluster.clustering.engine import Clustering
 from dcluster.clustering.kmeans import run_kmeans
 from dcluster.clustering.kmeanspp import kmeanspp_centroids
 from dcluster.clustering.pic import run_pic
-from dcluster.config import ClusteringConfig
+from dcluster.core.config import ClusteringConfig
 
 log = logging.getLogger(__name__)
 

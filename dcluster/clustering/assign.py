@@ -178,7 +178,7 @@ def scratch_rows(device: torch.device, k: int) -> int:
 @contextlib.contextmanager
 def exact_float32_matmul() -> Iterator[None]:
     """float32 GEMMs without TF32 inside, whatever the training set
-    (dcluster/execution.py turns TF32 on for Ampere and later): TF32's 10-bit mantissa would
+    (dcluster/parallel/execution.py turns TF32 on for Ampere and later): TF32's 10-bit mantissa would
     move distances by ~1e-3 and assign rows unlike FAISS's float32 flat index. The flag is
     read when a product is launched, so it can be restored before the GPU has run it."""
     saved = torch.backends.cuda.matmul.allow_tf32

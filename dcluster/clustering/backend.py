@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from dcluster.errors import UserError
-from dcluster.hardware import GPU, Build
+from dcluster.core.errors import UserError
+from dcluster.parallel.hardware import GPU, Build
 
 BACKENDS = ("auto", "faiss", "torch")
 DEVICES = ("auto", "cpu", "gpu")

@@ -39,10 +39,10 @@ from dcluster.clustering import cluster_reduced
 from dcluster.clustering.engine import Clustering
 from dcluster.clustering.kmeans import run_kmeans
 from dcluster.clustering.pca import Features, PCAStats, PCATransform, as_rows, fit_whitening
-from dcluster.collectives import Comm
-from dcluster.config import ClusteringConfig
-from dcluster.distributed import shard_bounds
-from dcluster.precision import full_float32
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import ClusteringConfig
+from dcluster.parallel.distributed import shard_bounds
+from dcluster.parallel.precision import full_float32
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,11 @@ is only where the rows live and what assigns them to centroids, hidden behind an
 :class:`~dcluster.clustering.assign.Assigner` (the seam FAISS's ``contrib/clustering.py``
 calls ``DatasetAssign``), and which ranks hold rows (``comm``; None for one process).
 
-The loop: k initial centroids drawn uniformly from all ranks' rows; per iteration every rank
+The loop: k initial centroids drawn from all ranks' rows as FAISS draws them; per iteration every rank
 assigns its rows and sums them per cluster, one all-reduce of the k x (d + 1) sums and counts
 (and the objective) gives every rank the same totals, and each computes the same new
-centroids; it stops early, as FAISS does, when an iteration leaves the objective unchanged. Empty clusters are re-seeded as FAISS does (``faiss/Clustering.cpp``
+centroids; it stops early, as FAISS does, when an iteration leaves the objective unchanged.
+Empty clusters are re-seeded as FAISS does (``faiss/Clustering.cpp``
 ``split_clusters``, the paper's section 3.3): a non-empty cluster drawn with probability
 proportional to (size - 1) is split, the empty one taking a copy of its centroid, the two
 pushed apart by a small symmetric perturbation. Everything random comes from one generator
@@ -24,10 +25,11 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
+import faiss
 import numpy as np
 
 from dcluster.clustering.assign import Assigner
-from dcluster.collectives import Comm
+from dcluster.parallel.collectives import Comm
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm]
         log.info("k-means trains on a sample of %d of the %d points", sample, total)
         train = data.subset(np.sort(rng.choice(total, size=sample, replace=False)))
     if init is None:
-        centroids = initial_centroids(train, k, rng, comm)
+        centroids = initial_centroids(train, k, seed, comm)
     else:
         centroids = np.ascontiguousarray(init, dtype=np.float32).copy()
         if centroids.shape != (k, data.dim()):
@@ -110,15 +112,19 @@ def _sum(comm: Optional[Comm], array: np.ndarray) -> np.ndarray:
     return array if comm is None else comm.all_reduce_sum(array)
 
 
-def initial_centroids(data: Assigner, k: int, rng: np.random.Generator,
-                      comm: Optional[Comm]) -> np.ndarray:
-    """k distinct rows drawn uniformly from all ranks' rows (numbered in rank order): each
+def initial_centroids(data: Assigner, k: int, seed: int, comm: Optional[Comm]) -> np.ndarray:
+    """k distinct rows of all ranks' rows (numbered in rank order): the first k of FAISS's own
+    permutation for ``seed`` (``faiss.rand_perm`` with seed + 1, as faiss::Clustering::train
+    draws them, faiss/Clustering.cpp), so that a seed picks the centroids `faiss.Kmeans` picked
+    in the releases before this engine and their runs resume onto the same clusterings. Each
     rank fills in those it holds, and a sum over ranks (of one value and zeros) assembles
     them exactly."""
     counts = [data.count()] if comm is None else comm.all_gather_object(data.count())
     rank = 0 if comm is None else comm.rank
-    offset = int(sum(counts[:rank]))
-    picks = rng.choice(int(sum(counts)), size=k, replace=False)
+    offset, total = int(sum(counts[:rank])), int(sum(counts))
+    perm = np.empty(total, dtype=np.int32)  # faiss::rand_perm fills an int array
+    faiss.rand_perm(faiss.swig_ptr(perm), total, seed % 2**31 + 1)
+    picks = perm[:k].astype(np.int64)
     mine = (picks >= offset) & (picks < offset + data.count())
     centroids = np.zeros((k, data.dim()), dtype=np.float32)
     centroids[mine] = data.rows(picks[mine] - offset)

@@ -19,8 +19,8 @@ from dcluster.clustering.assign import (Assigner, TorchAssign, as_points, faiss_
                                         faiss_gpus, replicated_flat_index)
 from dcluster.clustering.backend import DEVICES, Backend, choose_backend
 from dcluster.clustering.engine import Clustering, lloyd
-from dcluster.collectives import Comm
-from dcluster.hardware import detect
+from dcluster.parallel.collectives import Comm
+from dcluster.parallel.hardware import detect
 
 log = logging.getLogger(__name__)
 

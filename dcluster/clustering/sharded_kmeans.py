@@ -14,7 +14,7 @@ import numpy as np
 
 from dcluster.clustering.assign import as_points, faiss_cpu, faiss_gpu
 from dcluster.clustering.engine import Clustering, lloyd, split_empty_clusters
-from dcluster.collectives import Comm
+from dcluster.parallel.collectives import Comm
 
 __all__ = ["sharded_kmeans", "split_empty_clusters"]
 

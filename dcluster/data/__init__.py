@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
-from dcluster.config import ConfigError, DataConfig
+from dcluster.core.config import ConfigError, DataConfig
 from dcluster.data.badfiles import TooManyBadImagesError
 from dcluster.data.decode import BadImageError, decode_rgb
 from dcluster.data.pipelines import FeatureBatch, Pipelines, TrainBatch, num_batches

@@ -12,7 +12,7 @@ import math
 from typing import TYPE_CHECKING, Callable, NamedTuple, TypeVar, Union
 
 from dcluster.data.decode import BadImageError
-from dcluster.errors import UserError
+from dcluster.core.errors import UserError
 
 if TYPE_CHECKING:
     from dcluster.data.source import ImageSource

@@ -50,7 +50,7 @@ from nvidia.dali.plugin.pytorch.torch_utils import feed_ndarray, to_torch_tensor
 from nvidia.dali.tensors import TensorGPU
 from PIL import Image
 
-from dcluster.config import ConfigError, DataConfig
+from dcluster.core.config import ConfigError, DataConfig
 from dcluster.data.badfiles import BadImageBudget, Unreadable, load_or_unreadable
 from dcluster.data.decode import BadImageError, decode_rgb, peek_size
 from dcluster.data.pipelines import FeatureBatch, TrainBatch, as_index_array, check_train_inputs

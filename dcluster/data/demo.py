@@ -24,8 +24,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from dcluster.atomic import atomic_write_bytes
-from dcluster.errors import UserError
+from dcluster.core.atomic import atomic_write_bytes
+from dcluster.core.errors import UserError
 
 log = logging.getLogger("dcluster.data")
 

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dcluster.atomic import atomic_write, atomic_write_bytes, remove_stale_temps
+from dcluster.core.atomic import atomic_write, atomic_write_bytes, remove_stale_temps
 from dcluster.data.badfiles import Unreadable, load_or_unreadable
 from dcluster.data.decode import BadImageError, decode_rgb
 from dcluster.data.shards import CLASSES, build_index, write_index

@@ -26,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from dcluster.atomic import atomic_write, atomic_write_bytes
+from dcluster.core.atomic import atomic_write, atomic_write_bytes
 from dcluster.data.source import IMAGE_EXTENSIONS, DataSourceError
 
 log = logging.getLogger("dcluster.data")

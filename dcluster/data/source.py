@@ -15,7 +15,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from dcluster.errors import UserError
+from dcluster.core.errors import UserError
 
 log = logging.getLogger("dcluster.data")
 

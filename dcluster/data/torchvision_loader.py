@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dcluster.config import DataConfig
+from dcluster.core.config import DataConfig
 from dcluster.data.badfiles import BadImageBudget, Unreadable, load_or_unreadable
 from dcluster.data.decode import decode_rgb
 from dcluster.data.pipelines import FeatureBatch, TrainBatch, as_index_array, check_train_inputs

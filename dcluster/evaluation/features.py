@@ -1,7 +1,7 @@
 """Frozen features of a split, each process computing its share, gathered on rank 0.
 
 The split's sorted index list is cut into contiguous shards (distributed.shard_bounds, as
-training cuts the data set), each rank runs the feature pass of dcluster/extract.py on its
+training cuts the data set), each rank runs the feature pass of dcluster/runtime/extract.py on its
 own, and rank 0 receives the rows in rank order, which is global-index order. In a single
 process every collective is the identity.
 """
@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcluster.collectives import Comm
-from dcluster.distributed import Env, shard_bounds
+from dcluster.parallel.collectives import Comm
+from dcluster.parallel.distributed import Env, shard_bounds
 from dcluster.evaluation.splits import Split
-from dcluster.extract import extract_features
+from dcluster.runtime.extract import extract_features
 
 
 def split_features(model: nn.Module, split: Split, batch_size: int, env: Env, comm: Comm,

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcluster.collectives import Comm
-from dcluster.config import LinearEvalConfig
-from dcluster.distributed import Env
-from dcluster.optimize import align_replicas, data_parallel
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import LinearEvalConfig
+from dcluster.parallel.distributed import Env
+from dcluster.runtime.optimize import align_replicas, data_parallel
 
 log = logging.getLogger("dcluster.eval")
 

@@ -1,5 +1,5 @@
 """The network an evaluation reads: rebuilt from the run's config by its method (the registry,
-dcluster/methods.py), with the weights of a checkpoint, or as initialised (the random-init
+dcluster/core/registry.py), with the weights of a checkpoint, or as initialised (the random-init
 baseline), frozen."""
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcluster.checkpoint import CheckpointError
-from dcluster.config import Config
+from dcluster.runtime.checkpoint import CheckpointError
+from dcluster.core.config import Config
 from dcluster.evaluation.target import describe_network
-from dcluster.methods import method_module
+from dcluster.core.registry import method_module
 from dcluster.models import DeepClusterNet
-from dcluster.seeding import seed_everything
+from dcluster.core.seeding import seed_everything
 
 
 @dataclass

@@ -12,9 +12,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from dcluster.collectives import Comm
-from dcluster.config import ConfigError, check_key
-from dcluster.distributed import Env, detect_env, process_group
+from dcluster.parallel.collectives import Comm
+from dcluster.core.config import ConfigError, check_key
+from dcluster.parallel.distributed import Env, detect_env, process_group
 from dcluster.evaluation.clusters import kmeans_scores
 from dcluster.evaluation.features import split_features
 from dcluster.evaluation.knn import knn_scores
@@ -24,10 +24,10 @@ from dcluster.evaluation.report import EvalResult, log_to_mlflow, write_json
 from dcluster.evaluation.scoring import label_scores, topk_accuracy
 from dcluster.evaluation.splits import Split, all_labelled, open_splits
 from dcluster.evaluation.target import EvalTarget, resolve_target
-from dcluster.hardware import require_fitting_build, set_torch_threads
+from dcluster.parallel.hardware import require_fitting_build, set_torch_threads
 from dcluster.models import LayerTap
-from dcluster.sampler import rank_slice
-from dcluster.seeding import derived_rng, derived_seed
+from dcluster.runtime.sampler import rank_slice
+from dcluster.core.seeding import derived_rng, derived_seed
 
 log = logging.getLogger("dcluster.eval")
 

@@ -20,9 +20,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from dcluster.atomic import atomic_write_bytes
+from dcluster.core.atomic import atomic_write_bytes
 from dcluster.evaluation.target import EvalTarget
-from dcluster.mlflow_run import experiment_id, open_client
+from dcluster.reporting.mlflow_run import experiment_id, open_client
 
 log = logging.getLogger("dcluster.eval")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dcluster.metrics import clustering_accuracy, nmi
+from dcluster.core.metrics import clustering_accuracy, nmi
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dcluster.config import Config, ConfigError
+from dcluster.core.config import Config, ConfigError
 from dcluster.data import ImageSource, Pipelines, build_pipelines, open_source
-from dcluster.seeding import derived_rng
+from dcluster.core.seeding import derived_rng
 
 
 @dataclass

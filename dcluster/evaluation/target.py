@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from dcluster.checkpoint import CheckpointError, load_checkpoint, load_latest
-from dcluster.config import Config, ConfigError, flatten, load_config
-from dcluster.methods import method_module
-from dcluster.run_state import upgraded
+from dcluster.runtime.checkpoint import CheckpointError, load_checkpoint, load_latest
+from dcluster.core.config import Config, ConfigError, flatten, load_config
+from dcluster.core.registry import method_module
+from dcluster.runtime.run_state import upgraded
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 # the keys that shape a trained network's weights besides model.* and the method's own (its

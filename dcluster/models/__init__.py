@@ -1,7 +1,7 @@
 """Model construction from the config: `build_model(cfg.model, crop_size)`."""
 from __future__ import annotations
 
-from dcluster.config import ModelConfig
+from dcluster.core.config import ModelConfig
 from dcluster.models.architectures import alexnet_body, smallconv_body, smallvgg_body, vgg16_body
 from dcluster.models.convnet import DeepClusterNet
 from dcluster.models.resnet import RESNETS, resnet_body
