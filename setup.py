@@ -40,7 +40,7 @@ setup(
         "cpu": ["faiss-cpu==1.15.1", "nvidia-dali-cuda130==2.4.0"],
         # CUDA 12: Volta (sm_70) to Hopper (sm_90); FAISS official wheel built for sm_70-sm_90
         # (+PTX), DALI for SM 5.0 and later. Pascal (sm_60): torch and DALI run, FAISS has no
-        # sm_60 wheel (clustering.device=cpu, or a conda/source FAISS build).
+        # sm_60 code, so k-means assigns with PyTorch on the GPU (clustering.backend=auto).
         "cu12": ["faiss-gpu==1.15.1", "nvidia-dali-cuda120==2.4.0"],
         # CUDA 13 torch and DALI: Turing (sm_75) and newer. FAISS is the same CUDA 12.6 wheel
         # with its own CUDA 12 runtime (packages nvidia-*-cu12, beside torch's CUDA 13.0 ones;
