@@ -39,7 +39,9 @@ def test_quick_on_the_cpu_runs_the_sections_and_resumes_inside_epoch_2(tmp_path)
                  "kill_resume"):
         assert sections[name]["status"] == "ok", (name, sections[name])
     pca = sections["pca_eigensolver"]["result"]["full_float32"]
-    assert pca["solver"].startswith("subspace iteration") and not pca["fallback"]
+    # --quick's toy width is one eigh takes directly (up to 512 dimensions); the GPU sizes run
+    # the subspace iteration, which must then converge without the fallback
+    assert pca["solver"].startswith(("eigh", "subspace iteration")) and not pca["fallback"]
     resume = sections["kill_resume"]["result"]
     assert resume["killed_inside_epoch_2"] and resume["resumed_inside_epoch_2"]
     assert resume["equal_weights"]

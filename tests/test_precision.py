@@ -6,10 +6,7 @@ The bf16 run is the small demo of tests/reference_runs.py (400 digits, 3 epochs)
 """
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,16 +59,6 @@ def test_a_stopped_and_resumed_bf16_run_ends_equal_to_the_uninterrupted_one(
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert "inside epoch 2, after its iteration 5" in resumed.output
     assert_same_run(bf16_reference, run)
-
-
-def test_gpu_check_without_a_gpu_says_so_and_exits_0():
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    assert "no CUDA GPU is visible" in lines[0] and "nothing was measured" in lines[0]
-    assert json.loads(lines[-1]) == {"gpu": False, "measured": False}
-
 
 def test_an_unknown_precision_is_refused_naming_the_key(small_demo_config):
     with pytest.raises(ConfigError, match="optim.precision.*'fp8'.*fp32, bf16, fp16"):

@@ -79,7 +79,7 @@ def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm]
         centroids = np.ascontiguousarray(init, dtype=np.float32).copy()
         if centroids.shape != (k, data.dim()):
             raise ValueError(f"initial centroids must be ({k}, {data.dim()}), got {centroids.shape}")
-    log.debug("k-means (%s): %d points x %d dims, k=%d, %d iterations",
+    log.debug("k-means on %s: %d points x %d dims, k=%d, %d iterations",
               data.name, total, data.dim(), k, niter)
     n_reseeded, previous = 0, None
     for iteration in range(niter):
