@@ -15,7 +15,6 @@ from dcluster.core.config import ConfigError
 from reference_runs import (EPOCHS, Run, assert_same_run, interrupted_command, new_dir,
                             recording, run_single, train_args)
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bf16_trains_with_a_finite_falling_loss_and_the_nmi_of_fp32(bf16_reference, reference):
