@@ -7,7 +7,6 @@ The bf16 run is the small demo of tests/reference_runs.py (400 digits, 3 epochs)
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
