@@ -279,8 +279,9 @@ def close_process_group() -> None:
     collector runs. Left to interpreter finalisation, the group's C++ destructor then meets
     joinable gloo threads or a half-torn-down interpreter and the process dies of SIGABRT
     ("terminate called without an active exception"; pytorch/pytorch#179291, #190489), which
-    is what failed a 2-rank test 1 time in ~400. So: collect the cycles, let every rank finish
-    its collectives (barrier), then destroy: gloo's worker threads are joined here."""
+    is what failed a 2-rank test once in a full-suite run. So: collect the cycles, let every
+    rank finish its collectives (barrier), then destroy: gloo's worker threads are joined
+    here."""
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
