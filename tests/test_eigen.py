@@ -89,3 +89,15 @@ def test_small_dimensions_take_eigh_directly():
     ours = top_eigenpairs(cov, 64)
     assert ours.solver == "eigh (256 dimensions)"
     torch.testing.assert_close(ours.values, full_eigh(cov, 64, "reference").values)
+
+
+def test_the_cpu_subset_solver_gives_torch_eighs_leading_pairs():
+    """full_eigh on the CPU asks LAPACK for the k leading pairs only (syevr, less memory than
+    torch's syevd at D = 4096): the same eigenvalues, and the same vectors up to sign."""
+    cov = covariance(power_law(), seed=7)
+    ours = full_eigh(cov, K, "test")
+    values, vectors = torch.linalg.eigh(cov)
+    torch.testing.assert_close(ours.values, values.flip(0)[:K], rtol=1e-10, atol=1e-12)
+    alignment = (ours.vectors * vectors.flip(1)[:, :K]).sum(dim=0).abs()
+    torch.testing.assert_close(alignment, torch.ones(K, dtype=torch.float64), rtol=0, atol=1e-8)
+    assert ours.vectors.shape == (D, K) and ours.solver == "eigh (test)"

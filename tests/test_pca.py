@@ -110,6 +110,16 @@ def test_bad_dimensions_are_rejected(data):
         PCAStats(D + 1).update(data)
 
 
+def test_the_covariance_spends_the_statistics(data):
+    """covariance() builds the matrix in the statistics' own D x D array (no second one at
+    rank 0's peak), so statistics that gave it refuse more rows instead of adding to it."""
+    stats = PCAStats(D).update(data)
+    reference = np.cov(data.astype(np.float64), rowvar=False, bias=True)
+    np.testing.assert_allclose(stats.covariance().numpy(), reference, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="spent by covariance"):
+        stats.update(data)
+
+
 def test_l2_normalize_in_place():
     x = np.array([[3.0, 4.0], [0.0, 0.0], [-1.0, 0.0]], dtype=np.float32)
     out = l2_normalize(x)

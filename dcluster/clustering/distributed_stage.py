@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional
@@ -38,7 +37,8 @@ import torch
 from dcluster.clustering import cluster_reduced
 from dcluster.clustering.engine import Clustering
 from dcluster.clustering.kmeans import run_kmeans
-from dcluster.clustering.pca import Features, PCAStats, PCATransform, as_rows, fit_whitening
+from dcluster.clustering.pca import (Features, PCAStats, PCATransform, as_rows, column_sums,
+                                     fit_whitening)
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import ClusteringConfig
 from dcluster.parallel.distributed import shard_bounds
@@ -50,10 +50,11 @@ CHUNK_ROWS = 2048
 """Rows per GEMM of the PCA passes: 32 MB of 4096-d floats, still at full BLAS speed, where
 the single-process default (8192) would hold 128 MB next to rank 0's gathered matrix."""
 
-STATS_ROWS = 4096
-"""Rows per block of the covariance pass: its products are GEMMs of 4096 x 512 x D, at the
-BLAS rate; the pass runs before rank 0 allocates the gathered matrix, so the 64 MB block of
-4096-d rows is not on top of it."""
+STATS_ROWS = 2048
+"""Rows per block of the covariance pass: its products are GEMMs of 2048 x 512 x D, at the
+BLAS rate. Two blocks (the one being summed and the next one drawn) and PCAStats' centred
+copy are alive at once next to the D x D statistics: 3 x 32 MB at D = 4096, where 4096-row
+blocks made this pass rank 0's memory peak."""
 
 PCA_SAMPLE_STREAM = 1
 """Mixed into the stage's seed for the PCA sample, so that it is not k-means' own stream."""
@@ -118,21 +119,34 @@ def fit_shared_transform(x: Features, layout: RowLayout, cfg: ClusteringConfig, 
     rows = as_rows(x)
     device = device or rows.device
     positions = pca_sample_rows(layout, comm.rank, cfg.pca_sample, seed)
-    # products about a shift near the mean avoid cancellation (see PCAStats), and the sums of
-    # all ranks only add up about one common shift: the mean of every rank's first block is
-    # both, for an all-reduce of d numbers and no pass over the rows of its own; rows in host
-    # memory are moved to ``device`` a chunk at a time (PCAStats.update)
-    blocks = row_blocks(rows, positions, STATS_ROWS)
-    first = next(blocks, None)
-    head = [] if first is None else [first]
-    stats = PCAStats(layout.dim, device=device, shift=mean_of_blocks(head, layout.dim, comm))
-    for block in itertools.chain(head, blocks):
-        stats.update(block, chunk_rows=STATS_ROWS)
+    stats = local_stats(rows, positions, layout.dim, comm, device)
     stats.sum, stats.outer = all_reduce_tensor(stats.sum, comm), all_reduce_tensor(stats.outer, comm)
     stats.count = layout.total if positions is None else cfg.pca_sample  # the same everywhere
     out_dim = cfg.pca_dim or layout.dim
     fitted = fit_whitening(stats, out_dim, whiten=cfg.whiten) if comm.is_main else None
     return broadcast_transform(fitted, layout.dim, out_dim, cfg.whiten, comm).to(device)
+
+
+def local_stats(rows: torch.Tensor, positions: Optional[np.ndarray], dim: int, comm: Comm,
+                device: torch.device) -> PCAStats:
+    """This rank's PCA statistics of its ``rows`` at ``positions`` (all if None), on
+    ``device``, about the shift every rank shares.
+
+    Products about a shift near the mean avoid cancellation (see PCAStats), and the sums of
+    all ranks only add up about one common shift: the mean of every rank's first block is
+    both, for an all-reduce of d numbers and no pass over the rows of its own. Rows in host
+    memory are moved to ``device`` a chunk at a time (PCAStats.update). A function of its own
+    so that no block of rows (64 MB at D = 4096) outlives it into the fit."""
+    blocks = row_blocks(rows, positions, STATS_ROWS)
+    first = next(blocks, None)
+    stats = PCAStats(dim, device=device,
+                     shift=mean_of_blocks([] if first is None else [first], dim, comm))
+    if first is not None:
+        stats.update(first, chunk_rows=STATS_ROWS)
+    del first
+    for block in blocks:
+        stats.update(block, chunk_rows=STATS_ROWS)
+    return stats
 
 
 def all_reduce_tensor(t: torch.Tensor, comm: Comm) -> torch.Tensor:
@@ -236,7 +250,7 @@ def mean_of_blocks(blocks: Iterable[Features], dim: int, comm: Comm) -> np.ndarr
     totals = np.zeros(dim + 1)
     for block in blocks:
         rows = as_rows(block)
-        totals[:-1] += rows.sum(dim=0, dtype=torch.float64).cpu().numpy()
+        totals[:-1] += column_sums(rows).cpu().numpy()
         totals[-1] += rows.shape[0]
     totals = comm.all_reduce_sum(totals)
     return (totals[:-1] / totals[-1]).astype(np.float32)
