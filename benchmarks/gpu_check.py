@@ -244,7 +244,7 @@ def fit_against_float64(x: torch.Tensor, out_dim: int) -> dict[str, Any]:
     transform = fit_whitening(stats, out_dim)
     synchronize(x.device)
     seconds = time.perf_counter() - start
-    cov = stats.covariance().cpu()
+    cov = PCAStats(x.shape[1], device=x.device).update(x).covariance().cpu()  # fit spent stats
     exact = torch.linalg.eigh(cov).eigenvalues.flip(0)[:out_dim]
     # the projection's columns are eigenvectors scaled by 1/sqrt(lambda): unit length again
     vectors = transform.projection.double().cpu()

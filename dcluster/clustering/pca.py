@@ -223,7 +223,8 @@ def _normalize_rows(t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 def fit_whitening(stats: PCAStats, dim: int, whiten: bool = True,
                   eps: float = 1e-5) -> PCATransform:
-    """Fit the PCA (optionally whitening) to ``stats``.
+    """Fit the PCA (optionally whitening) to ``stats``, which it spends (see
+    :meth:`PCAStats.covariance`).
 
     ``eps`` is relative: eigenvalues below ``eps * largest`` are floored there before the
     1/sqrt scaling. Such directions carry only rounding noise (float32 chunk products are
