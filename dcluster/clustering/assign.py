@@ -34,15 +34,6 @@ CPU_SCRATCH_BYTES = 256 << 20
 GPU_SCRATCH_SHARE = 0.25
 """Share of a GPU's free memory one chunk's distances may take."""
 
-FAISS_CPU_CENTROID_BLOCK = 4096
-"""Centroids per BLAS product in FAISS's CPU flat search. faiss/utils/distances.cpp
-(``exhaustive_L2sqr_blas``) computes the distances in blocks of
-``distance_compute_blas_query_bs`` (4096) rows by ``distance_compute_blas_database_bs``
-(1024) centroids, one sgemm each, into a scratch of both sizes' product. With 256-d rows
-the default 1024-centroid blocks leave the sgemm short of the BLAS rate: at k = 10,000,
-4096-centroid blocks made a search of 100k rows 14-17% faster on the 2-core machines (3.19 s
-against 3.70 s, best of 3); the scratch grows from 16 to 64 MiB."""
-
 
 @dataclass
 class Assignment:
@@ -116,27 +107,13 @@ class FaissAssign(Assigner):
         # one search over all rows, as faiss.Clustering does: FAISS picks its BLAS or its
         # SIMD kernel by the number of queries (faiss.cvar.distance_compute_blas_threshold),
         # and chunks of 8192 rows were 25% slower than one call
-        with faiss_centroid_block(FAISS_CPU_CENTROID_BLOCK):
-            distances, assigned = self.index.search(self.x, 1)
+        distances, assigned = self.index.search(self.x, 1)
         labels = assigned.ravel()
         objective = float(distances.sum(dtype=np.float64))
         sums = summed_by_label(torch.from_numpy(self.x), torch.from_numpy(labels), k) \
             if with_sums else None
         return Assignment(labels, objective, np.bincount(labels, minlength=k),
                           None if sums is None else sums.numpy())
-
-
-@contextlib.contextmanager
-def faiss_centroid_block(centroids: int) -> Iterator[None]:
-    """FAISS's CPU searches inside compute ``centroids`` distances per row and BLAS product
-    (see FAISS_CPU_CENTROID_BLOCK); the process-wide setting is restored on leaving. GPU
-    indexes do not read it."""
-    saved = faiss.cvar.distance_compute_blas_database_bs
-    faiss.cvar.distance_compute_blas_database_bs = centroids
-    try:
-        yield
-    finally:
-        faiss.cvar.distance_compute_blas_database_bs = saved
 
 
 def summed_by_label(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
