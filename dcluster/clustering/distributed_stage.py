@@ -136,7 +136,7 @@ def local_stats(rows: torch.Tensor, positions: Optional[np.ndarray], dim: int, c
     all ranks only add up about one common shift: the mean of every rank's first block is
     both, for an all-reduce of d numbers and no pass over the rows of its own. Rows in host
     memory are moved to ``device`` a chunk at a time (PCAStats.update). A function of its own
-    so that no block of rows (64 MB at D = 4096) outlives it into the fit."""
+    so that no block of rows (32 MB at D = 4096) outlives it into the fit."""
     blocks = row_blocks(rows, positions, STATS_ROWS)
     first = next(blocks, None)
     stats = PCAStats(dim, device=device,

@@ -114,6 +114,7 @@ class PCAStats:
         x = as_rows(batch)
         if x.shape[1] != self.dim:
             raise ValueError(f"batch has {x.shape[1]} columns, the statistics have {self.dim}")
+        outer = self._outer_or_raise()  # before any work on the rows
         if x.shape[0] == 0:
             return self
         buf = torch.empty(min(x.shape[0], chunk_rows), self.dim, device=self.device)
@@ -124,13 +125,12 @@ class PCAStats:
             chunk_sum = column_sums(centred)
             if not bool(torch.isfinite(chunk_sum).all()):  # NaN/inf propagate into the sum
                 _raise_non_finite(chunk, self.count)
-            self._add_upper_products(centred)
+            self._add_upper_products(outer, centred)
             self.sum += chunk_sum
             self.count += chunk.shape[0]
         return self
 
-    def _add_upper_products(self, c: torch.Tensor) -> None:
-        outer = self._outer_or_raise()
+    def _add_upper_products(self, outer: torch.Tensor, c: torch.Tensor) -> None:
         for lo in range(0, self.dim, _BLOCK_COLS):
             hi = min(lo + _BLOCK_COLS, self.dim)
             outer[lo:hi, lo:] += c[:, lo:hi].T @ c[:, lo:]
