@@ -39,7 +39,7 @@ def test_resnet50_preset_clusters_the_2048_pooled_features_behind_sobel(data_dir
 
 @pytest.mark.parametrize("preset", ["deepcluster_vgg16_imagenet.yaml", "demo.yaml",
                                     "mmdc_mnist.yaml", "deepcluster_mnist5k.yaml",
-                                    "deepcluster_mnist.yaml"])
+                                    "deepcluster_mnist.yaml", "mmdc_mnist_authors.yaml"])
 def test_other_presets_load(preset, data_dir):
     cfg = load_config(CONFIGS / preset, [f"data.path={data_dir}"])
     assert cfg.data.path == str(data_dir)
@@ -73,6 +73,8 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path, data_dir):
     ("clustering.method=dbscan", "clustering.method"),
     ("data.resize_size=16", "data.resize_size"),
     ("clustering.pca_sample=50", "clustering.pca_sample"),  # demo.yaml: pca_dim 64
+    ("data.crop_sides=[24,0]", "data.crop_sides"),
+    ("data.rotation_degrees=200", "data.rotation_degrees"),
 ])
 def test_bad_values_name_the_key(override, key, data_dir):
     with pytest.raises(ConfigError) as err:

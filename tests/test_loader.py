@@ -181,6 +181,28 @@ def test_switching_flips_off_keeps_every_box_and_never_flips():
     assert [dataclasses.replace(p, flip=False) for p in crops] == plain
 
 
+def test_square_crops_take_each_listed_side_inside_the_image_clamped_to_small_images():
+    crops = [sample_crop(np.random.default_rng(key), 28, 28, 0.2, crop_sides=(24, 20, 16))
+             for key in range(300)]
+    sides = [p.height for p in crops]
+    assert all(p.height == p.width for p in crops) and set(sides) == {24, 20, 16}
+    assert all(70 < sides.count(side) < 130 for side in (24, 20, 16))
+    assert all(0 <= p.top <= 28 - p.height and 0 <= p.left <= 28 - p.width for p in crops)
+    assert len({(p.top, p.left) for p in crops if p.height == 16}) > 30  # placed anywhere
+    small = sample_crop(np.random.default_rng(0), 18, 40, 0.2, crop_sides=(24,))
+    assert (small.top, small.height, small.width) == (0, 18, 18)
+
+
+def test_rotation_draws_the_angle_last_and_leaves_boxes_and_coins_alone():
+    rotated = [sample_crop(np.random.default_rng(key), 120, 160, 0.2, rotation_degrees=25)
+               for key in range(200)]
+    plain = [sample_crop(np.random.default_rng(key), 120, 160, 0.2) for key in range(200)]
+    angles = np.array([p.angle for p in rotated])
+    assert np.abs(angles).max() <= 25 and angles.min() < -20 and angles.max() > 20
+    assert [dataclasses.replace(p, angle=0.0) for p in rotated] == plain
+    assert all(p.angle == 0.0 for p in plain)
+
+
 def test_extreme_aspect_ratio_falls_back_to_a_clamped_centre_crop():
     p = sample_crop(np.random.default_rng(0), 10, 1000, min_scale=0.9)
     assert (p.top, p.height) == (0, 10) and p.width == round(10 * 4 / 3)

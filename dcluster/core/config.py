@@ -53,6 +53,15 @@ class DataConfig:
     flip: bool = key(True, "Horizontal flip of training crops with probability 1/2; false for "
                      "data whose mirror image is another thing (digits: a mirrored 2 is no 2).",
                      since="987da1c", legacy=True)
+    crop_sides: list[int] = key([], "Training crops: squares of one of these sides (pixels of the "
+                                "stored image, clamped to its shorter side), drawn uniformly and "
+                                "placed uniformly, then resized to crop_size (the MMDC code's "
+                                "MNIST crops: [24, 20, 16]); empty: the random resized crop of "
+                                "min_scale.", since="SINCE", legacy=[])
+    rotation_degrees: float = key(0.0, "Training images are rotated by an angle uniform in "
+                                  "[-r, r] degrees about their centre (corners black) before "
+                                  "the crop (the MMDC code's MNIST recipe: 25); 0: never.",
+                                  bounds="[0, 180]", since="SINCE", legacy=0.0)
     workers: int = key(2, "torchvision: decoding processes (0: the main process); dali: "
                        "threads.", bounds=">= 0", hashed=False)
     max_bad_fraction: float = key(0.01, "Fraction of unreadable images tolerated per pass "
@@ -420,6 +429,8 @@ def validate(cfg: Config) -> None:
               "clustering.pca_sample", cfg.clustering.pca_sample,
               f"must be 0 (all rows) or more than clustering.pca_dim ({cfg.clustering.pca_dim}) "
               "rows, or the covariance cannot have pca_dim directions")
+    check_key(all(side > 0 for side in cfg.data.crop_sides), "data.crop_sides",
+              cfg.data.crop_sides, "must hold positive sides in pixels")
     check_key(cfg.data.resize_size >= cfg.data.crop_size, "data.resize_size",
            cfg.data.resize_size, f"must be at least data.crop_size ({cfg.data.crop_size})")
     check_key(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
+
+from dcluster.core.config import DataConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,20 +35,66 @@ class CropParams:
     height: int
     width: int
     flip: bool
+    # degrees counter-clockwise, about the image's centre, applied to the whole image before
+    # the window is cut (corners filled black)
+    angle: float = 0.0
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What a training crop may be (the ``data.*`` keys that shape it), for both loaders."""
+    min_scale: float = 0.08
+    flip: bool = True
+    crop_sides: tuple[int, ...] = ()  # empty: the random resized crop of min_scale
+    rotation_degrees: float = 0.0
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> "Augmentation":
+        return cls(cfg.min_scale, cfg.flip, tuple(cfg.crop_sides), cfg.rotation_degrees)
+
+    @property
+    def rotates(self) -> bool:
+        return self.rotation_degrees > 0
+
+    def sample(self, rng: np.random.Generator, height: int, width: int) -> CropParams:
+        return sample_crop(rng, height, width, self.min_scale, self.flip, self.crop_sides,
+                           self.rotation_degrees)
 
 
 def sample_generator(seed: int, epoch: int, position: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, position, index])
 
 
-def sample_crop(rng: np.random.Generator, height: int, width: int,
-                min_scale: float, flip: bool = True) -> CropParams:
-    """torchvision's RandomResizedCrop.get_params drawing from ``rng``, plus the flip coin
-    (tossed even when ``flip`` is false, so that switching flips off keeps every box).
-
-    Area fraction uniform in (min_scale, 1), aspect ratio log-uniform in RATIO_RANGE, retried
-    until the box fits, with the centre crop clamped to RATIO_RANGE as the fallback.
+def sample_crop(rng: np.random.Generator, height: int, width: int, min_scale: float,
+                flip: bool = True, crop_sides: Sequence[int] = (),
+                rotation_degrees: float = 0.0) -> CropParams:
+    """torchvision's RandomResizedCrop.get_params drawing from ``rng`` (or, with
+    ``crop_sides``, RandomChoice over RandomCrop of those sides), then the flip coin (tossed
+    even when ``flip`` is false, so that switching flips off keeps every box), then the angle
+    (uniform in [-rotation_degrees, rotation_degrees]; drawn last, so that the boxes and coins
+    of a run without rotation are those of the releases before it).
     """
+    box = (square_box(rng, height, width, crop_sides) if crop_sides
+           else resized_crop_box(rng, height, width, min_scale))
+    heads = bool(rng.random() < 0.5)
+    angle = float(rng.uniform(-rotation_degrees, rotation_degrees)) if rotation_degrees else 0.0
+    return CropParams(*box, flip=flip and heads, angle=angle)
+
+
+def square_box(rng: np.random.Generator, height: int, width: int,
+               sides: Sequence[int]) -> tuple[int, int, int, int]:
+    """(top, left, side, side): a side drawn uniformly from ``sides`` (clamped to the image's
+    shorter side), placed uniformly, as the MMDC code's MNIST crops (torchvision RandomChoice
+    of RandomCrop(24), (20), (16) on 28 x 28 digits)."""
+    side = min(int(sides[int(rng.integers(len(sides)))]), height, width)
+    return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1)), side, side
+
+
+def resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                     min_scale: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of RandomResizedCrop: area fraction uniform in
+    (min_scale, 1), aspect ratio log-uniform in RATIO_RANGE, retried until the box fits, with
+    the centre crop clamped to RATIO_RANGE as the fallback."""
     area = height * width
     log_ratio = (math.log(RATIO_RANGE[0]), math.log(RATIO_RANGE[1]))
     box = None
@@ -66,8 +115,7 @@ def sample_crop(rng: np.random.Generator, height: int, width: int,
         else:
             w, h = width, height
         box = ((height - h) // 2, (width - w) // 2, h, w)
-    heads = bool(rng.random() < 0.5)
-    return CropParams(*box, flip=flip and heads)
+    return box
 
 
 def normalization(grayscale_stats: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -55,8 +55,8 @@ from dcluster.data.badfiles import BadImageBudget, Unreadable, load_or_unreadabl
 from dcluster.data.decode import BadImageError, decode_rgb, peek_size
 from dcluster.data.pipelines import FeatureBatch, TrainBatch, as_index_array, check_train_inputs
 from dcluster.data.source import ImageSource
-from dcluster.data.crops import (center_crop_origin, normalization, resized_shorter_side,
-                                 sample_crop, sample_generator)
+from dcluster.data.crops import (Augmentation, center_crop_origin, normalization,
+                                 resized_shorter_side, sample_generator)
 
 log = logging.getLogger("dcluster.data")
 
@@ -88,23 +88,29 @@ def feature_recipe(resize_size: int, crop: int) -> Recipe:
     return args
 
 
-def train_recipe(min_scale: float, seed: int, epoch: int, flip: bool = True) -> Recipe:
-    """TrainTransform's crop and flip, drawn from the same generator."""
+def train_recipe(augmentation: Augmentation, seed: int, epoch: int) -> Recipe:
+    """TrainTransform's rotation, crop and flip, drawn from the same generator (the angle is
+    fed only to a graph that rotates: see _define)."""
     def args(height: int, width: int, position: int, index: int) -> dict[str, np.ndarray]:
-        p = sample_crop(sample_generator(seed, epoch, position, index), height, width, min_scale,
-                        flip)
-        return {"anchor": np.array([p.left, p.top], np.float32),  # DALI's "WH" order
-                "shape": np.array([p.width, p.height], np.float32),
-                "mirror": np.array(int(p.flip), np.int32)}
+        p = augmentation.sample(sample_generator(seed, epoch, position, index), height, width)
+        fed = {"anchor": np.array([p.left, p.top], np.float32),  # DALI's "WH" order
+               "shape": np.array([p.width, p.height], np.float32),
+               "mirror": np.array(int(p.flip), np.int32)}
+        if augmentation.rotates:
+            fed["angle"] = np.array(p.angle, np.float32)
+        return fed
     return args
 
 
 def _define(kind: str, batch_size: int, threads: int, device_id: Optional[int], crop: int,
-            grayscale_stats: bool, roi_decode: bool = True) -> Pipeline:
+            grayscale_stats: bool, roi_decode: bool = True, rotate: bool = False) -> Pipeline:
     """The DALI graph of one pass kind; ``device_id`` None runs it all on the CPU.
     ``roi_decode`` False: the training crop is cut from the fully decoded image (fn.slice,
     the same anchor and shape in the same "WH" order) instead of decoding only its window,
-    for GPUs whose window decode is broken (:func:`probe_roi_decode`)."""
+    for GPUs whose window decode is broken (:func:`probe_roi_decode`). ``rotate``: the whole
+    decoded image is first rotated by the fed angle (fn.rotate: counter-clockwise on the
+    screen, as torchvision's rotate; the canvas kept, corners black), so the window cannot be
+    decoded alone."""
     mean, std = normalization(grayscale_stats)
     decoder = "cpu" if device_id is None else "mixed"
     pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
@@ -120,7 +126,12 @@ def _define(kind: str, batch_size: int, threads: int, device_id: Optional[int], 
             shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
             mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
             window = dict(normalized_anchor=False, normalized_shape=False)
-            if roi_decode:  # ROI decoding: only the crop window is decoded
+            if rotate:
+                angle = fn.external_source(name="angle", dtype=types.FLOAT, ndim=0)
+                whole = fn.rotate(fn.decoders.image(encoded, **common), angle=angle,
+                                  keep_size=True, fill_value=0, interp_type=types.INTERP_LINEAR)
+                images = fn.slice(whole, anchor, shape, **window)
+            elif roi_decode:  # ROI decoding: only the crop window is decoded
                 images = fn.decoders.image_slice(encoded, anchor, shape, **window, **common)
             else:
                 images = fn.slice(fn.decoders.image(encoded, **common), anchor, shape, **window)
@@ -340,7 +351,7 @@ class DaliPipelines:
                       batch_size: int, start_position: int = 0) -> Iterator[TrainBatch]:
         """As TorchvisionPipelines.train_batches, with the same crops up to decoder rounding."""
         array, labels = check_train_inputs(order, targets, start_position, len(self.source))
-        recipe = train_recipe(self.cfg.min_scale, self.seed, epoch, self.cfg.flip)
+        recipe = train_recipe(Augmentation.of(self.cfg), self.seed, epoch)
         for batch in self._run(_TRAIN, recipe, array, start_position, batch_size):
             yield TrainBatch(images=batch.images,
                              targets=torch.from_numpy(labels[batch.indices.numpy()]),
@@ -349,7 +360,8 @@ class DaliPipelines:
     def _new_runner(self, kind: str, batch_size: int, recipe: Recipe) -> _Runner:
         return _Runner(lambda: _define(kind, batch_size, self.threads, self.device_id,
                                        self.cfg.crop_size, self.cfg.grayscale_stats,
-                                       self.roi_decode), recipe)
+                                       self.roi_decode, Augmentation.of(self.cfg).rotates),
+                       recipe)
 
     def _run(self, kind: str, recipe: Recipe, indices: np.ndarray, start: int,
              batch_size: int) -> Iterator[_Decoded]:
@@ -479,7 +491,7 @@ def _probe_main(device_id: Optional[int]) -> None:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
     encoded = np.frombuffer(buffer.getvalue(), np.uint8)
-    recipe = train_recipe(0.08, seed=0, epoch=0)
+    recipe = train_recipe(Augmentation(min_scale=0.08), seed=0, epoch=0)
     samples = [_Sample(i, encoded, recipe(256, 320, i, i)) for i in range(4)]
     runner = _Runner(lambda: _define(_TRAIN, len(samples), 1, device_id, 224, False), recipe)
     runner.submit(samples)

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dcluster.core.config import DataConfig
 from dcluster.data.badfiles import BadImageBudget, Unreadable, load_or_unreadable
+from dcluster.data.crops import Augmentation
 from dcluster.data.decode import decode_rgb
 from dcluster.data.pipelines import FeatureBatch, TrainBatch, as_index_array, check_train_inputs
 from dcluster.data.source import ImageSource
@@ -88,8 +89,8 @@ class TorchvisionPipelines:
         """``targets[i]`` is the pseudo-label of global index ``i``; positions before
         ``start_position`` are skipped, the others keep the crops they get in a full pass."""
         array, targets = check_train_inputs(order, targets, start_position, len(self.source))
-        transform = TrainTransform(self.cfg.crop_size, self.cfg.min_scale, self.seed, epoch,
-                                   self.cfg.grayscale_stats, self.cfg.flip)
+        transform = TrainTransform(self.cfg.crop_size, Augmentation.of(self.cfg), self.seed,
+                                   epoch, self.cfg.grayscale_stats)
         position = start_position
         for batch in self._batches(array, start_position, transform, batch_size):
             position += batch.positions

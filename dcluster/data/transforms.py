@@ -8,8 +8,8 @@ import torch
 import torchvision.transforms.functional as F
 from PIL import Image
 
-from dcluster.data.crops import (center_crop_origin, normalization, resized_shorter_side,
-                                 sample_crop, sample_generator)
+from dcluster.data.crops import (Augmentation, center_crop_origin, normalization,
+                                 resized_shorter_side, sample_generator)
 
 
 class SampleTransform(Protocol):
@@ -28,21 +28,22 @@ class _Normalize:
 
 
 class TrainTransform(_Normalize):
-    """Random resized crop to ``crop_size`` and (``flip``) a horizontal flip with probability
-    1/2."""
+    """The ``augmentation``'s rotation of the whole image, then its crop window resized to
+    ``crop_size``, then its horizontal flip."""
 
-    def __init__(self, crop_size: int, min_scale: float, seed: int, epoch: int,
-                 grayscale_stats: bool = False, flip: bool = True) -> None:
+    def __init__(self, crop_size: int, augmentation: Augmentation, seed: int, epoch: int,
+                 grayscale_stats: bool = False) -> None:
         super().__init__(grayscale_stats)
         self.crop_size = crop_size
-        self.min_scale = min_scale
-        self.flip = flip
+        self.augmentation = augmentation
         self.seed = seed
         self.epoch = epoch
 
     def __call__(self, image: Image.Image, position: int, index: int) -> torch.Tensor:
         rng = sample_generator(self.seed, self.epoch, position, index)
-        p = sample_crop(rng, image.height, image.width, self.min_scale, self.flip)
+        p = self.augmentation.sample(rng, image.height, image.width)
+        if p.angle:
+            image = F.rotate(image, p.angle, interpolation=F.InterpolationMode.BILINEAR, fill=0)
         image = F.resized_crop(image, p.top, p.left, p.height, p.width,
                                [self.crop_size, self.crop_size],
                                interpolation=F.InterpolationMode.BILINEAR, antialias=True)
