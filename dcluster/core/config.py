@@ -57,11 +57,11 @@ class DataConfig:
                                 "stored image, clamped to its shorter side), drawn uniformly and "
                                 "placed uniformly, then resized to crop_size (the MMDC code's "
                                 "MNIST crops: [24, 20, 16]); empty: the random resized crop of "
-                                "min_scale.", since="SINCE", legacy=[])
+                                "min_scale.", since="cd5361f", legacy=[])
     rotation_degrees: float = key(0.0, "Training images are rotated by an angle uniform in "
                                   "[-r, r] degrees about their centre (corners black) before "
                                   "the crop (the MMDC code's MNIST recipe: 25); 0: never.",
-                                  bounds="[0, 180]", since="SINCE", legacy=0.0)
+                                  bounds="[0, 180]", since="cd5361f", legacy=0.0)
     workers: int = key(2, "torchvision: decoding processes (0: the main process); dali: "
                        "threads.", bounds=">= 0", hashed=False)
     max_bad_fraction: float = key(0.01, "Fraction of unreadable images tolerated per pass "
