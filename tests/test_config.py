@@ -39,7 +39,8 @@ def test_resnet50_preset_clusters_the_2048_pooled_features_behind_sobel(data_dir
 
 @pytest.mark.parametrize("preset", ["deepcluster_vgg16_imagenet.yaml", "demo.yaml",
                                     "mmdc_mnist.yaml", "deepcluster_mnist5k.yaml",
-                                    "deepcluster_mnist.yaml", "mmdc_mnist_authors.yaml"])
+                                    "deepcluster_mnist.yaml", "mmdc_mnist_authors.yaml",
+                                    "mmdc_mnist5k.yaml"])
 def test_other_presets_load(preset, data_dir):
     cfg = load_config(CONFIGS / preset, [f"data.path={data_dir}"])
     assert cfg.data.path == str(data_dir)
