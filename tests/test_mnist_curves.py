@@ -1,5 +1,6 @@
 """benchmarks/mnist_curves.py (the results page's per-epoch curves) reads a run's history from
 its newest checkpoint: here the legacy fixture's run (one epoch of the demo method)."""
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -27,3 +28,12 @@ def test_a_run_without_checkpoints_is_a_one_line_error(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "empty")],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2 and "no checkpoint to read a history from" in done.stderr
+
+
+def test_an_over_clustering_run_is_drawn_without_an_acc():
+    spec = importlib.util.spec_from_file_location("mnist_curves", SCRIPT)
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    over = dict(curves.series_of([{"epoch": 1, "n_clusters": 50}]))
+    assert "acc_classes" not in over and over["nmi_classes"] == "NMI of its k = 50 clusters"
+    assert curves.series_of([{"epoch": 1, "n_clusters": 10}]) == list(curves.SERIES)
