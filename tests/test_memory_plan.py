@@ -13,7 +13,7 @@ from dcluster.parallel.collectives import Comm
 from dcluster.core.config import BankConfig, ClusteringConfig
 from dcluster.parallel.distributed import Env
 from dcluster.parallel.memory_plan import (GB, GPU_FRACTION, WORKING_SET, Memory, MemoryPlanError,
-                                  host_available, local_ranks, place_rows)
+                                  host_available, local_ranks, place_rows, plan)
 from dcluster.parallel.pinned import PinnedBuffer
 
 GiB = 1 << 30
@@ -205,3 +205,11 @@ def test_a_bank_with_automatic_memory_lives_with_a_cpu_device():
     assert BankConfig().memory == "auto" and bank.storage is None
     bank.refresh(ShardFeatures(np.ones((10, 3), dtype=np.float32), np.arange(10)), epoch=0)
     assert bank.storage == CPU and bank.features().features.shape == (10, 3)
+
+
+def test_a_repeated_plan_is_logged_once_and_a_changed_one_again(caplog):
+    caplog.set_level("DEBUG", logger="dcluster.parallel.memory_plan")
+    for rows in (1000, 1000, 1000, 2000):
+        plan("rows of this test", rows, 8, FLOAT32, CPU)
+    levels = [(r.levelname, "1000 x 8" in r.getMessage()) for r in caplog.records]
+    assert levels == [("INFO", True), ("DEBUG", True), ("DEBUG", True), ("INFO", False)]

@@ -133,8 +133,17 @@ def local_ranks(environ: Mapping[str, str]) -> int:
     return 1
 
 
+# Per kind of rows, the last decision logged at INFO: the plan runs every epoch, and a line per
+# epoch that repeats the same decision buries the epoch lines, so a repeat goes to DEBUG.
+_logged_decisions: dict[str, tuple[int, int, int, str]] = {}
+
+
 def plan(what: str, rows: int, dim: int, itemsize: int, device: torch.device) -> Placement:
-    """:func:`place_rows` with this rank's measured numbers, logged."""
+    """:func:`place_rows` with this rank's measured numbers, logged at INFO when the decision
+    (shape, where the rows live) differs from the last one logged for ``what``."""
     placement = place_rows(what, rows, dim, itemsize, device, measure(device))
-    log.info("memory plan: %s", placement.describe())
+    decision = (rows, dim, itemsize, str(placement.device))
+    repeated = _logged_decisions.get(what) == decision
+    _logged_decisions[what] = decision
+    log.log(logging.DEBUG if repeated else logging.INFO, "memory plan: %s", placement.describe())
     return placement
