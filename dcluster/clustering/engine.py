@@ -22,6 +22,7 @@ of the squared distance to their final centroid.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -52,6 +53,7 @@ class Clustering:
     n_reseeded: int  # empty clusters re-seeded by splitting, over all iterations
     backend: str  # which assignment backend ran, e.g. "faiss-cpu", "torch cuda x4"
     centroids: Optional[np.ndarray] = None  # float32 (k, d), the same on every rank
+    seconds: float = float("nan")  # wall time of k-means alone (seeding to final assignment)
 
 
 def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm] = None,
@@ -62,6 +64,7 @@ def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm]
     ``init`` (k, d) replaces the seeded draw of initial centroids (k-means++ seeds, say);
     ``sample`` > 0 trains on that many rows drawn at random (one process only; FAISS's
     ``max_points_per_centroid``), the final assignment covering every row."""
+    started = time.perf_counter()
     total = _sum(comm, np.array([data.count()], dtype=np.int64))[0]
     if not 1 <= k <= total:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for {total} points")
@@ -107,7 +110,8 @@ def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm]
     sizes = totals[:k].astype(np.int64)
     return Clustering(labels=final.labels, n_clusters=k, objective=float(totals[k]), sizes=sizes,
                       n_empty=int((sizes == 0).sum()), n_reseeded=n_reseeded,
-                      backend=data.name, centroids=centroids)
+                      backend=data.name, centroids=centroids,
+                      seconds=time.perf_counter() - started)
 
 
 def _sum(comm: Optional[Comm], array: np.ndarray) -> np.ndarray:

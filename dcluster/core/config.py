@@ -236,7 +236,7 @@ class MonitorConfig:
     max_images: int = key(0, "Measure on a seeded sample of this many images of data.path "
                           "(its held-out ones scored, the others the k-NN memory), to bound "
                           "the monitor's cost on a very large set; 0: every image.",
-                          bounds=">= 0", hashed=False, since="round 4")
+                          bounds=">= 0", hashed=False, since="e1cd661")
 
 
 @dataclass

@@ -56,6 +56,7 @@ METRICS = (
     Metric("bank_refreshed", "bank refreshed {bank_refreshed:.0%}", "after_monitor"),
     Metric("bank_mean_age"),
     Metric("n_clusters"), Metric("n_reseeded"),
+    Metric("time_kmeans"),  # of time_clustering: the rest is PCA, whitening, moving labels
 )
 
 
@@ -140,7 +141,8 @@ class DeepCluster:
                                 ctx.device)
         ctx.clusters.update(result.labels, result.n_clusters, epoch.number)
         metrics.update(objective=result.objective, n_clusters=result.n_clusters,
-                       n_empty=result.n_empty, n_reseeded=result.n_reseeded)
+                       n_empty=result.n_empty, n_reseeded=result.n_reseeded,
+                       time_kmeans=result.seconds)
         log.debug("clustering: %s, %d clusters, objective %.5g, %d empty, %d re-seeded",
                   result.backend, result.n_clusters, result.objective, result.n_empty,
                   result.n_reseeded)
