@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from dcluster.core.config import Config, load_config  # noqa: E402
 from dcluster.models import DeepClusterNet, build_model  # noqa: E402
+from dcluster.parallel.memory_plan import WORKING_SET, place_rows  # noqa: E402
+from dcluster.parallel.memory_plan import Memory as PlanMemory  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Published constants. Every number here is someone else's measurement or datasheet figure
@@ -77,7 +79,7 @@ DLE_RN50 = ("NVIDIA/DeepLearningExamples PyTorch/Classification/ConvNets/resnet5
 @dataclass(frozen=True)
 class Published:
     """One published training throughput of one GPU (img/s per GPU, 1 GPU), and the 8-GPU
-    strong scaling the same source measured (1.0 where it has none)."""
+    strong scaling (8-GPU img/s over 8 x the 1-GPU img/s) the same source measured."""
     img_s: float
     scaling_8: float
     source: str
@@ -120,13 +122,16 @@ LOADER_IMG_S: dict[str, tuple[float, str]] = {
 # Estimated: share of the float32 peak a large GEMM reaches (FAISS flat k-means assignment,
 # k-NN, PCA covariance), a typical cuBLAS SGEMM share for inner dimensions of 256 and more.
 GEMM_SHARE = 0.7
+# Estimated: GPU memory a process holds before any tensor (CUDA context, cuDNN and cuBLAS
+# handles and workspaces), typically 0.5-1 GB with torch's CUDA builds.
+CUDA_CONTEXT = int(0.8e9)
 # Estimated: checkpoint write by rank 0 (torch.save, fsync, then the SHA-256 pass over the
 # file), on a local NVMe or a parallel file system.
 CHECKPOINT_GB_S = 0.5
 
 IMAGENET_N = 1_281_167
 IMAGENET_VAL_N = 50_000
-YFCC_N = 95_920_149   # "95.9M" (YFCC100M images; the paper's Flickr set)
+YFCC_N = 95_900_000   # YFCC100M's images as issue #30 counts them (the paper used 1M of them)
 K = 10_000
 NITER = 20
 PCA_DIM = 256
@@ -137,7 +142,8 @@ PRESETS = {"alexnet": "configs/deepcluster_alexnet_imagenet.yaml",
 
 # Published epoch times to check the model against (/work/shared/FACTS.md, fourth round).
 PAPER_EPOCH_S = 12 * 24 * 3600 / 500       # DeepCluster paper: 500 epochs, 12 days, 1 P100
-SWAV_DCV2_EPOCH_S = 3 * 60 + 13            # swav README: DeepCluster-v2, 64 V100-32GB
+# swav README "Running times": DeepCluster-v2, batch 4096, 2x160 + 4x96, 64 V100
+SWAV_DCV2_EPOCH_S = 3 * 60 + 13
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,6 +164,9 @@ class Network:
 
 
 def count_flops(fn: Callable[[], torch.Tensor]) -> float:
+    """FLOPs of one call, as torch's counter sees them: matmuls and convolutions, 2 per
+    multiply-add; BatchNorm, ReLU and pooling are not counted (they are memory-bound, which
+    the published throughputs carry)."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return float(counter.get_total_flops())
@@ -188,10 +197,10 @@ def kept_activation_bytes(model: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def preset_config(arch: str, overrides: tuple[str, ...] = ()) -> Config:
+def preset_config(arch: str) -> Config:
     """The ImageNet preset of ``arch``; data.path points at an existing directory only because
     the config's validation checks that it exists (no image is read)."""
-    return load_config(ROOT / PRESETS[arch], [f"data.path={ROOT}", *overrides])
+    return load_config(ROOT / PRESETS[arch], [f"data.path={ROOT}"])
 
 
 def measure_network(arch: str, crop: int = CROP, k: int = K) -> Network:
@@ -215,17 +224,19 @@ def measure_network(arch: str, crop: int = CROP, k: int = K) -> Network:
                    activations)
 
 
-def reference_flops(crop: int = CROP) -> dict[str, float]:
+def reference_flops(crop: int = CROP, names: tuple[str, ...] = ("alexnet", "vgg16", "resnet50")
+                    ) -> dict[str, float]:
     """Forward FLOPs of the RGB networks the published throughputs were measured on
-    (torchvision's AlexNet, VGG16, ResNet-50): they turn img/s into achieved FLOP/s."""
+    (torchvision's AlexNet, VGG16, ResNet-50): they turn img/s into achieved FLOP/s. Built
+    and run on the meta device: shapes only, no weights drawn, no arithmetic done."""
     import torchvision.models as tv
 
-    x = torch.zeros(1, 3, crop, crop)
     out = {}
-    with torch.device("meta"):
-        nets = {"alexnet": tv.alexnet(), "vgg16": tv.vgg16(), "resnet50": tv.resnet50()}
-    for name, net in nets.items():
-        out[name] = count_flops(lambda: net.eval()(x.to("meta")))
+    for name in names:
+        with torch.device("meta"):
+            net = getattr(tv, name)().eval()
+            x = torch.zeros(1, 3, crop, crop)
+        out[name] = count_flops(lambda: net(x))
     return out
 
 
@@ -257,6 +268,8 @@ class Workload:
     pca_dim: int = PCA_DIM
     pca_sample: int = 25_000     # the presets' clustering.pca_sample; 0: every row (the paper)
     batch: int = 256             # per GPU (optim.batch_size)
+    mode: str = "gather"         # clustering.mode: gather (the presets) k-means on rank 0's
+    #                              GPU; sharded: on every rank (YFCC100M: 97 GB of vectors)
     monitor_every: int = 0       # the presets: off; 1: every epoch
     monitor_val: int = 0         # eval.val_path images (0: no labels, no monitor)
 
@@ -344,8 +357,10 @@ def epoch_cost(net: Network, setup: Setup, work: Workload, ref: dict[str, float]
     rows = work.pca_sample or work.n
     pca = gemm_seconds(2 * rows * d * d, setup, ranks) + gemm_seconds(d ** 3, setup, 1) + \
         gemm_seconds(2 * work.n * d * work.pca_dim, setup, ranks)
-    # k-means: the assignment GEMM of every iteration (2 N k p), over every rank (sharded)
-    kmeans = gemm_seconds(2 * work.n * work.k * work.pca_dim * work.niter, setup, ranks)
+    # k-means: the assignment GEMM of every iteration (2 N k p), on rank 0's GPU (gather) or
+    # over every rank (sharded)
+    kmeans = gemm_seconds(2 * work.n * work.k * work.pca_dim * work.niter, setup,
+                          ranks if work.mode == "sharded" else 1)
     checkpoint = checkpoint_bytes(net, work.n) / (CHECKPOINT_GB_S * 1e9)
     monitor = 0.0
     if work.monitor_val:
@@ -362,35 +377,48 @@ def epoch_cost(net: Network, setup: Setup, work: Workload, ref: dict[str, float]
 @dataclass(frozen=True)
 class Memory:
     """Bytes per GPU rank, per node, per checkpoint."""
-    gpu_model: int            # weights, gradients, momentum, BN buffers
-    gpu_activations: int      # kept activations of one training batch
+    state: int                # weights, BN buffers, SGD momentum (float32, also under AMP)
+    training_peak: int        # state + gradients + the kept activations of one batch + context
+    features_peak: int        # state + the rank's rows when on the GPU + the plan's working set
     feature_rows: int         # the rank's N/R x D float32 rows
-    vectors: int              # the rank's N/R x 256 reduced vectors
-    rows_on_gpu: bool         # whether the rows fit beside the training state
-    gpu_total: int
+    rows_on_gpu: bool         # the memory plan's decision for them
     gpu_capacity: int
     host_per_node: int
     checkpoint: int
 
+    @property
+    def gpu_peak(self) -> int:
+        return max(self.training_peak, self.features_peak)
+
 
 def memory(net: Network, setup: Setup, work: Workload) -> Memory:
-    """The memory plan's picture (dcluster/parallel/memory_plan.py): the rank's feature rows
-    stay on its GPU when they fit beside the training state, else in host memory. Host memory
-    per node also holds, on each of its ranks, the N pseudo-labels of this and the last
-    clustering and the balanced order (3 x 8 B per image, every rank holds all of them).
-    Mixed precision keeps float32 weights and optimiser state but half-size activations."""
-    gpu_bytes = int(GPU_MEMORY_GB[setup.gpu] * 1e9)
-    model = 4 * (net.params + net.trainable * 2 + net.buffers)
+    """GPU memory per rank at the two peaks of an epoch, and host memory per node.
+
+    The feature rows are placed by dcluster's own memory plan
+    (``dcluster.parallel.memory_plan.place_rows``: on the GPU if they fit 0.8 x (free - 4 GiB
+    working set), else in host memory), with the GPU's free memory taken as its capacity less
+    the CUDA context and the model state. The training peak adds gradients and the kept
+    activations of a batch (half their float32 bytes under mixed precision). Host memory per
+    node holds, on each rank, the N pseudo-labels of this and the last clustering and the
+    balanced order (3 x 8 B per image: every rank holds all of them), the rank's reduced
+    vectors (N/R x 256 float32, from which k-means copies its chunks) and the rows the plan
+    put there; in gather mode rank 0's node also holds all N vectors."""
+    capacity = int(GPU_MEMORY_GB[setup.gpu] * 1e9)
+    state = 4 * (net.params + net.buffers + net.trainable)
     activations = net.activation_bytes_per_image * work.batch // (2 if setup.precision == "half"
                                                                    else 1)
+    training_peak = CUDA_CONTEXT + state + 4 * net.trainable + activations
     per_rank = math.ceil(work.n / setup.ranks)
-    rows = per_rank * net.feature_dim * 4
-    vectors = per_rank * work.pca_dim * 4
-    on_gpu = model + activations + rows + vectors <= 0.9 * gpu_bytes
-    gpu_total = model + activations + (rows + vectors if on_gpu else 0)
-    host_rank = 24 * work.n + (0 if on_gpu else rows + vectors)
-    return Memory(model, activations, rows, vectors, on_gpu, gpu_total, gpu_bytes,
-                  host_rank * setup.gpus_per_node, checkpoint_bytes(net, work.n))
+    free = capacity - CUDA_CONTEXT - state
+    placement = place_rows("feature rows", per_rank, net.feature_dim, 4, torch.device("cuda"),
+                           PlanMemory(gpu_free=free, gpu_total=capacity,
+                                      host_available=1 << 62))
+    rows = placement.nbytes
+    features_peak = CUDA_CONTEXT + state + WORKING_SET + (rows if placement.on_gpu else 0)
+    host_rank = 24 * work.n + per_rank * work.pca_dim * 4 + (0 if placement.on_gpu else rows)
+    gathered = work.n * work.pca_dim * 4 if work.mode == "gather" else 0
+    return Memory(state, training_peak, features_peak, rows, placement.on_gpu, capacity,
+                  host_rank * setup.gpus_per_node + gathered, checkpoint_bytes(net, work.n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,23 +435,25 @@ def paper_check(alexnet: Network, ref: dict[str, float]) -> dict[str, float]:
             "ratio": cost.total / PAPER_EPOCH_S, "clustering_share": clustering_share}
 
 
-def swav_check(ref: dict[str, float], rn50_96: float) -> dict[str, float]:
-    """swav's DeepCluster-v2: torchvision ResNet-50 (RGB) with a 2048-2048-128 MLP and three
-    3,000-way prototype heads, 2 x 224 + 6 x 96 crops per image, mixed precision, 64 V100-32GB,
-    no extra feature pass (the training pass's features), 3 k-means of k = 3,000 on the 128-d
-    features, 10 iterations each. ``ref``: the reference networks' FLOPs at 224 (ResNet-50's
-    is the backbone's there), ``rn50_96``: the backbone's at 96."""
-    rn50_224 = ref["resnet50"]
+def swav_check(resnet50: dict[int, float]) -> dict[str, float]:
+    """swav's DeepCluster-v2 run of its README's "Running times" table (3 min 13 s an epoch):
+    ``scripts/deepclusterv2_400ep_pretrain.sh``, 8 nodes x 8 V100, batch 64 per GPU, crops
+    2 x 160 + 4 x 96, ResNet-50 (RGB) with a 2048-2048-128 MLP and three 3,000-way prototype
+    heads, FP32 (``main_deepclusterv2.py`` has no mixed precision; apex serves LARC and
+    SyncBN only), no extra feature pass (the training forward fills the memory bank), three
+    k-means of k = 3,000 on the 128-d bank, 10 iterations each. ``resnet50``: the backbone's
+    forward FLOPs by crop size, measured."""
     head = 2 * (2048 * 2048 + 2048 * 128 + 128 * 3 * 3000)
-    forward = 2 * (rn50_224 + head) + 6 * (rn50_96 + head)
-    setup = Setup("64 V100", "V100", 8, 8, "half")
-    img_s, scaling_8, _ = resnet50_published("V100", "half")
-    flops_s = img_s * 3 * rn50_224 * setup.ranks * scaling_8
+    forward = 2 * (resnet50[160] + head) + 4 * (resnet50[96] + head)
+    setup = Setup("64 V100", "V100", 8, 8)
+    img_s, scaling_8, _ = resnet50_published("V100", "fp32")
+    flops_s = img_s * 3 * resnet50[224] * setup.ranks * scaling_8
     training = IMAGENET_N * 3 * forward / flops_s
     kmeans = gemm_seconds(3 * 2 * IMAGENET_N * 3000 * 128 * 10, setup, setup.ranks)
     total = training + kmeans
     return {"predicted_s": total, "published_s": SWAV_DCV2_EPOCH_S,
-            "ratio": total / SWAV_DCV2_EPOCH_S, "crops_flops_over_one_224": forward / rn50_224}
+            "ratio": total / SWAV_DCV2_EPOCH_S, "crops_flops_over_one_224": forward / resnet50[224],
+            "img_s_per_gpu": IMAGENET_N / training / setup.ranks}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +511,8 @@ def report(nets: dict[str, Network], ref: dict[str, float], workloads: tuple[Wor
     for work in workloads:
         for setup in SETUPS:
             lines += ["", f"## {work.name} ({work.n:,} images) on {setup.name} "
-                      f"({rate_key(setup.gpu, setup.precision)})", "",
+                      f"({rate_key(setup.gpu, setup.precision)}, clustering.mode={work.mode})",
+                      "",
                       "| network | features | PCA | k-means | training | checkpoint | "
                       "**epoch** | monitor (when on) | GPU mem / rank | host mem / node | "
                       "checkpoint |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -489,19 +520,19 @@ def report(nets: dict[str, Network], ref: dict[str, float], workloads: tuple[Wor
                 cost = epoch_cost(net, setup, work, ref)
                 mem = memory(net, setup, work)
                 where = "rows on GPU" if mem.rows_on_gpu else "rows on host"
-                if mem.gpu_total > mem.gpu_capacity:
-                    where += f"; over the {gb(mem.gpu_capacity)}: smaller batch"
+                if mem.training_peak > mem.gpu_capacity:
+                    where += f"; training over the {gb(mem.gpu_capacity)}: smaller batch"
                 monitor = hms(cost.monitor) if cost.monitor else "n/a (no labels)"
                 lines.append(
                     f"| {net.arch} | {hms(cost.features)} ({cost.bound['features']}) | "
                     f"{hms(cost.pca)} | {hms(cost.kmeans)} | {hms(cost.training)} "
                     f"({cost.bound['training']}) | {hms(cost.checkpoint)} | "
-                    f"**{hms(cost.total)}** | {monitor} | {gb(mem.gpu_total)} ({where}) | "
+                    f"**{hms(cost.total)}** | {monitor} | {gb(mem.gpu_peak)} ({where}) | "
                     f"{gb(mem.host_per_node)} | {gb(mem.checkpoint)} |")
                 key = f"{work.name}|{setup.name}|{net.arch}"
                 summary["setups"][key] = {s: round(v, 1) for s, v in cost.stages().items()} | {
                     "total": round(cost.total, 1),
-                    "gpu_gb_per_rank": round(mem.gpu_total / 1e9, 1),
+                    "gpu_gb_per_rank": round(mem.gpu_peak / 1e9, 1),
                     "host_gb_per_node": round(mem.host_per_node / 1e9, 1),
                     "checkpoint_gb": round(mem.checkpoint / 1e9, 2)}
     lines += ["", "## Checks against published epoch times", "",
@@ -523,12 +554,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_num_threads(1)
     ref = reference_flops()
     nets = {arch: measure_network(arch) for arch in PRESETS}
-    rn50_96 = reference_flops(96)["resnet50"]
+    resnet50 = {size: reference_flops(size, ("resnet50",))["resnet50"] for size in (160, 96)} | \
+        {CROP: ref["resnet50"]}
     checks = {"paper": paper_check(nets["alexnet"], ref),
-              "swav": swav_check(ref, rn50_96)}
+              "swav": swav_check(resnet50)}
     workloads = (Workload("ImageNet", IMAGENET_N, monitor_every=args.monitor_every,
                           monitor_val=IMAGENET_VAL_N),
-                 Workload("YFCC100M", YFCC_N))
+                 Workload("YFCC100M", YFCC_N, mode="sharded"))
     text, summary = report(nets, ref, workloads, checks)
     if args.out:
         args.out.write_text(text)
