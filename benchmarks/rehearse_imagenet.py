@@ -87,7 +87,7 @@ def rank_of(pid: int) -> Optional[int]:
 class Launch:
     """One `torchrun -m dcluster.cli ARGS` job: its output in a log file, each rank's peak
     RSS sampled while it runs, and an optional SIGTERM to the ranks once the log shows epoch
-    2's training pass (as Slurm signals every task of a job)."""
+    2's training pass at 10% or more (as Slurm signals every task of a job)."""
 
     def __init__(self, args: list[str], log: Path, stop_in_epoch2: bool = False) -> None:
         self.args, self.log, self.stop_in_epoch2 = args, log, stop_in_epoch2
@@ -130,7 +130,7 @@ class Launch:
     def _in_epoch2_training(self) -> bool:
         text = self.log.read_bytes().decode(errors="replace")
         first = text.find("epoch 1/2 |")
-        return first >= 0 and re.search(r"train:\s+\d+%", text[first:]) is not None
+        return first >= 0 and re.search(r"train:\s+[1-9]\d%", text[first:]) is not None
 
 
 class Rehearsal:

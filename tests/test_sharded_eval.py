@@ -104,7 +104,10 @@ def sharded(tmp_path_factory) -> dict[int, list]:
     results = {}
     for world in (1, 2):
         out = tmp_path_factory.mktemp(f"world{world}")
-        spawn_ranks(functools.partial(sharded_rank, out), world)
+        if world == 1:  # one process: no process group, every collective the identity
+            sharded_rank(out, Comm(Env(0, 1, 0, torch.device("cpu"))))
+        else:
+            spawn_ranks(functools.partial(sharded_rank, out), world)
         results[world] = [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(world)]
     return results
 
@@ -129,14 +132,11 @@ def test_sharded_class_probe_finds_the_gathered_partition(sharded, world):
     assert scores[0]["nmi"] == pytest.approx(nmi(reference, FEATURES[1]), abs=1e-3)
 
 
-def test_the_guard_fails_on_a_gather_of_every_row(tmp_path):
-    with pytest.raises(Exception):
-        spawn_ranks(functools.partial(gather_everything, tmp_path), 2)
-
-
-def gather_everything(out: Path, comm: Comm) -> None:
-    rows = mine(FEATURES, comm)[0]
-    RowGatherGuard(comm.env).gather_rows(rows, comm.all_gather_object(len(rows)))
+def test_the_guard_fails_on_a_gather_of_every_row():
+    guard = RowGatherGuard(Env(0, 1, 0, torch.device("cpu")))
+    assert guard.gather_rows(FEATURES[1], [len(FEATURES[1])]) is not None  # labels pass
+    with pytest.raises(AssertionError, match="gather of 2000 rows"):
+        guard.gather_rows(FEATURES[0], [len(FEATURES[0])])
 
 
 def test_training_monitor_and_eval_on_two_ranks_gather_no_feature_rows(demo_digits, tmp_path):
@@ -158,3 +158,15 @@ def test_training_monitor_and_eval_on_two_ranks_gather_no_feature_rows(demo_digi
         outcomes = run_pair(guard, ["eval", protocol, str(runs / "guarded")], tmp_path / protocol)
         assert all(o.returncode == 0 for o in outcomes), describe(outcomes)
         assert list((runs / "guarded" / "eval").glob(f"{protocol}_e*.json"))
+
+
+def test_the_monitor_sample_is_seeded_sorted_and_of_the_asked_size():
+    from dcluster.evaluation.monitor import subsample
+    from dcluster.evaluation.splits import Split
+
+    every = Split(source=None, pipelines=None, indices=np.arange(1000, dtype=np.int64))
+    drawn = subsample(every, 100, seed=3)
+    assert len(drawn.indices) == 100 and np.all(np.diff(drawn.indices) > 0)
+    np.testing.assert_array_equal(drawn.indices, subsample(every, 100, seed=3).indices)
+    assert not np.array_equal(drawn.indices, subsample(every, 100, seed=4).indices)
+    assert subsample(every, 0, seed=3) is every and subsample(every, 1000, seed=3) is every

@@ -9,7 +9,7 @@ import torch
 
 PURPOSES = {"kmeans": 1, "head": 2, "probe": 3, "targets": 4, "target_noise": 5, "order": 6,
             "rotation_order": 7, "refine": 8, "eval_split": 9, "eval_kmeans": 10,
-            "linear_order": 11, "dropout": 13}
+            "linear_order": 11, "dropout": 13, "monitor_sample": 14}
 
 
 def derived_seed(seed: int, epoch: int, purpose: str, *streams: int) -> int:

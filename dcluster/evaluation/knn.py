@@ -94,6 +94,8 @@ class BankShard:
         m = chunk.shape[0]
         best = torch.full((m, k), -float("inf"), device=self.device)
         where = torch.full((m, k), -1, dtype=torch.int64, device=self.device)
+        if self.rows.shape[0] == 0:  # a rank without memory rows offers no neighbours
+            return best.cpu().numpy(), where.cpu().numpy()
         queries = torch.from_numpy(chunk).to(self.device)
         for lo, block in self.blocks():
             sims = queries @ block.T
