@@ -282,7 +282,30 @@ def main() -> None:
         "this_call_s": round(time.perf_counter() - started, 1),
     }
     (args.out / "result.json").write_text(json.dumps(result, indent=1))
+    (args.out / "tables.md").write_text(markdown_tables(result))
     print(json.dumps(result))
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """The measured tables of docs/scale.md: seconds per stage at each N with the fitted
+    exponent, and each rank's peak per kind of process."""
+    sizes = [str(n) for n in result["sizes"]]
+    stages = list(result["seconds"][sizes[-1]])
+    lines = ["| stage | " + " | ".join(f"N = {int(n):,}" for n in sizes) + " | exponent |",
+             "|---" * (len(sizes) + 2) + "|"]
+    for stage in stages:
+        lines.append(f"| {stage} | " + " | ".join(f"{result['seconds'][n][stage]:.1f} s"
+                                               for n in sizes)
+                     + f" | {result['exponents'][stage]} |")
+    lines += ["", "| process | " + " | ".join(f"N = {int(n):,}" for n in
+                                              [str(BASELINE_N), *sizes]) + " | exponent |",
+              "|---" * (len(sizes) + 3) + "|"]
+    for kind in ("train", "eval_knn", "eval_clusters"):
+        cells = [" / ".join(f"{gb:.2f}" for gb in result["peak_rss_gb"][n][kind].values())
+                 for n in [str(BASELINE_N), *sizes]]
+        lines.append(f"| {kind} | " + " | ".join(f"{c} GB" for c in cells)
+                     + f" | {result['exponents'][f'peak_{kind}']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

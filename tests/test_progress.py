@@ -16,16 +16,26 @@ def test_a_progress_line_says_the_rate_and_the_time_left():
     assert (duration(3725), duration(125), duration(12)) == ("1h02m", "2m05s", "12s")
 
 
-def test_progress_logs_periodic_lines_without_a_terminal(caplog, monkeypatch):
+class Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_progress_logs_periodic_lines_without_a_terminal(monkeypatch):
     clock = iter(float(t) for t in range(0, 1000, 20))  # 20 s a step
     monkeypatch.setattr(logs.time, "monotonic", lambda: next(clock))
-    with caplog.at_level(logging.INFO, logger="dcluster"):
-        logs.log.propagate = True
-        try:
-            assert list(progress(range(4), 4, "features", "auto")) == [0, 1, 2, 3]
-        finally:
-            logs.log.propagate = False
-    lines = [r.getMessage() for r in caplog.records]
+    kept = Kept()
+    configure_logging()
+    logs.log.addHandler(kept)
+    try:
+        assert list(progress(range(4), 4, "features", "auto")) == [0, 1, 2, 3]
+    finally:
+        logs.log.removeHandler(kept)
+    lines = [r.getMessage() for r in kept.records]
     assert lines == ["features: 2/4 batches (0.1/s, 40s left)",
                      "features: 4/4 batches (0.1/s, 0s left)"]
 
