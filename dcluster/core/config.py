@@ -184,7 +184,7 @@ class ClusteringConfig:
                     "peers' GPUs hold their training state) or node (every GPU of the node: "
                     "gather mode, rank 0 clustering while its peers wait). Sharded mode always "
                     "uses the own device.", choices=("own", "node"), hashed=False,
-                    since="issue31", legacy="node")
+                    since="b6e838d", legacy="node")
     every: int = key(1, "Re-cluster every n epochs, a new head each time (the paper: every "
                  "epoch).", bounds="> 0")
     mode: str = key("gather", "gather: the vectors of all ranks go to rank 0, which clusters "
