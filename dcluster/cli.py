@@ -69,8 +69,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from dcluster.parallel.hardware import conflicting_builds, installed_distributions
 
     conflicts = conflicting_builds(installed_distributions())  # two builds of one module
-    import faiss
     import torch
+
+    from dcluster.core.faiss_after_torch import faiss
 
     from dcluster.clustering.backend import backend_rows
     from dcluster.clustering.kmeans import available_gpus as faiss_gpu_count

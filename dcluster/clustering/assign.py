@@ -31,10 +31,11 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
-import faiss
 import numpy as np
 import scipy.sparse
 import torch
+
+from dcluster.core.faiss_after_torch import faiss
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-import faiss
 import numpy as np
 
+from dcluster.core.faiss_after_torch import faiss
 from dcluster.clustering.assign import Assigner
 from dcluster.parallel.collectives import Comm
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import faiss
 import numpy as np
 import torch
 
+from dcluster.core.faiss_after_torch import faiss
 from dcluster.clustering.assign import (Assigner, TorchAssign, as_points, faiss_cpu, faiss_gpu,
                                         faiss_gpus, replicated_flat_index)
 from dcluster.clustering.backend import (DEVICES, Backend, backend_rows, choose_backend,

@@ -273,7 +273,7 @@ def detect() -> Detected:
     """The installed builds and the GPUs torch sees."""
     import torch
 
-    import faiss
+    from dcluster.core.faiss_after_torch import faiss
 
     cuda = torch.version.cuda
     gpus: tuple[GPU, ...] = ()
