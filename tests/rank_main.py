@@ -9,6 +9,8 @@ the product has no switches that exist for tests. Options:
                    clustering:N, train:E:B); the job must stop as a whole and checkpoint
 --signal NAME      the signal --interrupt sends (default SIGUSR2)
 --record-orders DIR each rank lists the images of its training batches (tests/interrupts.py)
+--row-gather-bound N  a gather of rows wider than a label (Comm.gather_rows) of more than N
+                   rows in all fails the process (tests/test_sharded_eval.py)
 """
 from __future__ import annotations
 
@@ -23,11 +25,22 @@ import torch
 import dcluster.methods.deepcluster.method
 import dcluster.harness
 from dcluster.cli import main
+from dcluster.parallel.collectives import Comm
 from interrupts import interrupt_at, record_orders, signal_self
 
 
 def fail_in_training(*args, **kwargs):
     raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
+
+
+def bounded_gather(bound: int, gather_rows):
+    def gather(self, rows, counts, out=None):
+        if rows.ndim > 1 and sum(counts) > bound:
+            raise AssertionError(f"gather of {sum(counts)} rows of {tuple(rows.shape[1:])} "
+                                 f"on rank {self.rank} (bound {bound})")
+        return gather_rows(self, rows, counts, out)
+
+    return gather
 
 
 def saving_weights(directory: Path, align):
@@ -45,6 +58,7 @@ if __name__ == "__main__":
     parser.add_argument("--interrupt")
     parser.add_argument("--signal", default="SIGUSR2", type=lambda name: signal.Signals[name])
     parser.add_argument("--record-orders", type=Path)
+    parser.add_argument("--row-gather-bound", type=int)
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     if args.fail_on_rank is not None and int(os.environ["RANK"]) == args.fail_on_rank:
@@ -53,6 +67,8 @@ if __name__ == "__main__":
         # the harness aligns the replicas after every epoch's last pass, whatever the method
         dcluster.harness.align_replicas = saving_weights(args.save_weights,
                                                          dcluster.harness.align_replicas)
+    if args.row_gather_bound is not None:
+        Comm.gather_rows = bounded_gather(args.row_gather_bound, Comm.gather_rows)
     rank = int(os.environ.get("RANK", "0"))
     if args.interrupt and rank == 0:
         interrupt_at(args.interrupt, signal_self(args.signal))

@@ -8,7 +8,7 @@ import torch
 
 from dcluster.core.config import LinearEvalConfig
 from dcluster.evaluation.clusters import kmeans_scores
-from dcluster.evaluation.knn import knn_scores
+from dcluster.evaluation.knn import class_votes, knn_accuracy
 from dcluster.evaluation.linear import LinearProbe, pooled_side, probe_scores, train_probe
 from dcluster.evaluation.scoring import topk_accuracy
 from dcluster.parallel.collectives import Comm
@@ -34,20 +34,23 @@ def test_topk_accuracy_counts_labels_among_the_best_scores():
     assert acc == {"top1": pytest.approx(1 / 3), "top2": pytest.approx(2 / 3), "top5": 1.0}
 
 
+SINGLE = Env(0, 1, 0, torch.device("cpu"))
+
+
 def test_knn_is_near_perfect_on_separable_features():
     x_train, y_train = blobs(2000, 32, seed=0)
     x_val, y_val = blobs(500, 32, seed=1)
-    scores = knn_scores(x_train, y_train, x_val, k=20, temperature=0.07, n_classes=N_CLASSES,
-                        device="cpu")
-    assert topk_accuracy(scores, y_val)["top1"] > 0.98
+    acc = knn_accuracy(x_train, y_train, x_val, y_val, k=20, temperature=0.07,
+                       n_classes=N_CLASSES, comm=Comm(SINGLE), device=torch.device("cpu"))
+    assert acc["top1"] > 0.98
 
 
 def test_knn_votes_are_weighted_by_similarity():
-    train = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8]], dtype=np.float32)
-    scores = knn_scores(train, np.array([0, 1, 1]), np.array([[1.0, 0.1]], np.float32), k=3,
-                        temperature=0.07, n_classes=2, device="cpu")
+    similarity = np.array([[0.99, 0.85, 0.75]])
+    votes = class_votes(similarity, np.array([[0, 1, 1]]), temperature=0.07, n_classes=2)
     # two neighbours of class 1 lose to one much closer neighbour of class 0
-    assert scores[0, 0] > scores[0, 1] > 0
+    assert votes[0, 0] > votes[0, 1] > 0
+    assert votes[0, 0] == pytest.approx(np.exp(0.99 / 0.07))
 
 
 def as_maps(x: np.ndarray) -> torch.Tensor:
@@ -77,8 +80,7 @@ def val_top1(probe: LinearProbe) -> float:
 
 
 def test_linear_probe_is_near_perfect_on_separable_features():
-    single = Env(0, 1, 0, torch.device("cpu"))
-    probe, losses = probe_on_blobs(Comm(single))
+    probe, losses = probe_on_blobs(Comm(SINGLE))
     assert losses[-1] < losses[0]
     assert val_top1(probe) > 0.98
 
@@ -114,7 +116,8 @@ def test_pooling_gives_the_reference_dimensions_on_alexnet(channels, size, expec
 def test_clusters_score_one_on_features_that_encode_the_labels():
     labels = np.random.default_rng(0).integers(0, N_CLASSES, 1000)
     features = np.eye(N_CLASSES, dtype=np.float32)[labels]
-    scores = kmeans_scores(features, labels, seed=0, device="cpu")
+    scores = kmeans_scores(features, labels, 0, Comm(SINGLE), torch.device("cpu"),
+                           kmeans_device="cpu")
     assert scores == {"nmi": pytest.approx(1.0), "acc": pytest.approx(1.0)}
 
 
@@ -122,5 +125,6 @@ def test_clusters_score_chance_on_random_features():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, N_CLASSES, 2000)
     features = rng.standard_normal((2000, 64)).astype(np.float32)
-    scores = kmeans_scores(features, labels, seed=0, device="cpu")
+    scores = kmeans_scores(features, labels, 0, Comm(SINGLE), torch.device("cpu"),
+                           kmeans_device="cpu")
     assert scores["nmi"] < 0.03 and scores["acc"] < 0.15

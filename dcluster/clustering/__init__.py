@@ -18,6 +18,7 @@ from dcluster.clustering.kmeans import run_kmeans
 from dcluster.clustering.kmeanspp import kmeanspp_centroids
 from dcluster.clustering.pic import run_pic
 from dcluster.core.config import ClusteringConfig
+from dcluster.parallel.collectives import Comm
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,14 @@ def cluster_reduced(x: np.ndarray, cfg: ClusteringConfig, seed: int,
 
 
 def kmeans_labels(x: np.ndarray, k: int, seed: int, niter: int = 20, device: str = "auto",
-                  plus_plus: bool = False, backend: str = "auto") -> np.ndarray:
+                  plus_plus: bool = False, backend: str = "auto", comm: Optional[Comm] = None,
+                  own_device: Optional[torch.device] = None) -> np.ndarray:
     """k-means labels of already prepared vectors (e.g. L2-normalised features with k = the
     number of true classes, for evaluation); trains on every point. ``plus_plus`` seeds
-    with k-means++ instead of random points (for few, tight clusters: see kmeanspp.py)."""
-    init = kmeanspp_centroids(x, k, np.random.default_rng(seed)) if plus_plus else None
-    return run_kmeans(x, k, seed=seed, niter=niter, device=device, init=init,
-                      backend=backend).labels
+    with k-means++ instead of random points (for few, tight clusters: see kmeanspp.py). With
+    ``comm``, the k-means of every rank's rows ``x``, each rank assigning its own on
+    ``own_device`` (its labels are its rows'); one process gives the same clustering."""
+    init = (kmeanspp_centroids(x, k, np.random.default_rng(seed), comm) if plus_plus
+            else None)
+    return run_kmeans(x, k, seed=seed, niter=niter, device=device, init=init, backend=backend,
+                      comm=comm, own_device=own_device).labels

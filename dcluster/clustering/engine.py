@@ -29,6 +29,7 @@ import numpy as np
 
 from dcluster.core.faiss_after_torch import faiss
 from dcluster.clustering.assign import Assigner
+from dcluster.core.logs import progress
 from dcluster.parallel.collectives import Comm
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm]
     log.debug("k-means on %s: %d points x %d dims, k=%d, %d iterations",
               data.name, total, data.dim(), k, niter)
     n_reseeded, previous = 0, None
-    for iteration in range(niter):
+    speaks = comm is None or comm.is_main
+    for iteration in progress(range(niter), niter, f"k-means (k={k})", "auto", speaks,
+                              unit="iterations"):
         step = train.assign_to(centroids, with_sums=True)
         packed = np.zeros((k + 1, data.dim() + 1))
         packed[:k, :-1], packed[:k, -1], packed[k, 0] = step.sums, step.counts, step.objective

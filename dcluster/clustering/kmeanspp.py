@@ -13,20 +13,50 @@ makes a missed group rare rather than merely unlikely.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
 
+from dcluster.parallel.collectives import Comm
+
 SEEDING_POINTS_PER_CENTROID = 64  # seeds are drawn from a random subset of k * 64 points
 
 
-def kmeanspp_centroids(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """float32 (k, d) initial centroids drawn from the rows of ``x`` (N, d)."""
-    if not 1 <= k <= len(x):
-        raise ValueError(f"k-means++ needs 1 <= k <= number of points, got k={k} for {len(x)}")
+def seeding_sample(total: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """The positions (in draw order) of the rows the seeds are drawn from: a random
+    k * SEEDING_POINTS_PER_CENTROID of ``total``, or all of them when there are not more."""
+    if not 1 <= k <= total:
+        raise ValueError(f"k-means++ needs 1 <= k <= number of points, got k={k} for {total}")
     limit = k * SEEDING_POINTS_PER_CENTROID
-    rows = rng.choice(len(x), limit, replace=False) if len(x) > limit else np.arange(len(x))
-    points = torch.from_numpy(np.ascontiguousarray(x[rows], dtype=np.float32))
+    return rng.choice(total, limit, replace=False) if total > limit else np.arange(total)
+
+
+def kmeanspp_centroids(x: np.ndarray, k: int, rng: np.random.Generator,
+                       comm: Optional[Comm] = None) -> np.ndarray:
+    """float32 (k, d) initial centroids drawn from the rows of ``x`` (N, d); with ``comm``,
+    from the union of every rank's rows (numbered in rank order), the same on every rank and
+    the same as one process drawing from all of them. Only the seeding sample (at most
+    k * SEEDING_POINTS_PER_CENTROID rows, whatever N is) is gathered, on rank 0, which draws
+    the seeds and broadcasts them."""
+    counts = [len(x)] if comm is None else comm.all_gather_object(len(x))
+    drawn = seeding_sample(sum(counts), k, rng)
+    ascending = np.sort(drawn)
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    per_rank = np.diff(np.searchsorted(ascending, starts)).tolist()
+    rank = 0 if comm is None else comm.rank
+    mine = ascending[(ascending >= starts[rank]) & (ascending < starts[rank + 1])] - starts[rank]
+    rows = np.ascontiguousarray(x[mine], dtype=np.float32)
+    sample = rows if comm is None else comm.gather_rows(rows, per_rank)
+    centroids = np.empty((k, x.shape[1]), dtype=np.float32)
+    if sample is not None:  # rank 0: the rows back in draw order, as one process draws them
+        centroids[...] = greedy_seeds(sample[np.searchsorted(ascending, drawn)], k, rng)
+    return centroids if comm is None else comm.broadcast(centroids)
+
+
+def greedy_seeds(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """The greedy k-means++ draw of k of ``points`` (float32 (n, d), n >= k)."""
+    points = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
     trials = 2 + int(math.log(k))
     chosen = [int(rng.integers(len(points)))]
     d2 = torch.cdist(points, points[chosen]).double().square().squeeze(1)

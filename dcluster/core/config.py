@@ -238,6 +238,10 @@ class MonitorConfig:
     during training on the held-out labels of eval.val_path / eval.val_fraction."""
     every: int = key(0, "Measure after every n-th epoch and the last; 0: off.", bounds=">= 0",
                      hashed=False, since="e601b38")
+    max_images: int = key(0, "Measure on a seeded sample of this many images of data.path "
+                          "(its held-out ones scored, the others the k-NN memory), to bound "
+                          "the monitor's cost on a very large set; 0: every image.",
+                          bounds=">= 0", hashed=False, since="round 4")
 
 
 @dataclass

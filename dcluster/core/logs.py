@@ -30,6 +30,10 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value: TextIO) -> None:
         pass
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        """A progress line that a tqdm bar shows already stays off the terminal."""
+        return not getattr(record, UNDER_BAR, False) and super().filter(record)
+
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Send `dcluster.*` records to stderr at ``level``; one handler however often it is
@@ -45,20 +49,45 @@ def configure_logging(level: int = logging.INFO) -> None:
 
 
 def progress(items: Iterable[T], total: Optional[int], desc: str, mode: str,
-             enabled: bool = True, log_every_s: float = 30.0) -> Iterator[T]:
-    """Yield `items` with a tqdm bar (mode 'always', or 'auto' on a terminal) or with a log
-    line every `log_every_s` seconds; silent where `enabled` is False (non-zero ranks)."""
+             enabled: bool = True, log_every_s: float = 30.0,
+             unit: str = "batches") -> Iterator[T]:
+    """Yield `items` with a tqdm bar (mode 'always', or 'auto' on a terminal) and a log line
+    with the rate and the time left every `log_every_s` seconds; silent where `enabled` is
+    False (non-zero ranks) or mode is 'never'. Under a bar the lines go to the log's other
+    handlers only (train.log), not to the terminal the bar is drawn on."""
     if not enabled or mode == "never":
         yield from items
         return
-    if mode == "always" or (mode == "auto" and sys.stderr.isatty()):
-        yield from tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True)
-        return
+    bar = mode == "always" or (mode == "auto" and sys.stderr.isatty())
+    shown = tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True) if bar else items
     start = last = time.monotonic()
-    for done, item in enumerate(items, 1):
+    for done, item in enumerate(shown, 1):
         yield item
         now = time.monotonic()
         if now - last >= log_every_s:
             last = now
-            rate = done / (now - start)
-            log.info("%s: %d/%s batches (%.1f/s)", desc, done, total if total else "?", rate)
+            log.info("%s", progress_line(desc, done, total, now - start, unit),
+                     extra={UNDER_BAR: bar})
+
+
+UNDER_BAR = "dcluster_under_bar"
+"""Set on a progress record that a tqdm bar already shows on the terminal."""
+
+
+def progress_line(desc: str, done: int, total: Optional[int], elapsed: float,
+                  unit: str = "batches") -> str:
+    """E.g. 'features: 1200/5000 batches (31.2/s, 2m02s left)'."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    if not total or rate <= 0:
+        return f"{desc}: {done}/? {unit} ({rate:.1f}/s)"
+    return f"{desc}: {done}/{total} {unit} ({rate:.1f}/s, {duration(max(total - done, 0) / rate)} left)"
+
+
+def duration(seconds: float) -> str:
+    """'1h02m', '2m02s' or '12s'."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

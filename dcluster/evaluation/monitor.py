@@ -6,7 +6,8 @@ kept by checkpoint.keep_best).
 The true labels are read here only, never by training: the weighted k-NN takes the train
 split as its memory and scores the held-out split (eval.val_path, or eval.val_fraction of each
 class, the same split as `dcluster eval`); the class k-means probe clusters every image of
-data.path. Both use the evaluation's own functions, features and seeds, so an epoch's
+data.path, or a seeded sample of monitor.max_images of them on a very large set (the held-out
+images among them scored, the others the memory). Both use the evaluation's own functions, features and seeds, so an epoch's
 monitor values are those that `dcluster eval` reports for that epoch's checkpoint. They go
 into the epoch's metrics (keys ``monitor_*``): its line, MLflow and the run's history, which a
 checkpoint carries, so a resumed run keeps them exactly.
@@ -24,13 +25,12 @@ from dcluster.core.config import MONITOR_METRICS, Config, check_key
 from dcluster.data import ImageSource, Pipelines
 from dcluster.parallel.distributed import Env
 from dcluster.evaluation.clusters import kmeans_scores
-from dcluster.evaluation.features import split_rows
-from dcluster.evaluation.knn import knn_scores
-from dcluster.evaluation.scoring import topk_accuracy
+from dcluster.evaluation.features import shard_features
+from dcluster.evaluation.knn import knn_accuracy
 from dcluster.evaluation.splits import Split, open_splits, stratified_split
 from dcluster.core.metric_spec import Metric, declared
 from dcluster.models import DeepClusterNet
-from dcluster.core.seeding import derived_seed
+from dcluster.core.seeding import derived_rng, derived_seed
 
 log = logging.getLogger("dcluster.evaluation.monitor")
 
@@ -41,28 +41,31 @@ def monitored(cfg: Config, epoch_number: int, epochs: int) -> bool:
 
 
 class Monitor:
-    """The held-out split and the measurement; built once per run on every rank (the
-    feature passes are shared among the ranks, the scores computed on rank 0)."""
+    """The held-out split and the measurement; built once per run on every rank. Each rank
+    computes and keeps the features of its own share of the images, and the scores come from
+    the sharded k-NN and k-means (knn.py, clusters.py): no rank holds the N x D features."""
 
     def __init__(self, cfg: Config, source: ImageSource, pipelines: Pipelines) -> None:
         check_key(source.targets is not None, "monitor.every", cfg.monitor.every,
                   f"the monitor needs labels, i.e. class folders in data.path {cfg.data.path!r}")
         self.cfg = cfg
         if cfg.eval.val_path:
-            self.train, self.val = open_splits(cfg)
-            self.images = self.train  # every image of data.path
+            train, self.val = open_splits(cfg)
+            self.images = subsample(train, cfg.monitor.max_images, cfg.seed)
+            self.held_out = np.zeros(0, dtype=np.int64)  # none of data.path's images
         else:  # the training loaders serve both sides: one feature pass over data.path
             assert source.targets is not None
-            train_idx, val_idx = stratified_split(source.targets, cfg.eval.val_fraction, cfg.seed)
-            self.train = Split(source, pipelines, train_idx)
-            self.val = Split(source, pipelines, val_idx)
-            self.images = Split(source, pipelines, np.arange(len(source), dtype=np.int64))
-        check_key(cfg.eval.knn.k <= len(self.train.indices), "eval.knn.k", cfg.eval.knn.k,
-                  f"more neighbours than images in the monitor's train split "
-                  f"({len(self.train.indices)})")
+            _, held_out = stratified_split(source.targets, cfg.eval.val_fraction, cfg.seed)
+            every = Split(source, pipelines, np.arange(len(source), dtype=np.int64))
+            self.images = subsample(every, cfg.monitor.max_images, cfg.seed)
+            self.held_out = np.intersect1d(held_out, self.images.indices, assume_unique=True)
+            self.val = Split(source, pipelines, self.held_out)
+        n_train = len(self.images.indices) - len(self.held_out)
+        check_key(cfg.eval.knn.k <= n_train, "eval.knn.k", cfg.eval.knn.k,
+                  f"more neighbours than images in the monitor's train split ({n_train})")
         log.info("monitor: every %d epoch(s), k-NN (k=%d) of %d held-out images against %d, "
                  "k-means probe on %d", cfg.monitor.every, cfg.eval.knn.k, len(self.val.indices),
-                 len(self.train.indices), len(self.images.indices))
+                 n_train, len(self.images.indices))
 
     def measure(self, model: nn.Module, epoch_number: int, env: Env,
                 comm: Comm) -> dict[str, float]:
@@ -70,42 +73,43 @@ class Monitor:
         same on every rank."""
         backbone = model.backbone if hasattr(model, "backbone") else model
         assert isinstance(backbone, DeepClusterNet)
-        scores = self._scores(model, backbone, epoch_number, env, comm)
-        return comm.broadcast_object(scores)
-
-    def _rows(self, model: nn.Module, backbone: DeepClusterNet, split: Split, env: Env,
-              comm: Comm) -> Optional[tuple[np.ndarray, np.ndarray]]:
         cfg = self.cfg
-        return split_rows(model, split, cfg.eval.batch_size, env, comm, cfg.progress,
-                          compute=backbone.clustering_features)
-
-    def _scores(self, model: nn.Module, backbone: DeepClusterNet, epoch_number: int, env: Env,
-                comm: Comm) -> Optional[dict[str, float]]:
-        cfg = self.cfg
-        rows = self._rows(model, backbone, self.images, env, comm)
-        if self.val.source is not self.images.source:
-            val_rows = self._rows(model, backbone, self.val, env, comm)
-        if rows is None:
-            return None
-        features, indices = rows
-        labels = self.images.source.targets[indices]
+        features, labels, indices = self._rows(model, backbone, self.images, env)
         if self.val.source is self.images.source:
-            held_out = np.isin(indices, self.val.indices)
-            x_train, y_train = features[~held_out], labels[~held_out]
-            x_val, y_val = features[held_out], labels[held_out]
+            held = np.isin(indices, self.held_out, assume_unique=True)
+            bank, bank_labels = features[~held], labels[~held]
+            queries, query_labels = features[held], labels[held]
         else:
-            x_train, y_train = features, labels
-            x_val, y_val = val_rows[0], self.val.source.targets[val_rows[1]]
-        votes = knn_scores(x_train, y_train, x_val, cfg.eval.knn.k, cfg.eval.knn.temperature,
-                           len(self.images.source.class_names), cfg.clustering.device)
-        knn = topk_accuracy(votes, y_val)
+            bank, bank_labels = features, labels
+            queries, query_labels, _ = self._rows(model, backbone, self.val, env)
+        knn = knn_accuracy(bank, bank_labels, queries, query_labels, cfg.eval.knn.k,
+                           cfg.eval.knn.temperature, len(self.images.source.class_names), comm,
+                           env.device, cfg.progress)
         # the seed of `dcluster eval clusters` on this epoch's checkpoint
         kmeans = kmeans_scores(features, labels,
-                               derived_seed(cfg.seed, epoch_number, "eval_kmeans"),
-                               cfg.clustering.niter, cfg.clustering.device,
+                               derived_seed(cfg.seed, epoch_number, "eval_kmeans"), comm,
+                               env.device, cfg.clustering.niter, cfg.clustering.device,
                                cfg.clustering.backend)
         values = (knn["top1"], knn["top5"], kmeans["nmi"], kmeans["acc"])
         return dict(zip(MONITOR_METRICS, values))
+
+    def _rows(self, model: nn.Module, backbone: DeepClusterNet, split: Split,
+              env: Env) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's (features, classes, global indices) of its share of ``split``."""
+        cfg = self.cfg
+        features, indices = shard_features(model, split, cfg.eval.batch_size, env, cfg.progress,
+                                           compute=backbone.clustering_features)
+        return features, split.source.targets[indices], indices
+
+
+def subsample(split: Split, max_images: int, seed: int) -> Split:
+    """``split`` itself, or (``max_images`` > 0 and fewer than its images) a seeded draw of
+    ``max_images`` of its images, sorted: the monitor's cost bounded on a very large set."""
+    if not 0 < max_images < len(split.indices):
+        return split
+    drawn = derived_rng(seed, 0, "monitor_sample").choice(split.indices, max_images,
+                                                          replace=False)
+    return Split(split.source, split.pipelines, np.sort(drawn))
 
 
 # what the monitor measures, declared: each ranks epochs, higher is better

@@ -15,13 +15,13 @@ import torch
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import ConfigError, check_key
 from dcluster.parallel.distributed import Env, detect_env, process_group
-from dcluster.evaluation.clusters import kmeans_scores
-from dcluster.evaluation.features import split_features
-from dcluster.evaluation.knn import knn_scores
+from dcluster.evaluation.clusters import kmeans_scores, scores_on_main
+from dcluster.evaluation.features import own_share, shard_features
+from dcluster.evaluation.knn import knn_accuracy
 from dcluster.evaluation.linear import LinearProbe, probe_scores, train_probe
 from dcluster.evaluation.network import Network, load_network
 from dcluster.evaluation.report import EvalResult, log_to_mlflow, write_json
-from dcluster.evaluation.scoring import label_scores, topk_accuracy
+from dcluster.evaluation.scoring import hits_to_accuracy, topk_hits
 from dcluster.evaluation.splits import Split, all_labelled, open_splits
 from dcluster.evaluation.target import EvalTarget, resolve_target
 from dcluster.parallel.hardware import require_fitting_build, set_torch_threads
@@ -35,44 +35,48 @@ Outcome = tuple[dict[str, float], dict[str, Any]]
 
 
 def knn_protocol(target: EvalTarget, net: Network, env: Env, comm: Comm) -> Optional[Outcome]:
-    """Weighted kNN on the penultimate features: train split as the memory, val split scored."""
+    """Weighted kNN on the penultimate features: train split as the memory, val split scored;
+    each rank keeps its share of both (knn.py searches them where they are)."""
     cfg = target.cfg
     train, val = open_splits(cfg)
     check_key(cfg.eval.knn.k <= len(train.indices), "eval.knn.k", cfg.eval.knn.k,
               f"more neighbours than images in the train split ({len(train.indices)})")
-    train_rows = _penultimate(net, train, target, env, comm)
-    val_rows = _penultimate(net, val, target, env, comm)
-    if train_rows is None or val_rows is None:
+    x_train, y_train = _penultimate(net, train, target, env)
+    x_val, y_val = _penultimate(net, val, target, env)
+    metrics = knn_accuracy(x_train, y_train, x_val, y_val, cfg.eval.knn.k,
+                           cfg.eval.knn.temperature, len(train.source.class_names), comm,
+                           env.device, cfg.progress)
+    sizes = comm.all_reduce_sum(np.array([len(y_train), len(y_val)], dtype=np.int64))
+    if not comm.is_main:
         return None
-    (x_train, y_train), (x_val, y_val) = train_rows, val_rows
-    scores = knn_scores(x_train, y_train, x_val, cfg.eval.knn.k, cfg.eval.knn.temperature,
-                        len(train.source.class_names), cfg.clustering.device)
-    return topk_accuracy(scores, y_val), {
-        "k": cfg.eval.knn.k, "temperature": cfg.eval.knn.temperature,
-        "feature_dim": x_train.shape[1], "train_images": len(y_train), "val_images": len(y_val)}
+    return metrics, {"k": cfg.eval.knn.k, "temperature": cfg.eval.knn.temperature,
+                     "feature_dim": x_train.shape[1], "train_images": int(sizes[0]),
+                     "val_images": int(sizes[1])}
 
 
 def clusters_protocol(target: EvalTarget, net: Network, env: Env,
                       comm: Comm) -> Optional[Outcome]:
     """k-means (k = classes) on the penultimate features of every image; for a network that
     clusters by itself also its own clusters (MMDC's nearest mixture components: paper
-    Table I), as ``head_*``."""
+    Table I), as ``head_*``. Sharded: each rank keeps its rows (clusters.py)."""
     cfg = target.cfg
     images = all_labelled(cfg)
-    rows = _penultimate(net, images, target, env, comm)
+    features, labels = _penultimate(net, images, target, env)
+    metrics = kmeans_scores(features, labels,
+                            derived_seed(cfg.seed, target.epoch, "eval_kmeans"), comm,
+                            env.device, cfg.clustering.niter, cfg.clustering.device,
+                            cfg.clustering.backend)
     own = net.own_clusters
-    embedded = None if own is None else split_features(
-        net.module, images, cfg.eval.batch_size, env, comm, cfg.progress, compute=own.embed)
-    if rows is None:
+    if own is not None:
+        embedded, indices = shard_features(net.module, images, cfg.eval.batch_size, env,
+                                           cfg.progress, compute=own.embed)
+        scores = scores_on_main(own.assign(embedded), images.source.targets[indices], comm)
+        metrics.update({f"head_{key}": value for key, value in (scores or {}).items()})
+    n_images = int(comm.all_reduce_sum(np.array([len(labels)], dtype=np.int64))[0])
+    if not comm.is_main:
         return None
-    features, labels = rows
-    metrics = kmeans_scores(features, labels, derived_seed(cfg.seed, target.epoch, "eval_kmeans"),
-                            cfg.clustering.niter, cfg.clustering.device, cfg.clustering.backend)
-    if own is not None and embedded is not None:
-        scores = label_scores(own.assign(embedded[0]), labels)
-        metrics.update({f"head_{key}": value for key, value in scores.items()})
-    return metrics, {"k": len(np.unique(labels)), "feature_dim": features.shape[1],
-                     "images": len(labels)}
+    n_classes = len(np.unique(images.source.targets[images.indices]))
+    return metrics, {"k": n_classes, "feature_dim": features.shape[1], "images": n_images}
 
 
 def linear_protocol(target: EvalTarget, net: Network, env: Env,
@@ -98,25 +102,28 @@ def linear_protocol(target: EvalTarget, net: Network, env: Env,
             yield _frozen(tap, batch.images, env), batch.targets.to(env.device)
 
     def val_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in val.pipelines.feature_batches(val.indices, lc.batch_size):
+        for batch in val.pipelines.feature_batches(own_share(val.indices, env), lc.batch_size):
             yield (_frozen(tap, batch.images, env),
                    torch.from_numpy(val.source.targets[batch.indices.numpy()]))
 
     losses = train_probe(probe, train_batches, lc, env, comm)
-    if not comm.is_main:  # rank 0 scores the val split
+    scores, labels = probe_scores(probe, val_batches())  # this rank's share of the val split
+    hits = comm.all_reduce_sum(np.append(topk_hits(scores, labels), len(labels)))
+    if not comm.is_main:
         return None
-    scores, labels = probe_scores(probe, val_batches())
-    return {**topk_accuracy(scores, labels), "train_loss": losses[-1]}, {
+    return {**hits_to_accuracy(hits[:-1], int(hits[-1])), "train_loss": losses[-1]}, {
         "layer": lc.layer, "pooled_dim": probe.dim, "epochs": lc.epochs, "lr": lc.lr,
         "weight_decay": lc.weight_decay, "batch_size": lc.batch_size,
-        "train_images": len(train.indices), "val_images": len(labels)}
+        "train_images": len(train.indices), "val_images": int(hits[-1])}
 
 
-def _penultimate(net: Network, split: Split, target: EvalTarget, env: Env,
-                 comm: Comm) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _penultimate(net: Network, split: Split, target: EvalTarget,
+                 env: Env) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's (features, classes) of its share of ``split``."""
     cfg = target.cfg
-    return split_features(net.module, split, cfg.eval.batch_size, env, comm, cfg.progress,
-                          compute=net.backbone.clustering_features)
+    features, indices = shard_features(net.module, split, cfg.eval.batch_size, env,
+                                       cfg.progress, compute=net.backbone.clustering_features)
+    return features, split.source.targets[indices]
 
 
 @torch.no_grad()

@@ -168,21 +168,24 @@ class MMDC:
 
     def refine(self, epoch: int) -> np.ndarray:
         """The component each image is pulled to in a refinement epoch (paper III.E): its
-        k-means cluster (k = K, on the embeddings of all ranks, on rank 0), numbered to agree
-        most with the components the images were pulled to so far, so that the clusters keep
-        their targets. The same on every rank."""
+        k-means cluster (k = K, on the embeddings of all ranks, each rank keeping its own
+        rows: the sharded k-means), numbered to agree most with the components the images
+        were pulled to so far, so that the clusters keep their targets. Only the cluster
+        numbers reach rank 0, for the matching. The same on every rank."""
         cfg, comm = self.ctx.cfg, self.ctx.comm
         shard = self.embeddings or self.embed_shard()
         layout = row_layout(shard.features, comm)
-        features = comm.gather_rows(rows_of(shard.features, layout), layout.counts)
+        rows = ShardFeatures(rows_of(shard.features, layout), shard.indices).host_features()
+        clusters = kmeans_labels(rows, cfg.mmdc.k, derived_seed(cfg.seed, epoch, "refine"),
+                                 cfg.clustering.niter, cfg.clustering.device, plus_plus=True,
+                                 backend=cfg.clustering.backend, comm=comm,
+                                 own_device=self.ctx.device)
+        clusters = comm.gather_rows(clusters, layout.counts)
         indices = comm.gather_rows(shard.indices, layout.counts)
         refined = np.full(len(self.bank), -1, dtype=np.int64)
         if comm.is_main:
             t = self.targets
             before = t.refined if t.refined is not None else self.bank.components[t.assignment]
-            clusters = kmeans_labels(features, cfg.mmdc.k, derived_seed(cfg.seed, epoch, "refine"),
-                                     cfg.clustering.niter, cfg.clustering.device, plus_plus=True,
-                                     backend=cfg.clustering.backend)
             refined[indices] = match_labels(clusters, before[indices], cfg.mmdc.k)
         return comm.broadcast(refined)
 
