@@ -12,8 +12,7 @@ configuration and the described hardware, so that it is tested for machines this
 ``clustering.device`` (auto | cpu | gpu) still says where: ``cpu`` keeps k-means on the CPU,
 ``gpu`` makes it an error when no backend can use the GPUs.
 
-PIC's k-NN graph and the k-NN evaluation search with FAISS flat indexes only
-(:func:`search_backend`): on the GPUs where FAISS's build has code for every one of them, on
+PIC's k-NN graph searches with FAISS flat indexes only (:func:`search_backend`): on the GPUs where FAISS's build has code for every one of them, on
 the CPU otherwise. A FAISS GPU index on a GPU its build has no code for (a P100 under FAISS
 1.15.1's sm_70+ wheel) is not a Python error but a kernel abort: ``StandardGpuResources``
 only checks compute capability >= 3.0.
@@ -112,11 +111,14 @@ def backend_rows(backend: str, device: str, gpus: Sequence[GPU], faiss_build: Bu
                  faiss_gpus: int) -> list[tuple[str, str]]:
     """What runs each of the project's nearest-centroid and nearest-neighbour searches on
     this hardware, and why: k-means (every k-means: the stage, the probe, ``eval
-    clusters``), the k-NN evaluation and PIC's graph. For the start-up log and `dcluster
+    clusters``), the k-NN evaluation (PyTorch GEMMs on each rank's device,
+    dcluster/evaluation/knn.py) and PIC's graph (FAISS). For the start-up log and `dcluster
     info`, so that a user sees before an epoch where FAISS would not run."""
     kmeans = choose_backend(backend, device, gpus, faiss_build, faiss_gpus)
     search = search_backend(device, gpus, faiss_build, faiss_gpus)
+    on_gpu = bool(gpus) and device != "cpu"
     return [("k-means backend", f"{kmeans.label}: {kmeans.reason}"),
-            ("k-NN backend", f"{search.label}: {search.reason}"),
+            ("k-NN backend", "PyTorch on each rank's " + ("GPU" if on_gpu else "CPU")
+             + ": GEMMs against the rank's bank shard, whatever FAISS's build"),
             ("PIC backend", f"{search.label} (its k-NN graph; the power iterations on the "
                             f"CPU): {search.reason}")]

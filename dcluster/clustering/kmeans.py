@@ -26,8 +26,7 @@ from dcluster.parallel.hardware import detect
 log = logging.getLogger(__name__)
 
 __all__ = ["as_points", "available_gpus", "resolve_gpus", "flat_l2_index", "machine_backend",
-           "machine_backend_rows",
-           "assigner_for", "run_kmeans"]
+           "machine_backend_rows", "assigner_for", "run_kmeans"]
 
 
 def available_gpus() -> int:
@@ -37,7 +36,7 @@ def available_gpus() -> int:
 
 def resolve_gpus(device: str) -> int:
     """How many GPUs FAISS's flat searches use for ``device`` ('auto' | 'cpu' | 'gpu'); 0
-    means the CPU (PIC's and the k-NN evaluation's indexes). 0 too where FAISS's build has no
+    means the CPU (PIC's k-NN graph). 0 too where FAISS's build has no
     code for a GPU torch sees (:func:`search_backend`): there it would abort in a kernel."""
     if device not in DEVICES:
         raise ValueError(f"clustering device must be one of {', '.join(DEVICES)}, got {device!r}")
@@ -50,8 +49,7 @@ def resolve_gpus(device: str) -> int:
 
 
 def flat_l2_index(d: int, ngpu: int) -> faiss.Index:
-    """An exact L2 index on the CPU or replicated on ``ngpu`` GPUs (for PIC's and the k-NN
-    evaluation's searches)."""
+    """An exact L2 index on the CPU or replicated on ``ngpu`` GPUs (for PIC's searches)."""
     return replicated_flat_index(d, ngpu) if ngpu else faiss.IndexFlatL2(d)
 
 
