@@ -354,10 +354,12 @@ def gemm_rate(device: torch.device, rows: int, dim: int, k: int) -> float:
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(rows, dim, generator=gen, device=device)
     b = torch.randn(dim, k, generator=gen, device=device)
+    out = torch.empty(rows, k, device=device)  # one product's room (16 GB on an H100), reused
+    repeats = 3
     with exact_float32_matmul():
-        a @ b  # warm-up: cuBLAS's handle and heuristics
-        repeats = 3
-        seconds = seconds_of(device, lambda: [a @ b for _ in range(repeats)])
+        torch.mm(a, b, out=out)  # warm-up: cuBLAS's handle and heuristics
+        seconds = seconds_of(device, lambda: [torch.mm(a, b, out=out) for _ in range(repeats)])
+    del out
     return repeats * 2.0 * rows * dim * k / seconds
 
 
@@ -567,13 +569,14 @@ def info(ctx: Context) -> dict[str, Any]:
                           capture_output=True, text=True, timeout=120)
     (ctx.work / "logs" / "info.log").write_text(done.stdout + done.stderr)
     print(done.stdout, flush=True)
-    rows = [line.split(None, 1) if " " in line.strip() else [line.strip(), ""]
-            for line in done.stdout.splitlines() if line.strip()]
+    lines = [line.strip() for line in done.stdout.splitlines()]
     driver = nvidia_driver()
     return {"rc": done.returncode, "driver": driver.version if driver else None,
-            "backends": {k: v.strip() for k, v in rows if k in ("k-means", "k-NN", "PIC")
-                         or k.endswith("backend")},
-            "problems": [v for k, v in rows if k == "problem"]}
+            "backends": {name: line[len(name):].strip() for line in lines
+                         for name in ("k-means backend", "k-NN backend", "PIC backend")
+                         if line.startswith(name)},
+            "problems": [line[len("problem"):].strip() for line in lines
+                         if line.startswith("problem ")]}
 
 
 def dali_epoch(ctx: Context) -> dict[str, Any]:
