@@ -167,7 +167,8 @@ class ExactSums:
 
     def add(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Add the rows ``x`` (on the sums' device) to the clusters ``labels``."""
-        self.total.index_add_(0, labels, torch.round(x.double() * self.scale).to(torch.int64))
+        # in place: one float64 and one int64 copy of the chunk, not four temporaries
+        self.total.index_add_(0, labels, x.to(torch.float64, copy=True).mul_(self.scale).round_().long())
 
     @staticmethod
     def combined(parts: Sequence["ExactSums"]) -> np.ndarray:
