@@ -266,7 +266,8 @@ def test_a_converged_run_stops_early_and_more_iterations_change_nothing():
 def test_faiss_searches_fall_back_to_the_cpu_on_a_gpu_without_faiss_code_described_gpu(
         monkeypatch):
     """A P100 under the cu12 profile: FAISS 1.15.1's wheel has no sm_60 code, and a FAISS GPU
-    index there aborts in a kernel. PIC's graph (resolve_gpus) searches on the CPU instead; on a V100 they use the GPU; device=gpu names the reason."""
+    index there aborts in a kernel. PIC's graph (resolve_gpus) searches on the CPU instead; on
+    a V100 it uses the GPU; device=gpu names the reason."""
     from dcluster.clustering.backend import search_backend
     from dcluster.parallel.hardware import Detected, Build
 
@@ -286,7 +287,8 @@ def test_backend_rows_name_the_kmeans_knn_and_pic_backends_and_why_described_gpu
     rows = dict(backend_rows("auto", "auto", (P100,), FAISS_BUILDS["faiss-gpu"], 1))
     assert rows["k-means backend"].startswith("PyTorch on 1 GPU(s): ")
     assert rows["k-NN backend"].startswith("PyTorch on each rank's GPU")
-    assert rows["PIC backend"].startswith("FAISS on the CPU") and "no code for GPU 0" in rows["PIC backend"]
+    assert rows["PIC backend"].startswith("FAISS on the CPU")
+    assert "no code for GPU 0" in rows["PIC backend"]
     rows = dict(backend_rows("auto", "auto", (H100,), FAISS_BUILDS["faiss-gpu"], 1))
     assert rows["k-means backend"].startswith("FAISS on 1 GPU(s)")
     assert rows["PIC backend"].startswith("FAISS on 1 GPU(s)")

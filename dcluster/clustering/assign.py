@@ -168,7 +168,8 @@ class ExactSums:
     def add(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         """Add the rows ``x`` (on the sums' device) to the clusters ``labels``."""
         # in place: one float64 and one int64 copy of the chunk, not four temporaries
-        self.total.index_add_(0, labels, x.to(torch.float64, copy=True).mul_(self.scale).round_().long())
+        fixed = x.to(torch.float64, copy=True).mul_(self.scale).round_().long()
+        self.total.index_add_(0, labels, fixed)
 
     @staticmethod
     def combined(parts: Sequence["ExactSums"]) -> np.ndarray:
@@ -292,7 +293,8 @@ class TorchAssign(Assigner):
         for dev, lo, hi in zip(self.devices, bounds[:-1], bounds[1:]):
             host = self.x[lo:hi]
             keep = fits_on_device(dev, host.nbytes) if resident is None else resident
-            self.parts.append(DeviceRows(dev, host, torch.from_numpy(host).to(dev) if keep else None))
+            on_device = torch.from_numpy(host).to(dev) if keep else None
+            self.parts.append(DeviceRows(dev, host, on_device))
             log.log(logging.INFO if dev.type == "cuda" else logging.DEBUG,
                     "k-means rows %d x %d on %s: %s", host.shape[0], host.shape[1], dev,
                     "resident" if keep else "streamed from host memory each iteration")

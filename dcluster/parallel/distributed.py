@@ -202,8 +202,8 @@ def _slurm_step(environ: Mapping[str, str]) -> Env:
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
     port = rendezvous_port(environ.get("SLURM_JOB_ID", ""),
                            int(environ.get("SLURM_RESTART_COUNT", "0")))
-    return _checked(Env(_int(environ, "SLURM_PROCID"), world, local, _device(local, environ), "slurm",
-                        expand_nodelist(nodes)[0] if world > 1 else "", port))
+    return _checked(Env(_int(environ, "SLURM_PROCID"), world, local, _device(local, environ),
+                        "slurm", expand_nodelist(nodes)[0] if world > 1 else "", port))
 
 
 def _checked(env: Env) -> Env:
