@@ -12,7 +12,8 @@ check past 6 minutes (on one H100 with 16 cores):
    on), SIGTERMed once a checkpoint inside epoch 2 exists, run again: it must say "inside
    epoch 2" and end with the weights of an uninterrupted run (bit for bit on the CPU; on a
    GPU, where cuDNN's kernels need not be deterministic, within 10 times the difference of
-   two uninterrupted runs);
+   two uninterrupted runs); ``cli_train[2_ranks]``: one epoch of it on 2 torchrun ranks
+   (gloo, both on the GPU): DDP and the run's collectives;
 3. ``kmeans[torch]``: the PyTorch k-means backend on separated blobs (each cluster from one
    blob, purity 0.99), and its assignment rate at 1M x 256, k = 10,000 (rows resident on the
    GPU and streamed from host memory: the same labels) as a share of the GPU's float32 GEMM
@@ -562,6 +563,24 @@ def code_paths(ctx: Context) -> dict[str, bool]:
     return {name: marker in text for name, marker in PATH_MARKERS.items()}
 
 
+def two_ranks(ctx: Context) -> dict[str, Any]:
+    """One epoch of the same run on 2 ranks (torchrun, gloo: on one GPU both ranks share it,
+    which NCCL refuses): DDP, the gathered clustering on rank 0's GPU and every collective
+    of the run, which the single-process sections never call. It must finish with a
+    checkpoint of epoch 1."""
+    from dcluster.runtime.checkpoint import load_latest
+
+    command = train_command(ctx, "two_ranks", ("epochs=1", "distributed.backend=gloo"))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2", "-m", "dcluster", *command[3:]]
+    start = time.perf_counter()
+    run_logged(launcher, ctx.work / "logs" / "two_ranks.log", 300)
+    found = load_latest(ctx.work / "runs" / "two_ranks" / "checkpoints")
+    if found is None or found[0]["epoch"] != 1:
+        raise WrongResult("2 ranks: no checkpoint of epoch 1")
+    return {"seconds": round(time.perf_counter() - start, 1), "ranks": 2, "backend": "gloo"}
+
+
 def info(ctx: Context) -> dict[str, Any]:
     from dcluster.parallel.hardware import nvidia_driver
 
@@ -604,6 +623,7 @@ SECTIONS = [
     Section("info", ("faiss",), 30, info),
     Section("cli_train", ("torchvision", "faiss"), 120,
             kill_resume_section("cli_train", (), signal.SIGTERM)),
+    Section("cli_train[2_ranks]", ("torchvision", "faiss"), 45, two_ranks),
     Section("kmeans[torch]", (), 60, kmeans_torch),
     Section("train_pass[alexnet]", (), 25, train_pass("alexnet")),
     Section("train_pass[resnet50]", ("torchvision",), 30, train_pass("resnet50")),

@@ -39,8 +39,9 @@ def test_quick_on_the_cpu_runs_the_sections_and_resumes_inside_epoch_2(tmp_path)
     sections = report["sections"]
     names = list(sections)
     # the order: report, the CLI run, the PyTorch k-means, the passes
-    assert names[:4] == ["info", "cli_train", "kmeans[torch]", "train_pass[alexnet]"]
-    for name in ("cli_train", "kmeans[torch]", "train_pass[alexnet]", "feature_pass[alexnet]",
+    assert names[:5] == ["info", "cli_train", "cli_train[2_ranks]", "kmeans[torch]",
+                         "train_pass[alexnet]"]
+    for name in ("cli_train", "cli_train[2_ranks]", "kmeans[torch]", "train_pass[alexnet]", "feature_pass[alexnet]",
                  "pca_eigensolver", "kmeans[faiss]"):
         assert sections[name]["status"] == "ok", (name, sections[name])
     pca = sections["pca_eigensolver"]["result"]["full_float32"]
@@ -75,6 +76,7 @@ def test_sections_of_parts_not_installed_say_so(tmp_path, monkeypatch):
     assert rc == 0
     assert sections["kmeans[faiss]"]["status"] == "skipped: not installed (faiss)"
     assert sections["cli_train"]["status"] == "skipped: not installed (torchvision, faiss)"
+    assert sections["cli_train[2_ranks]"]["status"] == sections["cli_train"]["status"]
     assert sections["train_pass[resnet50]"]["status"] == "skipped: not installed (torchvision)"
     assert sections["dali"]["status"] == "skipped: not installed (dali, faiss)"
     assert sections["code_paths"]["status"] == "ok"
