@@ -36,7 +36,8 @@ bench: install
 check-profiles: install
 	$(PY) .ci/check_profiles.py
 
-# CI: the demo, 2 epochs, under the oldest torch of the range: that wheel in its own folder
+# CI: the demo, 2 epochs on 2 gloo ranks (torchrun: DDP, the collectives), under the
+# oldest torch of the range: that wheel in its own folder
 # ahead of the venv's torch. The venv's torchvision is built for its own torch, so a stub
 # that refuses to import stands in its place (the demo's DALI path needs none).
 demo-oldest-torch: install
@@ -50,7 +51,8 @@ demo-oldest-torch: install
 	PYTHONPATH=$(OLDEST_TORCH):$(PYTHONPATH) $(PY) -c 'import torch; print("torch", torch.__version__); \
 	  assert torch.__file__.startswith("$(OLDEST_TORCH)/"), torch.__file__'
 	rm -rf $(OLDEST_TORCH)/runs
-	PYTHONPATH=$(OLDEST_TORCH):$(PYTHONPATH) $(VENV)/bin/dcluster train configs/demo.yaml \
+	PYTHONPATH=$(OLDEST_TORCH):$(PYTHONPATH) $(PY) -m torch.distributed.run --standalone \
+	  --nproc-per-node 2 -m dcluster train configs/demo.yaml \
 	  data.path=$(DEMO_DATA) runs_root=$(OLDEST_TORCH)/runs epochs=2 tracking.enabled=false \
 	  progress=never
 

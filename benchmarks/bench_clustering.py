@@ -46,11 +46,11 @@ import math
 import os
 import time
 
-import faiss
 import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
+from dcluster.core.faiss_after_torch import faiss
 from dcluster.clustering import cluster_reduced
 from dcluster.clustering.assign import TorchAssign, faiss_cpu, faiss_gpus
 from dcluster.clustering.distributed_stage import (cluster_shards, fit_shared_transform,

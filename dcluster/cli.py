@@ -77,16 +77,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     from dcluster.parallel.hardware import conflicting_builds, installed_distributions
 
     conflicts = conflicting_builds(installed_distributions())  # two builds of one module
-    import faiss
     import torch
 
-    from dcluster.clustering.backend import choose_backend
+    from dcluster.core.faiss_after_torch import faiss
+
+    from dcluster.clustering.backend import backend_rows
     from dcluster.clustering.kmeans import available_gpus as faiss_gpu_count
     from dcluster.parallel.hardware import check, describe, detect
 
     hw = detect()
     gpus = len(hw.gpus)
-    kmeans = choose_backend("auto", "auto", hw.gpus, hw.faiss, faiss_gpu_count())
     rows = [
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} (CUDA build {torch.version.cuda})"),
@@ -97,7 +97,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         *describe(hw),
         ("GPUs seen by torch", str(gpus)),
         ("training device", "cuda" if gpus else "cpu"),
-        ("k-means path", f"{kmeans.label} (clustering.backend=auto: {kmeans.reason})"),
+        *backend_rows("auto", "auto", hw.gpus, hw.faiss, faiss_gpu_count()),
         ("data loader", "DALI, " + ("GPU (nvJPEG) decoding" if gpus else "CPU decoding")
          if _version("nvidia.dali") != "not installed" else "torchvision (DALI not installed)"),
         ("torch threads", str(torch.get_num_threads())),

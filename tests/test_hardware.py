@@ -204,3 +204,23 @@ def test_info_names_both_described_faiss_distributions(monkeypatch, capsys):
     problems = [line for line in capsys.readouterr().out.splitlines()
                 if line.startswith("problem")]
     assert len(problems) == 1 and "faiss-cpu 1.15.1, faiss-gpu 1.15.1" in problems[0]
+
+
+def test_gpus_hidden_on_purpose_are_not_a_driver_problem_described_gpu(monkeypatch):
+    """CUDA_VISIBLE_DEVICES= (or -1) hides the GPUs from torch; nvidia-smi ignores it and still
+    lists them. Before, that read as "driver too old"; now the driver is not asked."""
+    from dcluster.parallel import hardware
+    from dcluster.parallel.hardware import Driver, check, detect, gpus_hidden
+
+    assert gpus_hidden({"CUDA_VISIBLE_DEVICES": ""}) and gpus_hidden({"CUDA_VISIBLE_DEVICES": "-1"})
+    assert not gpus_hidden({}) and not gpus_hidden({"CUDA_VISIBLE_DEVICES": "0,1"})
+    monkeypatch.setattr(hardware, "nvidia_driver",
+                        lambda: Driver("580.65", ("NVIDIA H100 80GB HBM3",)))
+    import torch
+
+    if torch.version.cuda is None or torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of torch that sees no GPU (this CPU machine's)")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert any("driver" in p.message for p in check(detect(), "auto"))  # the real problem
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect().driver is None and check(detect(), "auto") == []

@@ -180,6 +180,11 @@ class ClusteringConfig:
                         "faiss or torch. The backends assign alike (tests/test_kmeans_engine.py), "
                         "so a run may resume on a node whose GPUs need the other one.",
                         choices=("auto", "faiss", "torch"), hashed=False, since="7c19a2f")
+    gpus: str = key("own", "GPUs a process's k-means assigns on: own (its own device only; its "
+                    "peers' GPUs hold their training state) or node (every GPU of the node: "
+                    "gather mode, rank 0 clustering while its peers wait). Sharded mode always "
+                    "uses the own device.", choices=("own", "node"), hashed=False,
+                    since="b6e838d", legacy="node")
     every: int = key(1, "Re-cluster every n epochs, a new head each time (the paper: every "
                  "epoch).", bounds="> 0")
     mode: str = key("gather", "gather: the vectors of all ranks go to rank 0, which clusters "

@@ -273,7 +273,7 @@ def detect() -> Detected:
     """The installed builds and the GPUs torch sees."""
     import torch
 
-    import faiss
+    from dcluster.core.faiss_after_torch import faiss
 
     cuda = torch.version.cuda
     gpus: tuple[GPU, ...] = ()
@@ -288,10 +288,25 @@ def detect() -> Detected:
         # a conda or source build: GPU code if it has the GPU classes, architectures unknown
         Build("faiss (unknown build)", "?" if hasattr(faiss, "StandardGpuResources") else None))
     dali = _installed(DALI_BUILDS)
+    import os
+
+    asked = not gpus and cuda is not None and not gpus_hidden(os.environ)
     return Detected(profile=profile_of(faiss_build, dali),
                     torch=torch_build(torch.__version__, cuda, arch_list),
                     faiss=faiss_build, dali=dali, gpus=gpus,
-                    driver=None if gpus or cuda is None else nvidia_driver())
+                    driver=nvidia_driver() if asked else None)
+
+
+def gpus_hidden(environ: Mapping[str, str]) -> bool:
+    """Whether CUDA_VISIBLE_DEVICES hides every GPU on purpose (empty, or starting with an
+    invalid id such as -1: CUDA stops at the first one). ``nvidia-smi`` ignores the variable
+    and would still list the GPUs, which read as "driver too old for torch" (issue #31,
+    item 8), so the driver is not asked then."""
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return False
+    first = value.split(",")[0].strip()
+    return first == "" or first.startswith("-")
 
 
 def nvidia_driver() -> Optional[Driver]:
