@@ -130,7 +130,7 @@ def main() -> None:
         "images": len(source), "sizes": "~500x375", "batch_size": args.batch_size,
         "repeats": args.repeats, "cores": cores, "dali_decode_threads": dali.threads,
         "dali_reader_threads": dali.threads, "torchvision_workers": args.workers,
-        "torchvision_persistent_workers": True,
+        "torchvision_persistent_workers": args.workers > 0,  # none without worker processes
         **{f"{name}_img_s": round(rate, 1) for name, rate in rates.items()}}
     for kind in ("train", "feature"):
         result[f"dali_over_torchvision_{kind}"] = round(
