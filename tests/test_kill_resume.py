@@ -9,6 +9,7 @@ different epochs drawn with a fixed seed, and a training batch drawn from the ep
 tracking kills follow the log line the process has just written."""
 import math
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,13 @@ def kill_points(rng: random.Random) -> list[str]:
 
 
 KILL_POINTS = kill_points(random.Random(20181008))
+
+
+def test_the_kill_points_are_distinct_and_docs_testing_md_names_exactly_them():
+    assert len(set(KILL_POINTS)) == len(KILL_STAGES) * KILLS_PER_STAGE
+    testing = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    stages = "|".join(KILL_STAGES)
+    assert sorted(re.findall(rf"`((?:{stages}):[0-9:]+)`", testing)) == sorted(KILL_POINTS)
 
 
 def committed_epochs(run: Path) -> int:
