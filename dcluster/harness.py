@@ -32,6 +32,7 @@ from dcluster.runtime.checkpoint import (SHARD_FILES, CheckpointError, capture_r
                                  save_checkpoint, save_shard, shard_path)
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import Config
+from dcluster.core.batch import plan_batch
 from dcluster.core.config_settings import hashed_settings, settings_hash
 from dcluster.data import build_pipelines, open_source
 from dcluster.parallel.distributed import Env
@@ -44,7 +45,7 @@ from dcluster.evaluation.monitor import Monitor, is_best_epoch, monitored
 from dcluster.runtime.optimize import EpochProgress, Pause, StepLoop, align_replicas, pass_loss
 from dcluster.core.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.runtime.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
-                                Stateful, check_compatible, restore_objects, sharded_objects,
+                                Stateful, check_compatible, check_global_batch, restore_objects, sharded_objects,
                                 upgraded)
 from dcluster.core.seeding import derived_seed, seed_everything
 from dcluster.runtime.stages import Epoch, Pass, Step
@@ -234,6 +235,7 @@ class Checkpointer:
             "config_hash": settings_hash(self.settings),
             "settings": self.settings,  # what a newer dcluster compares key by key
             "data_fingerprint": self.fingerprint,
+            "global_batch": self.ctx.batch.global_batch,  # what a resume on other GPUs keeps
             "epoch": epoch,
             "iteration": step,
             "in_epoch": asdict(in_epoch) if in_epoch else None,
@@ -259,7 +261,9 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
     """One run of the method ``build``, from wherever its run directory stands."""
     source = open_source(cfg.data)
     build.check_data(cfg, len(source))
+    batch = plan_batch(cfg.optim, comm.world_size)  # refused here if it does not divide
     run = shared_run_dir(cfg, comm)
+    log.info("%s", batch.describe())
     set_torch_threads(cfg.threads)
     seed_everything(cfg.seed)
     stops = StopPoints(stop_request, cfg.checkpoint, comm, env.device)
@@ -341,6 +345,7 @@ def resume(ctx: RunContext, method: Method, progress: RunProgress,
         return None
     payload = upgraded(found[0] if found else load_checkpoint(Path(path)))
     check_compatible(payload, settings, fingerprint, path)
+    check_global_batch(payload, ctx.batch, path)
     restore_objects(payload, objects, Path(path))
     method.after_restore()
     restore_rng_state(payload["rng"])

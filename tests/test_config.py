@@ -24,7 +24,7 @@ def test_alexnet_preset_has_the_papers_settings(data_dir):
     assert cfg.clustering.whiten and cfg.clustering.l2_normalize
     assert cfg.clustering.niter == 20 and cfg.clustering.max_points_per_centroid == 0
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.05, 0.9, 1e-5)
-    assert cfg.optim.batch_size == 256 and cfg.epochs == 500 and cfg.clustering.every == 1
+    assert cfg.optim.global_batch == 256 and cfg.epochs == 500 and cfg.clustering.every == 1
 
 
 def test_resnet50_preset_clusters_the_2048_pooled_features_behind_sobel(data_dir):

@@ -98,9 +98,18 @@ class OptimConfig:
     lr: float = key(0.05, "Learning rate of SGD.", bounds="> 0")
     momentum: float = key(0.9, "SGD momentum.", bounds=">= 0")
     weight_decay: float = key(1e-5, "SGD weight decay.", bounds=">= 0")
-    batch_size: int = key(256, "Training batch, per process.", bounds="> 0")
-    lr_scaling: str = key("none", "none, or linear (lr * world_size); the paper uses none.",
-                          choices=("none", "linear"))
+    batch_size: int = key(256, "Training batch per process, when optim.global_batch is 0 "
+                          "(the batch of a step then grows with the processes).", bounds="> 0")
+    global_batch: int = key(0, "Training batch of a step summed over all processes, divided "
+                            "equally among them (a multiple of their number), so that a preset "
+                            "trains at the paper's batch and lr on 1, 8 or 32 GPUs; logged at "
+                            "start. 0: optim.batch_size per process. Not hashed: a checkpoint "
+                            "records the global batch it trained at, and a resume on another "
+                            "number of processes keeps it or is refused.", bounds=">= 0",
+                            hashed=False, since="issue32")
+    lr_scaling: str = key("none", "With optim.global_batch 0: none, or linear (lr * number of "
+                          "processes); the paper uses none. Must be none with a global batch, "
+                          "whose lr is the lr of that batch.", choices=("none", "linear"))
     precision: str = key("fp32", "Autocast dtype of the training and feature passes: fp32 "
                          "(none), bf16, or fp16 (with loss scaling, its state in the "
                          "checkpoint).", choices=("fp32", "bf16", "fp16"), since="231d085",
@@ -430,6 +439,9 @@ def validate(cfg: Config) -> None:
               "clustering.pca_sample", cfg.clustering.pca_sample,
               f"must be 0 (all rows) or more than clustering.pca_dim ({cfg.clustering.pca_dim}) "
               "rows, or the covariance cannot have pca_dim directions")
+    check_key(cfg.optim.global_batch == 0 or cfg.optim.lr_scaling == "none", "optim.lr_scaling",
+              cfg.optim.lr_scaling, "must be none with optim.global_batch: optim.lr is the lr "
+              "of that global batch on any number of processes")
     check_key(all(side > 0 for side in cfg.data.crop_sides), "data.crop_sides",
               cfg.data.crop_sides, "must hold positive sides in pixels")
     check_key(cfg.data.resize_size >= cfg.data.crop_size, "data.resize_size",
@@ -482,8 +494,9 @@ def validate_mmdc(cfg: Config) -> None:
     check_key(all(e > 0 for e in m.lr_decay_epochs), "mmdc.lr_decay_epochs", m.lr_decay_epochs,
            "must hold positive epoch numbers")
     # the Hungarian step permutes targets among a batch's images: one image cannot move any
-    check_key(cfg.optim.batch_size >= 2, "optim.batch_size", cfg.optim.batch_size,
-           "must be at least 2 for method=mmdc")
+    batch_key = "optim.global_batch" if cfg.optim.global_batch else "optim.batch_size"
+    batch = cfg.optim.global_batch or cfg.optim.batch_size
+    check_key(batch >= 2, batch_key, batch, "must be at least 2 for method=mmdc")
 
 
 def flatten(cfg: Config) -> dict[str, Any]:
