@@ -106,7 +106,7 @@ class OptimConfig:
                             "start. 0: optim.batch_size per process. Not hashed: a checkpoint "
                             "records the global batch it trained at, and a resume on another "
                             "number of processes keeps it or is refused.", bounds=">= 0",
-                            hashed=False, since="issue32")
+                            hashed=False, since="f011279")
     lr_scaling: str = key("none", "With optim.global_batch 0: none, or linear (lr * number of "
                           "processes); the paper uses none. Must be none with a global batch, "
                           "whose lr is the lr of that batch.", choices=("none", "linear"))
