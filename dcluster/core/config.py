@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from dcluster.core.config_keys import SameAs, declarations, execution_only, key
 from dcluster.core.errors import UserError
 from dcluster.core.registry import METHODS
+from dcluster.core.suggest import closest
 
 
 class ConfigError(ValueError, UserError):
@@ -381,14 +382,23 @@ def _expected_type(name: str) -> str:
     return declared.type if declared else "a section"
 
 
+def _did_you_mean(name: str) -> str:
+    """The end of an unknown-key error: the closest declared keys, or where all are listed."""
+    known = declarations(Config)
+    # OmegaConf names an unknown section alone ('clustring' of 'clustring.k')
+    sections = {key.rsplit(".", 1)[0] for key in known if "." in key}
+    near = closest(name, [*known, *sorted(sections)])
+    if near:
+        return f" (did you mean {' or '.join(near)}?)"
+    return f"; `dcluster train --help` lists all {len(known)} keys"
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
         name = f"{err.full_key}" if getattr(err, "full_key", None) else str(err)
-        raise ConfigError(
-            f"{source}: unknown config key '{name}'. Valid keys: {', '.join(declarations(Config))}"
-        ) from None
+        raise ConfigError(f"{source}: unknown config key '{name}'{_did_you_mean(name)}") from None
     except ValidationError as err:
         raise ConfigError(
             f"{source}: key '{err.full_key}' has value {err.value!r} of the wrong type "
