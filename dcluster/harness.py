@@ -34,7 +34,7 @@ from dcluster.parallel.collectives import Comm
 from dcluster.core.config import Config
 from dcluster.core.batch import plan_batch
 from dcluster.core.config_settings import hashed_settings, settings_hash
-from dcluster.data import build_pipelines, open_source
+from dcluster.data import ImageSource, build_pipelines, open_source
 from dcluster.parallel.distributed import Env
 from dcluster.reporting.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.core.errors import CleanStop
@@ -256,14 +256,22 @@ def checkpoint_step(in_epoch: InterruptedEpoch) -> int:
     return 1 + in_epoch.offset + max(rank["progress"]["iterations"] for rank in in_epoch.ranks)
 
 
+def preflight(cfg: Config, build: type[Method], world_size: int) -> ImageSource:
+    """The checks that need the data or the job's size, made before anything is computed: by
+    a run at its start, and by `dcluster submit` before it queues one (when the data is
+    reachable from there). Returns the opened image source."""
+    source = open_source(cfg.data)
+    build.check_data(cfg, len(source))
+    plan_batch(cfg.optim, world_size)  # refused here if the global batch does not divide
+    return source
+
+
 def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
                build: type[Method]) -> RunResult:
     """One run of the method ``build``, from wherever its run directory stands."""
-    source = open_source(cfg.data)
-    build.check_data(cfg, len(source))
-    batch = plan_batch(cfg.optim, comm.world_size)  # refused here if it does not divide
+    source = preflight(cfg, build, comm.world_size)
     run = shared_run_dir(cfg, comm)
-    log.info("%s", batch.describe())
+    log.info("%s", plan_batch(cfg.optim, comm.world_size).describe())
     set_torch_threads(cfg.threads)
     seed_everything(cfg.seed)
     stops = StopPoints(stop_request, cfg.checkpoint, comm, env.device)

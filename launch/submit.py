@@ -1,9 +1,11 @@
 """Build the submitit executor from the config's `slurm:` section and submit a TrainJob.
 
 One task per GPU (or `slurm.tasks_per_node` CPU tasks where there are none); the processes
-find each other from Slurm's environment (dcluster.parallel.distributed). The run directory is
-prepared here, before anything is queued, so a config error or a clash with another run's
-directory is reported at once rather than hours later when the job starts.
+find each other from Slurm's environment (dcluster.parallel.distributed). Everything `train`
+checks before computing is checked here, before anything is queued (the data-dependent checks
+where the data is reachable), and the run directory is prepared, so a config error or a clash
+with another run's directory is reported at once rather than hours later when the job starts.
+A dry run needs no data: it prints the script, the resolved config and what it could not check.
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from typing import Iterator, Optional, Sequence
 import submitit
 from submitit import SlurmExecutor
 
-from dcluster.core.config import Config, SlurmConfig, load_config
+from dcluster.core.batch import plan_batch
+from dcluster.core.config import Config, SlurmConfig, load_config, to_yaml, unreachable_paths
+from dcluster.core.registry import method_module
 from dcluster.core.rundir import prepare_run_dir
+from dcluster.harness import preflight
 from launch.job import TrainJob
 
 log = logging.getLogger("dcluster.launch")
@@ -85,13 +90,43 @@ def sbatch_script(executor: submitit.AutoExecutor) -> str:
         slurm_executor._submitit_command_str, "dry-run")  # pylint: disable=protected-access
 
 
+def world_size(slurm: SlurmConfig) -> int:
+    return slurm.nodes * tasks_per_node(slurm)
+
+
+def checked_before_queueing(cfg: Config) -> list[str]:
+    """Run `train`'s checks that need the data and the job's size where the data is reachable
+    (a ConfigError names what fails); return what could not be checked from this machine."""
+    missing = unreachable_paths(cfg)
+    unchecked = [f"{name} {path}: not reachable from here (its existence, the image count "
+                 "against clustering.k / mmdc.k, its files)" for name, path in missing]
+    if not any(name == "data.path" for name, _ in missing):
+        preflight(cfg, method_module(cfg.method).METHOD, world_size(cfg.slurm))
+    else:
+        plan_batch(cfg.optim, world_size(cfg.slurm))
+    unchecked.append("the nodes' GPUs against the installed torch/FAISS builds: checked when "
+                     "the job starts (exit 2 there)")
+    return unchecked
+
+
+def dry_run_text(cfg: Config, script: str, unchecked: list[str]) -> str:
+    """What `submit --dry-run` prints: the script, the config the job will run, the gaps."""
+    return "\n".join([
+        "# ---- sbatch script ----", script.rstrip(),
+        f"# ---- resolved config (the job's {Path(cfg.runs_root) / cfg.name}/config.yaml) ----",
+        to_yaml(cfg).rstrip(),
+        "# ---- not checked on this machine ----", *(f"# - {item}" for item in unchecked)])
+
+
 def submit(config_path: str, overrides: Sequence[str], dry_run: bool = False) -> Submission | str:
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, check_paths=not dry_run)
+    unchecked = checked_before_queueing(cfg)
     run_dir = Path(cfg.runs_root) / cfg.name
     log_dir = Path(cfg.slurm.log_dir) if cfg.slurm.log_dir else run_dir / "slurm"
     if dry_run:
         with _slurm_commands_optional():
-            return sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
+            script = sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
+        return dry_run_text(cfg, script, unchecked)
     run = prepare_run_dir(cfg)
     executor = build_executor(cfg, log_dir.resolve())
     # absolute paths: the job may start in another working directory

@@ -327,19 +327,22 @@ class SlurmConfig:
     qos: str = key("", "Slurm QOS.", since="482ef12")
     constraint: str = key("", "Slurm node constraint.", since="482ef12")
     exclude: str = key("", "Nodes to exclude.", since="482ef12")
-    nodes: int = key(1, "Nodes of the job.", since="482ef12")
-    gpus_per_node: int = key(0, "One task per GPU; 0: CPU-only tasks.", since="482ef12")
-    tasks_per_node: int = key(1, "Processes per node when gpus_per_node is 0.",
+    nodes: int = key(1, "Nodes of the job.", bounds="> 0", since="482ef12")
+    gpus_per_node: int = key(0, "One task per GPU; 0: CPU-only tasks.", bounds=">= 0",
+                             since="482ef12")
+    tasks_per_node: int = key(1, "Processes per node when gpus_per_node is 0.", bounds="> 0",
                               since="482ef12")
-    cpus_per_task: int = key(8, "CPUs per task.", since="482ef12")
-    mem_gb: int = key(0, "Memory per node; 0: the partition's default.", since="482ef12")
-    time_min: int = key(4320, "Time limit of one job, in minutes.", since="482ef12")
+    cpus_per_task: int = key(8, "CPUs per task.", bounds="> 0", since="482ef12")
+    mem_gb: int = key(0, "Memory per node; 0: the partition's default.", bounds=">= 0",
+                      since="482ef12")
+    time_min: int = key(4320, "Time limit of one job, in minutes.", bounds="> 0",
+                        since="482ef12")
     job_name: str = key("", "Default: the run name.", since="482ef12")
     log_dir: str = key("", "Default: <run dir>/slurm.", since="482ef12")
     max_requeues: int = key(100, "Timeouts/preemptions survived before the job gives up.",
-                            since="482ef12")
+                            bounds=">= 0", since="482ef12")
     signal_delay_s: int = key(120, "USR2 this long before the time limit: time to checkpoint.",
-                              since="482ef12")
+                              bounds=">= 0", since="482ef12")
 
 
 @dataclass
@@ -390,6 +393,10 @@ def _did_you_mean(name: str) -> str:
     near = closest(name, [*known, *sorted(sections)])
     if near:
         return f" (did you mean {' or '.join(near)}?)"
+    section = name.rsplit(".", 1)[0] if "." in name else ""
+    siblings = [key for key in known if key.rsplit(".", 1)[0] == section]
+    if siblings:
+        return f"; the keys of {section}: {', '.join(siblings)}"
     return f"; `dcluster train --help` lists all {len(known)} keys"
 
 
@@ -408,8 +415,11 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Build the config from defaults, then a YAML preset, then ``key=value`` overrides."""
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                check_paths: bool = True) -> Config:
+    """Build the config from defaults, then a YAML preset, then ``key=value`` overrides.
+    ``check_paths`` False leaves out the checks that the data folders exist, for a machine that
+    cannot see them (`dcluster submit --dry-run` on a laptop): see :func:`unreachable_paths`."""
     merged = OmegaConf.structured(Config)
     if path is not None:
         path = Path(path)
@@ -428,7 +438,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     if missing:
         raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
+    validate(cfg, check_paths)
     return cfg
 
 
@@ -437,9 +447,18 @@ def check_key(condition: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"config key '{key}' = {value!r}: {why}")
 
 
-def validate(cfg: Config) -> None:
+def unreachable_paths(cfg: Config) -> list[tuple[str, str]]:
+    """The data folders of the config that are not existing directories here, as (key, path)."""
+    folders = [("data.path", cfg.data.path)]
+    if cfg.eval.val_path:
+        folders.append(("eval.val_path", cfg.eval.val_path))
+    return [(name, path) for name, path in folders if not Path(path).is_dir()]
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
     """Reject values that would fail (or silently mislead) hours into a run: each key's own
-    choices and bounds (declared beside its field), then the checks across keys."""
+    choices and bounds (declared beside its field), then the checks across keys, then (with
+    ``check_paths``) that the data folders exist."""
     declared = declarations(Config)
     for name, value in flatten(cfg).items():
         problem = declared[name].key.problem(value)
@@ -458,9 +477,6 @@ def validate(cfg: Config) -> None:
            cfg.data.resize_size, f"must be at least data.crop_size ({cfg.data.crop_size})")
     check_key(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
            cfg.name, "must be a plain directory name")
-    if cfg.eval.val_path:
-        check_key(Path(cfg.eval.val_path).is_dir(), "eval.val_path", cfg.eval.val_path,
-               "is not an existing directory")
     if cfg.clustering.mode == "sharded":
         validate_sharded(cfg)
     validate_monitor(cfg)
@@ -469,8 +485,12 @@ def validate(cfg: Config) -> None:
         check_key(cfg.clustering.features == "extra_pass", "clustering.features",
                   cfg.clustering.features, "training_pass is DeepCluster's (method=deepcluster); "
                   "MMDC assigns its targets from its own passes")
-    data_path = Path(cfg.data.path)
-    check_key(data_path.is_dir(), "data.path", cfg.data.path, "is not an existing directory")
+    check_key(cfg.slurm.signal_delay_s < cfg.slurm.time_min * 60, "slurm.signal_delay_s",
+              cfg.slurm.signal_delay_s, f"must be shorter than slurm.time_min "
+              f"({cfg.slurm.time_min} min), or the job is signalled before it starts")
+    if check_paths:
+        for name, path in unreachable_paths(cfg):
+            check_key(False, name, path, "is not an existing directory")
 
 
 def validate_sharded(cfg: Config) -> None:
