@@ -290,8 +290,9 @@ class KnnEvalConfig:
 class LinearEvalConfig:
     """The linear probe of DeepCluster's section 4.3 (after Zhang et al.): a frozen conv layer,
     average-pooled to about `pooled_dim` values, BatchNorm, one linear layer, SGD."""
-    layer: str = key("conv5", "The frozen layer: conv1..conv5 (alexnet, vgg16, resnet18/50), "
-                     "conv1..conv3 (smallconv), conv1..conv4 (smallvgg).")
+    layer: str = key("auto", "The frozen layer: conv1..conv5 (alexnet, vgg16, resnet18/50), "
+                     "conv1..conv3 (smallconv), conv1..conv4 (smallvgg); auto: the network's "
+                     "deepest (conv5, conv3, conv4). Another is refused, naming the valid ones.")
     pooled_dim: int = key(9000, "Values the layer's output is average-pooled to, about.",
                           bounds="> 0")
     epochs: int = key(90, "Epochs of the probe.", bounds="> 0")
@@ -309,6 +310,12 @@ class EvalConfig:
     val_path: str = key("", "`dcluster eval`: validation images from a second labelled folder "
                         "tree with the same class folders; empty: val_fraction of each class "
                         "of data.path is held out (seeded).", hashed=False)
+    val_labels: str = key("", "Ground-truth file of a flat eval.val_path (ImageNet's validation "
+                          "set as it ships: one folder of images): the devkit's "
+                          "ILSVRC2012_validation_ground_truth.txt with its meta.mat beside it, "
+                          "or a .csv of image id and class (Kaggle's LOC_val_solution.csv); "
+                          "classes are data.path's class folder names (WNIDs). Empty: "
+                          "eval.val_path has class folders.", hashed=False, since="issue32")
     val_fraction: float = key(0.2, "Held-out fraction of each class when val_path is empty.",
                               bounds="(0, 1)", hashed=False)
     batch_size: int = key(256, "Batch of the feature passes of `dcluster eval`.", bounds="> 0",
@@ -448,11 +455,15 @@ def check_key(condition: bool, key: str, value: Any, why: str) -> None:
 
 
 def unreachable_paths(cfg: Config) -> list[tuple[str, str]]:
-    """The data folders of the config that are not existing directories here, as (key, path)."""
+    """The data folders (and ground-truth file) of the config that do not exist here, as
+    (key, path)."""
     folders = [("data.path", cfg.data.path)]
     if cfg.eval.val_path:
         folders.append(("eval.val_path", cfg.eval.val_path))
-    return [(name, path) for name, path in folders if not Path(path).is_dir()]
+    missing = [(name, path) for name, path in folders if not Path(path).is_dir()]
+    if cfg.eval.val_labels and not Path(cfg.eval.val_labels).is_file():
+        missing.append(("eval.val_labels", cfg.eval.val_labels))
+    return missing
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
@@ -485,12 +496,15 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         check_key(cfg.clustering.features == "extra_pass", "clustering.features",
                   cfg.clustering.features, "training_pass is DeepCluster's (method=deepcluster); "
                   "MMDC assigns its targets from its own passes")
+    check_key(not cfg.eval.val_labels or bool(cfg.eval.val_path), "eval.val_labels",
+              cfg.eval.val_labels, "labels the images of eval.val_path: set it too")
     check_key(cfg.slurm.signal_delay_s < cfg.slurm.time_min * 60, "slurm.signal_delay_s",
               cfg.slurm.signal_delay_s, f"must be shorter than slurm.time_min "
               f"({cfg.slurm.time_min} min), or the job is signalled before it starts")
     if check_paths:
         for name, path in unreachable_paths(cfg):
-            check_key(False, name, path, "is not an existing directory")
+            check_key(False, name, path, "does not exist (or is not a "
+                      f"{'file' if name == 'eval.val_labels' else 'directory'})")
 
 
 def validate_sharded(cfg: Config) -> None:
