@@ -315,7 +315,7 @@ class EvalConfig:
                           "ILSVRC2012_validation_ground_truth.txt with its meta.mat beside it, "
                           "or a .csv of image id and class (Kaggle's LOC_val_solution.csv); "
                           "classes are data.path's class folder names (WNIDs). Empty: "
-                          "eval.val_path has class folders.", hashed=False, since="issue32")
+                          "eval.val_path has class folders.", hashed=False, since="5a64ea1")
     val_fraction: float = key(0.2, "Held-out fraction of each class when val_path is empty.",
                               bounds="(0, 1)", hashed=False)
     batch_size: int = key(256, "Batch of the feature passes of `dcluster eval`.", bounds="> 0",
