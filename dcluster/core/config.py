@@ -182,8 +182,10 @@ class ClusteringConfig:
     max_points_per_centroid: int = key(0, "k-means subsamples to this many points per "
                                        "centroid; 0: no subsampling (the paper's setting).",
                                        bounds=">= 0")
-    device: str = key("auto", "Where the clustering runs: auto (GPUs if a FAISS GPU build sees "
-                      "any; exit 2 if torch sees GPUs and FAISS is a CPU build), cpu or gpu.",
+    device: str = key("auto", "Where the clustering runs: auto (the GPUs when torch sees any: "
+                      "FAISS where its build has code for them, else PyTorch, see "
+                      "clustering.backend; the CPU without GPUs), cpu or gpu (exit 2 when no "
+                      "backend can use the GPUs).",
                       choices=("auto", "cpu", "gpu"))
     backend: str = key("auto", "What assigns rows to centroids: auto (FAISS where its build has "
                         "code for the GPUs, PyTorch on GPUs it has none for, FAISS on the CPU), "
