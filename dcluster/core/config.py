@@ -368,7 +368,9 @@ class Config:
     overwrite: bool = key(False, "Move aside a run directory that holds another config's run.",
                           hashed=False)
     threads: int = key(0, "torch intra-op threads; 0: the task's CPUs under Slurm, this "
-                       "process's share of the CPUs under torchrun, else torch's default.",
+                       "process's share of the CPUs under torchrun, else torch's default. A "
+                       "warning at start names a smaller value when the machine's load leaves "
+                       "fewer CPUs (threads wait for each other: tenfold slower).",
                        bounds=">= 0", hashed=False)
     progress: str = key("auto", "Progress bars: auto (on a terminal), always or never.",
                         choices=("auto", "always", "never"), hashed=False)
