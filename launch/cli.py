@@ -17,7 +17,7 @@ FLAGS = {  # flag -> (config key, type, help)
     "--qos": ("slurm.qos", str, "quality of service"),
     "--constraint": ("slurm.constraint", str, "node feature constraint"),
     "--mem": ("slurm.mem_gb", int, "memory per node in GB"),
-    "--cpus-per-task": ("slurm.cpus_per_task", int, "CPUs per task (data loading threads)"),
+    "--cpus-per-task": ("slurm.cpus_per_task", int, "CPUs per task (default: data.workers + 2)"),
     "--exclude": ("slurm.exclude", str, "hosts to avoid"),
     "--job-name": ("slurm.job_name", str, "job name (default: the run name)"),
 }

@@ -39,12 +39,22 @@ def tasks_per_node(slurm: SlurmConfig) -> int:
     return slurm.gpus_per_node if slurm.gpus_per_node > 0 else slurm.tasks_per_node
 
 
-def srun_args(slurm: SlurmConfig) -> list[str]:
+# CPUs a task needs besides its decoding workers: the training loop, and one for the threads
+# NCCL, DALI and the checkpoint writer start of their own
+EXTRA_CPUS = 2
+
+
+def cpus_per_task(cfg: Config) -> int:
+    """slurm.cpus_per_task, or where it is 0 the rule: data.workers + EXTRA_CPUS."""
+    return cfg.slurm.cpus_per_task or cfg.data.workers + EXTRA_CPUS
+
+
+def srun_args(cpus: int) -> list[str]:
     """Options the srun of the job step needs spelled out: Slurm 22.05 to 23.02 do not pass
     sbatch's --cpus-per-task on to srun (each task would get one CPU, and the data loading
     and torch threads would share it), and --kill-on-bad-exit=1 ends the step when one task
     fails instead of leaving the others blocked in a collective until the timeout."""
-    return [f"--cpus-per-task={slurm.cpus_per_task}", "--kill-on-bad-exit=1"]
+    return [f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1"]
 
 
 def build_executor(cfg: Config, log_dir: Path, cluster: Optional[str] = None) -> submitit.AutoExecutor:
@@ -55,8 +65,8 @@ def build_executor(cfg: Config, log_dir: Path, cluster: Optional[str] = None) ->
                                      slurm_max_num_timeout=s.max_requeues)
     params = dict(
         name=s.job_name or cfg.name, nodes=s.nodes, tasks_per_node=tasks_per_node(s),
-        cpus_per_task=s.cpus_per_task, timeout_min=s.time_min,
-        slurm_signal_delay_s=s.signal_delay_s, slurm_srun_args=srun_args(s),
+        cpus_per_task=cpus_per_task(cfg), timeout_min=s.time_min,
+        slurm_signal_delay_s=s.signal_delay_s, slurm_srun_args=srun_args(cpus_per_task(cfg)),
     )
     if s.gpus_per_node > 0:
         params["gpus_per_node"] = s.gpus_per_node

@@ -30,6 +30,16 @@ def test_srun_gets_cpus_per_task_and_kill_on_bad_exit(demo_digits, tmp_path, cap
     assert "--cpus-per-task=12" in srun and "--kill-on-bad-exit=1" in srun
 
 
+def test_cpus_per_task_is_derived_from_the_data_workers_unless_set(demo_digits, tmp_path,
+                                                                    capsys):
+    code = main(["submit", "configs/demo.yaml", f"data.path={demo_digits}",
+                 f"runs_root={tmp_path}", "data.workers=6", "--dry-run"])
+    script = capsys.readouterr().out.split("# ---- resolved config")[0]
+    assert code == 0 and "#SBATCH --cpus-per-task=8" in script
+    [srun] = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert "--cpus-per-task=8" in srun
+
+
 def test_yaml_slurm_section_is_the_default_and_flags_override_it(demo_digits, tmp_path, capsys):
     preset = tmp_path / "team.yaml"
     preset.write_text("name: team\nslurm:\n  partition: shared\n  tasks_per_node: 2\n"
@@ -86,7 +96,7 @@ def test_a_global_batch_the_job_cannot_divide_is_refused_at_submission(tmp_path,
 
 @pytest.mark.parametrize("flags, key", [
     (["--nodes", "0"], "slurm.nodes"), (["--gpus-per-node", "-8"], "slurm.gpus_per_node"),
-    (["--time", "-5"], "slurm.time_min"), (["--cpus-per-task", "0"], "slurm.cpus_per_task"),
+    (["--time", "-5"], "slurm.time_min"), (["--cpus-per-task", "-1"], "slurm.cpus_per_task"),
     (["--mem", "-1"], "slurm.mem_gb"), (["--tasks-per-node", "0"], "slurm.tasks_per_node"),
     (["slurm.max_requeues=-1"], "slurm.max_requeues"),
     (["slurm.signal_delay_s=-3"], "slurm.signal_delay_s"),

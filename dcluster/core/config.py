@@ -341,7 +341,9 @@ class SlurmConfig:
                              since="482ef12")
     tasks_per_node: int = key(1, "Processes per node when gpus_per_node is 0.", bounds="> 0",
                               since="482ef12")
-    cpus_per_task: int = key(8, "CPUs per task.", bounds="> 0", since="482ef12")
+    cpus_per_task: int = key(0, "CPUs per task; 0: data.workers + 2 (the decoding workers, the "
+                             "training loop, one for NCCL's and the loader's own threads).",
+                             bounds=">= 0", since="482ef12")
     mem_gb: int = key(0, "Memory per node; 0: the partition's default.", bounds=">= 0",
                       since="482ef12")
     time_min: int = key(4320, "Time limit of one job, in minutes.", bounds="> 0",
