@@ -59,6 +59,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from dcluster.reporting.contact_sheet import sheet_of_run
+
+    path = sheet_of_run(Path(args.run), args.epoch, Path(args.out) if args.out else None)
+    print(f"contact sheet of the clusters: {path}")
+    return 0
+
+
 def _version(module: str) -> str:
     try:
         return getattr(importlib.import_module(module), "__version__", "installed")
@@ -134,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     from dcluster.evaluation.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+    p = sub.add_parser("show", help="pictures of a run: what its clusters hold")
+    p.add_argument("what", choices=("clusters",), help="clusters: a contact sheet of sample "
+                   "images of the largest, smallest and random clusters")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--epoch", type=int, help="the clusters after this epoch (default: newest)")
+    p.add_argument("--out", help="PNG to write (default: <run>/plots/clusters_eNNNNNN.png)")
+    p.set_defaults(func=cmd_show)
     p = sub.add_parser("info", help="versions, devices and the code paths that would run")
     p.set_defaults(func=cmd_info)
     return parser

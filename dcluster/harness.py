@@ -305,6 +305,8 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
             if monitor is not None and monitored(cfg, epoch + 1, method.epochs):
                 with timed(metrics, "time_monitor"):
                     metrics.update(monitor.measure(method.model, epoch + 1, env, comm))
+                if env.is_main and cfg.tracking.plots:
+                    draw_clusters(ctx, tracker, epoch + 1)
             report_epoch(ctx, progress, tracker, epoch, method, metrics)
             if progress.next_epoch % cfg.checkpoint.interval == 0 or progress.next_epoch == method.epochs:
                 checkpointer.save(progress.next_epoch)
@@ -430,6 +432,16 @@ def report_epoch(ctx: RunContext, progress: RunProgress, tracker: RunTracker, ep
         tracker.log_metrics(metrics, step=progress.next_epoch)
         save_assignments(ctx.run, progress.next_epoch, clusters.labels)
     progress.history.append({"epoch": float(progress.next_epoch), **metrics})
+
+
+def draw_clusters(ctx: RunContext, tracker: RunTracker, epoch: int) -> None:
+    """The contact sheet of what the clusters hold after ``epoch`` (from 1), at the monitor's
+    epochs: in the run's plots/ and in MLflow."""
+    from dcluster.reporting.contact_sheet import contact_sheet, sheet_path
+
+    assert ctx.clusters.labels is not None
+    tracker.log_artifact(contact_sheet(ctx.source, ctx.clusters.labels,
+                                       sheet_path(ctx.run.plots, epoch), ctx.cfg.seed))
 
 
 def finish_plots(cfg: Config, run: RunDir, clusters: Clusters, history: list[dict[str, float]],
