@@ -7,8 +7,8 @@ The file is a dict (``torch.load(path, weights_only=True)``):
   network (vgg16 as ``vgg16_bn``, resnet18, resnet50: ``torchvision.models.<torchvision>()``
   loads it with ``strict=False``, only its last layer, the 1000-way classifier, missing);
   under dcluster's names (``dcluster.models.build_model``) for the paper's AlexNet (96-256-384-
-  384-256 filters with BatchNorm, which torchvision's AlexNet cannot hold), smallconv and
-  smallvgg. The clustering head is left out: its cluster ids mean nothing downstream.
+  384-256 filters with BatchNorm, which torchvision's AlexNet cannot hold), smallconv,
+  smallvgg, and a VGG16 or ResNet that torchvision's cannot hold (other crops or fc widths). The clustering head is left out: its cluster ids mean nothing downstream.
 - ``front_end``: the fixed Sobel front end's two convs (grayscale 3->1 1x1, Sobel 1->2 3x3 with
   padding 1, no biases) as the state dict of that ``nn.Sequential``, or None without one. A
   Sobel network's first conv takes those 2 channels instead of RGB's 3.
@@ -116,12 +116,19 @@ def torchvision_state_dict(net: DeepClusterNet, arch: str) -> tuple[str, dict[st
 
 def export_payload(net: DeepClusterNet, model: ModelConfig, crop_size: int,
                    grayscale_stats: bool) -> dict[str, Any]:
-    """The exported file's content for a dcluster backbone built from ``model``."""
+    """The exported file's content for a dcluster backbone built from ``model``: under
+    torchvision's names where torchvision's network can hold it, else under dcluster's (the
+    paper's AlexNet, the small networks, a VGG16 of other crops or fc widths than
+    torchvision's, a ResNet with fc layers), so that every trained network is exportable."""
+    name, state = "", {}
     if model.arch in _RENAMES:
-        name, state = torchvision_state_dict(net, model.arch)
-    else:  # the paper's AlexNet and the small networks: dcluster's own layout
-        name, state = "", {key: value.detach().clone() for key, value in net.state_dict().items()
-                           if not key.startswith(("head.", "sobel."))}
+        try:
+            name, state = torchvision_state_dict(net, model.arch)
+        except ExportError as why:
+            log.info("written under dcluster's names: %s", why)
+    if not name:
+        state = {key: value.detach().clone() for key, value in net.state_dict().items()
+                 if not key.startswith(("head.", "sobel."))}
     mean, std = normalization(grayscale_stats)
     front = None
     if net.sobel is not None:

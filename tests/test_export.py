@@ -54,6 +54,18 @@ def test_an_exported_sobel_network_loads_the_documented_ways_with_dcluster_featu
         assert close(hub(images), expected)
 
 
+def test_a_vgg16_torchvision_cannot_hold_is_exported_under_dcluster_names(tmp_path):
+    """64-pixel crops and fc 64: torchvision's vgg16_bn reads a 7x7 map into 4096 units."""
+    net = trained_looking("vgg16", 64, sobel=True, fc_dim=64)
+    payload = export_payload(net, ModelConfig(arch="vgg16", sobel=True, fc_dim=64), 64, False)
+    assert payload["torchvision"] == "" and "body.0.weight" in payload["state_dict"]
+    torch.save(payload, tmp_path / "vgg16.pth")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert close(load_backbone(tmp_path / "vgg16.pth").eval()(images),
+                     net.representation(images))
+
+
 def test_the_plain_torchvision_snippet_of_the_docs_loads_a_sobel_resnet50(tmp_path):
     """docs/evaluation.md's code for torchvision without dcluster, as written there."""
     dc_net = trained_looking("resnet50", 64, sobel=True, fc_dim=0)
