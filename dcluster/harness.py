@@ -355,7 +355,6 @@ def resume(ctx: RunContext, method: Method, progress: RunProgress,
         return None
     payload = upgraded(found[0] if found else load_checkpoint(Path(path)))
     check_compatible(payload, settings, fingerprint, path)
-    check_global_batch(payload, ctx.batch, path)
     restore_objects(payload, objects, Path(path))
     method.after_restore()
     restore_rng_state(payload["rng"])
@@ -364,6 +363,9 @@ def resume(ctx: RunContext, method: Method, progress: RunProgress,
     if payload["in_epoch"]:
         progress.in_epoch = InterruptedEpoch(**payload["in_epoch"])
         continue_streams(progress.in_epoch, progress.next_epoch, method.model, ctx.comm, path)
+    # after the mid-epoch check, whose refusal of another rank count is the more precise
+    check_global_batch(payload, ctx.batch, path)
+    if progress.in_epoch is not None:
         step = checkpoint_step(progress.in_epoch)
         log.info("resuming from %s inside epoch %d, after its %s", path, progress.next_epoch + 1,
                  f"iteration {step - 1}" if step > 1 else "clustering")
