@@ -23,7 +23,7 @@ from dcluster.core.config import Config, SlurmConfig, load_config, to_yaml, unre
 from dcluster.core.registry import method_module
 from dcluster.core.rundir import prepare_run_dir
 from dcluster.harness import preflight
-from launch.job import TrainJob
+from launch.job import EvalJob, TrainJob
 
 log = logging.getLogger("dcluster.launch")
 
@@ -146,3 +146,26 @@ def submit(config_path: str, overrides: Sequence[str], dry_run: bool = False) ->
     log.info("submitted job %s (%d node(s) x %d task(s))", job.job_id, cfg.slurm.nodes,
              tasks_per_node(cfg.slurm))
     return Submission(job_id=str(job.job_id), log_dir=log_dir.resolve(), run_dir=run.root)
+
+
+def submit_eval(protocol: str, target: str, overrides: Sequence[str],
+                dry_run: bool = False) -> Submission | str:
+    """Queue `dcluster eval PROTOCOL TARGET` with the Slurm settings of the target's config
+    (its run's config.yaml, the overrides on top); the target, its config and checkpoint are
+    read here first, so that a wrong one is refused before anything is queued."""
+    from dcluster.evaluation.target import resolve_target
+
+    resolved = resolve_target(target, overrides)
+    cfg = resolved.cfg
+    home = resolved.run_dir if resolved.run_dir is not None else Path(cfg.runs_root) / cfg.name
+    log_dir = Path(cfg.slurm.log_dir) if cfg.slurm.log_dir else home / "slurm"
+    if dry_run:
+        with _slurm_commands_optional():
+            script = sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
+        return dry_run_text(cfg, script, ["the splits and their images: read when the job "
+                                          "starts"])
+    executor = build_executor(cfg, log_dir.resolve())
+    job = executor.submit(EvalJob(protocol, str(Path(target).resolve()), overrides))
+    log.info("submitted eval %s job %s (%d node(s) x %d task(s))", protocol, job.job_id,
+             cfg.slurm.nodes, tasks_per_node(cfg.slurm))
+    return Submission(job_id=str(job.job_id), log_dir=log_dir.resolve(), run_dir=home.resolve())

@@ -107,3 +107,22 @@ def test_every_slurm_number_is_bounded(flags, key, demo_digits, tmp_path, capsys
                  f"runs_root={tmp_path}", *flags, "--dry-run"])
     err = capsys.readouterr().err
     assert code == 2 and f"'{key}'" in err and "#SBATCH" not in err
+
+
+def test_an_evaluation_is_submitted_like_training_and_its_job_runs_the_protocol(
+        small_demo_config, tmp_path, capsys):
+    from dcluster.train import train
+    from launch.job import EvalJob
+
+    run = train(small_demo_config("epochs=1", "tracking.enabled=false"))
+    code = main(["submit", str(run.run_dir), "tracking.enabled=false", "--eval", "knn",
+                 "--gpus-per-node", "2", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    script = out.split("# ---- resolved config")[0]
+    assert "#SBATCH --gpus-per-node=2" in script and f"{run.run_dir}/slurm/" in script
+    assert main(["submit", str(tmp_path / "nowhere"), "--eval", "knn", "--dry-run"]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    # what each task of the job runs
+    written = EvalJob("knn", str(run.run_dir), ["tracking.enabled=false"])()
+    assert written == str(run.run_dir / "eval" / "knn_e000001.json")
