@@ -49,7 +49,7 @@ def test_two_ranks_end_with_equal_weights_and_resume_alike_across_sessions(
     labels = straight["clusters"]["labels"]
     assert labels.shape == (IMAGES,) and labels.min() >= 0 and labels.max() < 10
     assert [h["epoch"] for h in straight["history"]] == [float(e) for e in range(1, EPOCHS + 1)]
-    assert "batch 16 per process, effective 32" in pair_reference.outputs[0]
+    assert "global batch 32 = 16 per process x 2 process(es)" in pair_reference.outputs[0]
 
     for session, epochs in enumerate((1, EPOCHS)):
         outcomes = run_pair([], train_args(digits_subset, tmp_path / "runs", "resumed",

@@ -1,7 +1,7 @@
 """The ImageNet presets on a described 16 GB card (issue #31, item 7): the memory estimate of
 dcluster/models/memory.py (the networks on torch's meta device: shapes only) says each
-preset's training and feature passes fit a V100-16GB, and the per-process batch 256 in fp32
-they had did not."""
+preset's training and feature passes fit a V100-16GB with the processes its comment names,
+and the whole global batch of 256 on one process in fp32 does not."""
 from __future__ import annotations
 
 import pytest
@@ -12,24 +12,27 @@ from dcluster.models import build_model
 from dcluster.models.memory import GIB, estimate, saved_bytes
 
 V100_16GB = 16_945_512_448  # total_memory as torch reports it for a Tesla V100-SXM2-16GB
-PRESETS = ("deepcluster_vgg16_imagenet", "deepcluster_resnet50_imagenet",
-           "deepcluster_alexnet_imagenet")
+# each preset with the fewest processes its comment says fit a 16 GB card
+PRESETS = {"deepcluster_vgg16_imagenet": 4, "deepcluster_resnet50_imagenet": 2,
+           "deepcluster_alexnet_imagenet": 1}
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_the_imagenet_presets_fit_a_16_gb_card_described_gpu(preset, tmp_path):
+@pytest.mark.parametrize("preset, processes", PRESETS.items())
+def test_the_imagenet_presets_fit_a_16_gb_card_described_gpu(preset, processes, tmp_path):
     cfg = load_config(f"configs/{preset}.yaml", [f"data.path={tmp_path}"])
-    memory = estimate(cfg)
+    assert cfg.optim.global_batch == 256  # the paper's, whatever the number of GPUs
+    memory = estimate(cfg, processes)
     assert memory.fits(V100_16GB), (memory.training / GIB, memory.features / GIB)
 
 
-@pytest.mark.parametrize("preset", PRESETS[:2])
-def test_batch_256_per_process_in_fp32_did_not_fit_described_gpu(preset, tmp_path):
-    cfg = load_config(f"configs/{preset}.yaml", [f"data.path={tmp_path}", "optim.batch_size=256"])
-    assert not estimate(cfg).fits(V100_16GB)
-    bf16 = load_config(f"configs/{preset}.yaml", [f"data.path={tmp_path}", "optim.batch_size=256",
+@pytest.mark.parametrize("preset", list(PRESETS)[:2])
+def test_the_whole_batch_of_256_on_one_process_in_fp32_does_not_fit_described_gpu(preset,
+                                                                                   tmp_path):
+    cfg = load_config(f"configs/{preset}.yaml", [f"data.path={tmp_path}"])
+    assert not estimate(cfg, 1).fits(V100_16GB)
+    bf16 = load_config(f"configs/{preset}.yaml", [f"data.path={tmp_path}",
                                                   "optim.precision=bf16"])
-    assert estimate(bf16).training < estimate(cfg).training
+    assert estimate(bf16, 1).training < estimate(cfg, 1).training
 
 
 def test_the_meta_count_equals_the_count_on_real_tensors(tmp_path):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from dcluster.core.batch import plan_batch
 from dcluster.models import build_model
 
 if TYPE_CHECKING:
@@ -96,8 +97,9 @@ def inference_bytes_per_image(model: nn.Module, crop: int, dtype: torch.dtype) -
     return peak
 
 
-def estimate(cfg: "Config") -> PassMemory:
-    """The per-process peak of ``cfg``'s training and feature passes on a GPU."""
+def estimate(cfg: "Config", world_size: int = 1) -> PassMemory:
+    """The per-process peak of ``cfg``'s training and feature passes on a GPU, with
+    ``world_size`` processes sharing optim.global_batch (when set)."""
     precision = cfg.optim.precision
     dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     model = _on_meta(cfg, dtype)
@@ -106,5 +108,6 @@ def estimate(cfg: "Config") -> PassMemory:
     state = STATE_BYTES[precision] * sum(p.numel() for p in model.parameters())
     weights = 4 * sum(p.numel() for p in model.parameters())
     features = cfg.extract.batch_size * inference_bytes_per_image(model, crop, dtype)
-    return PassMemory(training=cfg.optim.batch_size * per_image + state + RUNTIME_BYTES,
+    batch = plan_batch(cfg.optim, world_size).per_process
+    return PassMemory(training=batch * per_image + state + RUNTIME_BYTES,
                       features=features + weights + RUNTIME_BYTES, precision=precision)
