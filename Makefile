@@ -6,8 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA ?= data/digits
 DEMO_ARGS ?=
-# the oldest torch of setup.py's range (2.11-2.14) that installs here without a download
-OLDEST_TORCH_WHEEL ?= /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+# the oldest torch of setup.py's range (2.11-2.14) that CI runs: PyPI's, pinned by hash there
+OLDEST_TORCH_REQUIREMENTS ?= .ci/oldest-torch.txt
 OLDEST_TORCH = $(abspath $(VENV))/oldest-torch
 
 .PHONY: install demo test bench clean-demo check-profiles demo-oldest-torch gpu-check-wheels
@@ -36,13 +36,14 @@ bench: install
 check-profiles: install
 	$(PY) .ci/check_profiles.py
 
-# CI: the demo, 2 epochs, under the oldest torch of the range: that wheel in its own folder
+# CI: the demo, 2 epochs on 2 gloo ranks (torchrun: DDP, the collectives), under the
+# oldest torch of the range: that wheel in its own folder
 # ahead of the venv's torch. The venv's torchvision is built for its own torch, so a stub
 # that refuses to import stands in its place (the demo's DALI path needs none).
 demo-oldest-torch: install
-	@test -f $(OLDEST_TORCH_WHEEL) || { echo "no $(OLDEST_TORCH_WHEEL): set OLDEST_TORCH_WHEEL=<a CPU torch 2.11-2.13 wheel>"; exit 2; }
 	@test -f $(OLDEST_TORCH)/.installed || { rm -rf $(OLDEST_TORCH) && \
-	  $(PY) -m pip install --quiet --no-deps --target $(OLDEST_TORCH) $(OLDEST_TORCH_WHEEL) && \
+	  $(PY) -m pip install --quiet --no-deps --require-hashes --target $(OLDEST_TORCH) \
+	    -r $(OLDEST_TORCH_REQUIREMENTS) && \
 	  mkdir -p $(OLDEST_TORCH)/torchvision && \
 	  echo 'raise ImportError("torchvision is built for another torch: not imported beside the oldest torch")' \
 	    > $(OLDEST_TORCH)/torchvision/__init__.py && touch $(OLDEST_TORCH)/.installed; }
@@ -50,7 +51,8 @@ demo-oldest-torch: install
 	PYTHONPATH=$(OLDEST_TORCH):$(PYTHONPATH) $(PY) -c 'import torch; print("torch", torch.__version__); \
 	  assert torch.__file__.startswith("$(OLDEST_TORCH)/"), torch.__file__'
 	rm -rf $(OLDEST_TORCH)/runs
-	PYTHONPATH=$(OLDEST_TORCH):$(PYTHONPATH) $(VENV)/bin/dcluster train configs/demo.yaml \
+	PYTHONPATH=$(OLDEST_TORCH):$(PYTHONPATH) $(PY) -m torch.distributed.run --standalone \
+	  --nproc-per-node 2 -m dcluster train configs/demo.yaml \
 	  data.path=$(DEMO_DATA) runs_root=$(OLDEST_TORCH)/runs epochs=2 tracking.enabled=false \
 	  progress=never
 

@@ -10,7 +10,10 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["dcluster", "dcluster.*", "launch", "launch.*"]),
     install_requires=[
-        # dcluster runs on torch 2.11 through 2.14 (CI trains the demo on 2.13 and 2.14);
+        # dcluster runs on torch 2.11 through 2.14. CI trains the demo on 2 ranks under 2.13
+        # (make demo-oldest-torch) and tests on 2.14; 2.11 and 2.12 have no CPU wheel and are
+        # untested: their DDP lacks forward_sync_buffers, so the keyword is chosen from DDP's
+        # signature (runtime/optimize.py buffer_sync_kwargs, tested with 2.12's stubbed);
         # constraints.txt holds the exact release `make` and CI install. PyPI's torch 2.14.1 is
         # a CUDA 13.0 build that runs on CPUs too; a CUDA 12 build (Pascal/Volta) comes from
         # https://download.pytorch.org/whl/cu126, installed first (README "Install")

@@ -24,6 +24,17 @@ What each timed side includes:
   index (on the GPUs with ``--device cuda``), and the search for the labels. Ours must be
   faster.
 
+Every side builds what it needs inside its timer, from the same inputs: the stage and the
+original from the raw features, the k-means sides from the stage's reduced vectors (and the
+same initial centroids), each building its own index or assignment backend (the engine's
+FAISS or PyTorch assigner: row norms, on a GPU the copy to the device) while timed. The
+reduced vectors and the initial centroids they all start from are made once, untimed. The
+sides take turns in ``--rounds`` rounds (3; the order reversed every other round), and each
+side's best wall time and best CPU time count; the JSON's ``sides`` gives, for each side, those
+times, the k-means iterations it ran (FAISS's ``iteration_stats``, the engine's per-iteration
+DEBUG records; null for the PCA part) and the torch and FAISS (OpenMP) thread counts it ran
+with.
+
 Quality, untimed: the variance our PCA subspace captures under the covariance of all rows,
 over that of the exact top-256 subspace of that covariance (``pca_captured_variance_vs_exact``;
 1 is exact). ``--agreement`` also clusters the vectors of an all-rows fit with two seeds and
@@ -42,15 +53,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
-import faiss
 import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
+from dcluster.core.faiss_after_torch import faiss
 from dcluster.clustering import cluster_reduced
 from dcluster.clustering.assign import TorchAssign, faiss_cpu, faiss_gpus
 from dcluster.clustering.distributed_stage import (cluster_shards, fit_shared_transform,
@@ -90,22 +104,78 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-CPU_SECONDS: dict[str, float] = {}
-"""Each timed side's CPU time (all threads): on a machine other jobs share, wall time
-measures their load as much as ours, CPU time far less; both ratios are reported."""
+@dataclasses.dataclass
+class Side:
+    """One timed side: ``run`` builds everything it needs and returns (its result, the k-means
+    iterations it ran, or None where it runs no k-means)."""
+    name: str
+    run: Callable[[], tuple[object, Optional[int]]]
 
 
-def timed(name: str, fn, *args, device: torch.device):
-    """(result, wall seconds), with the device's queued work finished on both sides; prints
-    the line at once (a long run shows its progress) and keeps the CPU time in CPU_SECONDS."""
-    synchronize(device)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    out = fn(*args)
-    synchronize(device)
-    wall, CPU_SECONDS[name] = time.perf_counter() - start, time.process_time() - cpu_start
-    print(f"{name:40s} {wall:9.2f} s wall {CPU_SECONDS[name]:9.2f} s CPU "
-          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
-    return out, wall
+@dataclasses.dataclass
+class Measured:
+    """A side's best wall and best CPU seconds over the rounds (CPU time of all threads: on a
+    machine other jobs share, wall time measures their load as much as ours, CPU time far
+    less; both ratios are reported), what it ran with, and its result."""
+    wall: float = math.inf
+    cpu: float = math.inf
+    iterations: Optional[int] = None
+    torch_threads: int = 0
+    faiss_threads: int = 0
+    result: object = None
+
+    def summary(self) -> dict[str, object]:
+        return {"wall_seconds": self.wall, "cpu_seconds": self.cpu,
+                "kmeans_iterations": self.iterations, "torch_threads": self.torch_threads,
+                "faiss_threads": self.faiss_threads}
+
+
+def measure(sides: list[Side], rounds: int, device: torch.device) -> dict[str, Measured]:
+    """Every side once per round, in turns (reversed every other round), with the device's
+    queued work finished on both ends of each timing; prints each timing at once (a long run
+    shows its progress)."""
+    measured = {side.name: Measured() for side in sides}
+    for round_ in range(rounds):
+        for side in sides if round_ % 2 == 0 else sides[::-1]:
+            synchronize(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            result, iterations = side.run()
+            synchronize(device)
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            best = measured[side.name]
+            best.wall, best.cpu = min(best.wall, wall), min(best.cpu, cpu)
+            best.iterations, best.result = iterations, result
+            best.torch_threads, best.faiss_threads = (torch.get_num_threads(),
+                                                      faiss.omp_get_max_threads())
+            print(f"round {round_ + 1} {side.name:40s} {wall:9.2f} s wall {cpu:9.2f} s CPU "
+                  f"{iterations if iterations is not None else '-':>3} iterations "
+                  f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    return measured
+
+
+class _IterationCounter(logging.Handler):
+    """Counts the engine's per-iteration DEBUG records (``lloyd``'s "iteration N: ...")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += str(record.msg).startswith("iteration ")
+
+
+@contextmanager
+def engine_iterations() -> Iterator[_IterationCounter]:
+    """The k-means iterations the engine runs inside the block."""
+    logger = logging.getLogger("dcluster.clustering.engine")
+    counter, level = _IterationCounter(), logger.level
+    logger.addHandler(counter)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield counter
+    finally:
+        logger.removeHandler(counter)
+        logger.setLevel(level)
 
 
 def warm_up(device: torch.device, ngpu: int) -> None:
@@ -118,9 +188,11 @@ def warm_up(device: torch.device, ngpu: int) -> None:
     faiss.Kmeans(16, 8, niter=2, gpu=ngpu or False).train(x)
 
 
-def stage(x: torch.Tensor, cfg: ClusteringConfig, seed: int, comm: Comm) -> None:
+def stage(x: torch.Tensor, cfg: ClusteringConfig, seed: int, comm: Comm) -> tuple[None, int]:
     """The epoch's clustering stage on one process, every image with a feature row."""
-    cluster_shards(x, np.arange(len(x)), len(x), cfg, comm, seed, x.device)
+    with engine_iterations() as iterations:
+        cluster_shards(x, np.arange(len(x)), len(x), cfg, comm, seed, x.device)
+    return None, iterations.count
 
 
 def reduce(x: torch.Tensor, cfg: ClusteringConfig, seed: int, comm: Comm):
@@ -129,14 +201,15 @@ def reduce(x: torch.Tensor, cfg: ClusteringConfig, seed: int, comm: Comm):
     return reduce_rows(x, transform, cfg), transform
 
 
-def bare_kmeans(x: np.ndarray, k: int, niter: int, seed: int, ngpu: int) -> np.ndarray:
+def bare_kmeans(x: np.ndarray, k: int, niter: int, seed: int,
+                ngpu: int) -> tuple[np.ndarray, int]:
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, gpu=ngpu or False,
                       max_points_per_centroid=-(-x.shape[0] // k), min_points_per_centroid=1)
     km.train(x)
-    return km.index.search(x, 1)[1].ravel()
+    return km.index.search(x, 1)[1].ravel(), len(km.iteration_stats)
 
 
-def faiss_clustering(x: np.ndarray, init: np.ndarray, niter: int) -> np.ndarray:
+def faiss_clustering(x: np.ndarray, init: np.ndarray, niter: int) -> tuple[np.ndarray, int]:
     """``faiss.Clustering`` from the centroids ``init`` on every point, and the final
     assignment."""
     clus = faiss.Clustering(x.shape[1], init.shape[0])
@@ -144,11 +217,16 @@ def faiss_clustering(x: np.ndarray, init: np.ndarray, niter: int) -> np.ndarray:
     faiss.copy_array_to_vector(init.ravel(), clus.centroids)
     index = faiss.IndexFlatL2(x.shape[1])
     clus.train(x, index)
-    return index.search(x, 1)[1].ravel()
+    return index.search(x, 1)[1].ravel(), clus.iteration_stats.size()
 
 
-def engine_kmeans(data, init: np.ndarray, niter: int) -> np.ndarray:
-    return lloyd(data, init.shape[0], niter=niter, seed=0, init=init).labels
+def engine_kmeans(backend: Callable[[np.ndarray], object], x: np.ndarray, init: np.ndarray,
+                  niter: int) -> tuple[np.ndarray, int]:
+    """The engine from the centroids ``init``, its assignment backend built from ``x`` here
+    (inside the timer, as the FAISS sides build their index)."""
+    with engine_iterations() as iterations:
+        labels = lloyd(backend(x), init.shape[0], niter=niter, seed=0, init=init).labels
+    return labels, iterations.count
 
 
 def gemm_rate(device: torch.device, n: int, d: int, k: int, repeats: int = 5) -> float:
@@ -194,7 +272,8 @@ def gpu_rates(reduced: np.ndarray, k: int, device: torch.device) -> dict[str, fl
     return out
 
 
-def original_stage(x: np.ndarray, k: int, niter: int, seed: int, ngpu: int) -> np.ndarray:
+def original_stage(x: np.ndarray, k: int, niter: int, seed: int,
+                   ngpu: int) -> tuple[np.ndarray, int]:
     """DeepCluster's preprocess_features + run_kmeans: faiss PCA-whitening on all rows, L2,
     faiss.Clustering on a flat index, then the search for the labels."""
     pca = faiss.PCAMatrix(x.shape[1], PCA_DIM, -0.5)  # eigen_power is positional only
@@ -206,7 +285,7 @@ def original_stage(x: np.ndarray, k: int, niter: int, seed: int, ngpu: int) -> n
     clus.max_points_per_centroid = -(-x.shape[0] // k)  # every point, as ours
     index = flat_l2_index(PCA_DIM, ngpu)
     clus.train(reduced, index)
-    return index.search(reduced, 1)[1].ravel()
+    return index.search(reduced, 1)[1].ravel(), clus.iteration_stats.size()
 
 
 def captured_variance_vs_exact(x: torch.Tensor, projection: torch.Tensor) -> float:
@@ -244,6 +323,8 @@ def main() -> None:
     parser.add_argument("--agreement", action="store_true",
                         help="also the label agreement of the sampled PCA with the all-rows fit")
     parser.add_argument("--quick", action="store_true", help="20k x 1024, k=200 (seconds)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="turns of every side; each side's best time counts")
     args = parser.parse_args()
     if args.quick:
         args.n, args.dim, args.k = 20_000, 1024, 200
@@ -262,38 +343,45 @@ def main() -> None:
           f"pca_sample={args.pca_sample or 'all'}, device={device} (FAISS GPUs: {ngpu}), "
           f"torch threads={torch.get_num_threads()}, faiss threads={faiss.omp_get_max_threads()}",
           flush=True)
-    _, stage_s = timed("stage", stage, x, cfg, args.seed, comm, device=device)
-    (reduced, transform), reduce_s = timed("its PCA + whiten + L2 (timed apart)", reduce, x, cfg,
-                                           args.seed, comm, device=device)
-    sampled_labels, bare_s = timed("bare", bare_kmeans, reduced, args.k, args.niter, args.seed,
-                                   ngpu, device=device)
+    reduced, transform = reduce(x, cfg, args.seed, comm)
     init = reduced[np.random.default_rng(args.seed).choice(len(reduced), args.k, replace=False)]
-    faiss_labels, faiss_s = timed("faiss.Clustering, given centroids", faiss_clustering, reduced,
-                                  init, args.niter, device=device)
-    engine_labels, engine_s = timed("engine, FAISS CPU backend", engine_kmeans,
-                                    faiss_cpu(reduced), init, args.niter, device=device)
-    torch_labels, torch_s = timed(f"engine, PyTorch backend ({device.type})", engine_kmeans,
-                                  TorchAssign(reduced, [device]), init, args.niter, device=device)
-    backends_nmi = normalized_mutual_info_score(engine_labels, torch_labels)
-    engine_nmi = normalized_mutual_info_score(engine_labels, faiss_labels)
-    rates = gpu_rates(reduced, args.k, device) if device.type == "cuda" else {}
-    original_s = CPU_SECONDS["original"] = math.nan
+    sides = [
+        Side("stage", lambda: stage(x, cfg, args.seed, comm)),
+        Side("its PCA + whiten + L2 (timed apart)",
+             lambda: (reduce(x, cfg, args.seed, comm), None)),
+        Side("bare", lambda: bare_kmeans(reduced, args.k, args.niter, args.seed, ngpu)),
+        Side("faiss.Clustering, given centroids",
+             lambda: faiss_clustering(reduced, init, args.niter)),
+        Side("engine, FAISS CPU backend",
+             lambda: engine_kmeans(faiss_cpu, reduced, init, args.niter)),
+        Side(f"engine, PyTorch backend ({device.type})",
+             lambda: engine_kmeans(lambda r: TorchAssign(r, [device]), reduced, init,
+                                   args.niter)),
+    ]
     if not args.skip_original:
-        _, original_s = timed("original", original_stage, x_host.numpy(), args.k, args.niter,
-                              args.seed, ngpu, device=device)
+        sides.append(Side("original", lambda: original_stage(x_host.numpy(), args.k,
+                                                             args.niter, args.seed, ngpu)))
+    runs = measure(sides, args.rounds, device)
+    nan = Measured(wall=math.nan, cpu=math.nan)
+    stage_, pca, bare = runs["stage"], runs["its PCA + whiten + L2 (timed apart)"], runs["bare"]
+    faiss_side = runs["faiss.Clustering, given centroids"]
+    engine = runs["engine, FAISS CPU backend"]
+    torch_side = runs[f"engine, PyTorch backend ({device.type})"]
+    original = runs.get("original", nan)
+    backends_nmi = normalized_mutual_info_score(engine.result, torch_side.result)
+    engine_nmi = normalized_mutual_info_score(engine.result, faiss_side.result)
+    rates = gpu_rates(reduced, args.k, device) if device.type == "cuda" else {}
     variance = captured_variance_vs_exact(x, transform.projection)
-    extra = agreement(x, cfg, args.seed, comm, sampled_labels) if args.agreement else {}
-    cpu = CPU_SECONDS
+    extra = agreement(x, cfg, args.seed, comm, bare.result) if args.agreement else {}
     print(f"eigensolver: {transform.solver}")
-    print(f"{'stage / bare k-means':40s} {stage_s / bare_s:9.3f} x wall "
-          f"{cpu['stage'] / cpu['bare']:9.3f} x CPU  (goal <= 1.10)")
-    print(f"{'engine / faiss.Clustering':40s} {engine_s / faiss_s:9.3f} x wall "
-          f"{cpu['engine, FAISS CPU backend'] / cpu['faiss.Clustering, given centroids']:9.3f}"
-          f" x CPU  (goal <= 1.05; label NMI {engine_nmi:.4f})")
-    print(f"{'PyTorch / FAISS backend':40s} {torch_s / engine_s:9.3f} x wall  "
+    print(f"{'stage / bare k-means':40s} {stage_.wall / bare.wall:9.3f} x wall "
+          f"{stage_.cpu / bare.cpu:9.3f} x CPU  (goal <= 1.10)")
+    print(f"{'engine / faiss.Clustering':40s} {engine.wall / faiss_side.wall:9.3f} x wall "
+          f"{engine.cpu / faiss_side.cpu:9.3f} x CPU  (goal <= 1.05; label NMI {engine_nmi:.4f})")
+    print(f"{'PyTorch / FAISS backend':40s} {torch_side.wall / engine.wall:9.3f} x wall  "
           f"(label NMI {backends_nmi:.4f})")
-    print(f"{'original / stage':40s} {original_s / stage_s:9.2f} x wall "
-          f"{cpu['original'] / cpu['stage']:9.2f} x CPU  (goal > 1)")
+    print(f"{'original / stage':40s} {original.wall / stage_.wall:9.2f} x wall "
+          f"{original.cpu / stage_.cpu:9.2f} x CPU  (goal > 1)")
     print(f"{'captured variance / exact top-256':40s} {variance:9.6f}")
     for key, value in extra.items():
         print(f"{key:40s} {value:9.4f}")
@@ -301,18 +389,19 @@ def main() -> None:
         "n": args.n, "dim": args.dim, "k": args.k, "niter": args.niter,
         "pca_sample": args.pca_sample, "device": str(device), "faiss_gpus": ngpu,
         "load_average": os.getloadavg()[0], "eigensolver": transform.solver,
-        "stage_over_bare_kmeans": stage_s / bare_s,
-        "engine_over_faiss_kmeans": engine_s / faiss_s,
-        "torch_backend_over_faiss": torch_s / engine_s,
+        "rounds": args.rounds, "setup": "inside each side's timer",
+        "stage_over_bare_kmeans": stage_.wall / bare.wall,
+        "engine_over_faiss_kmeans": engine.wall / faiss_side.wall,
+        "torch_backend_over_faiss": torch_side.wall / engine.wall,
         "nmi_engine_vs_faiss_kmeans": engine_nmi, "nmi_torch_vs_faiss_backend": backends_nmi,
         **rates,
-        "stage_speedup_vs_original": original_s / stage_s,
+        "stage_speedup_vs_original": original.wall / stage_.wall,
         "pca_captured_variance_vs_exact": variance,
-        "stage_over_bare_kmeans_cpu_time": cpu["stage"] / cpu["bare"],
-        "stage_speedup_vs_original_cpu_time": cpu["original"] / cpu["stage"],
-        "stage_seconds": stage_s, "stage_pca_seconds": reduce_s,
-        "bare_kmeans_seconds": bare_s, "original_seconds": original_s,
-        "cpu_seconds": dict(cpu), **extra,
+        "stage_over_bare_kmeans_cpu_time": stage_.cpu / bare.cpu,
+        "stage_speedup_vs_original_cpu_time": original.cpu / stage_.cpu,
+        "stage_seconds": stage_.wall, "stage_pca_seconds": pca.wall,
+        "bare_kmeans_seconds": bare.wall, "original_seconds": original.wall,
+        "sides": {name: side.summary() for name, side in runs.items()}, **extra,
     }))
 
 

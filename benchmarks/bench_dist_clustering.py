@@ -31,11 +31,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from dcluster.core.faiss_after_torch import faiss
 from dcluster.clustering.distributed_stage import cluster_shards
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import ClusteringConfig, DistributedConfig

@@ -61,8 +61,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     from dcluster.export import export_backbone
 
     name, path = export_backbone(args.target, args.out)
-    print(f"torchvision.models.{name} weights (without its last layer): {path}")
-    print(f"load with dcluster.load_backbone({str(path)!r})")
+    print(f"{name} backbone with its front end and normalisation: {path}")
+    print(f"load with dcluster.load_backbone({str(path)!r}) or torch.hub.load(<this "
+          f"repository>, 'backbone', {str(path)!r}, source='local')")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from dcluster.reporting.contact_sheet import sheet_of_run
+
+    path = sheet_of_run(Path(args.run), args.epoch, Path(args.out) if args.out else None)
+    print(f"contact sheet of the clusters: {path}")
     return 0
 
 
@@ -77,16 +86,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     from dcluster.parallel.hardware import conflicting_builds, installed_distributions
 
     conflicts = conflicting_builds(installed_distributions())  # two builds of one module
-    import faiss
     import torch
 
-    from dcluster.clustering.backend import choose_backend
+    from dcluster.core.faiss_after_torch import faiss
+
+    from dcluster.clustering.backend import backend_rows
     from dcluster.clustering.kmeans import available_gpus as faiss_gpu_count
     from dcluster.parallel.hardware import check, describe, detect
 
     hw = detect()
     gpus = len(hw.gpus)
-    kmeans = choose_backend("auto", "auto", hw.gpus, hw.faiss, faiss_gpu_count())
     rows = [
         ("python", platform.python_version()),
         ("torch", f"{torch.__version__} (CUDA build {torch.version.cuda})"),
@@ -97,7 +106,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         *describe(hw),
         ("GPUs seen by torch", str(gpus)),
         ("training device", "cuda" if gpus else "cpu"),
-        ("k-means path", f"{kmeans.label} (clustering.backend=auto: {kmeans.reason})"),
+        *backend_rows("auto", "auto", hw.gpus, hw.faiss, faiss_gpu_count()),
         ("data loader", "DALI, " + ("GPU (nvJPEG) decoding" if gpus else "CPU decoding")
          if _version("nvidia.dali") != "not installed" else "torchvision (DALI not installed)"),
         ("torch threads", str(torch.get_num_threads())),
@@ -140,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--workers", type=int, default=None,
                            help="writing processes (default: the CPUs this process may use)")
     p.set_defaults(func=cmd_demo_data)
-    p = sub.add_parser("export", help="a trained backbone as torchvision weights "
-                                      "(vgg16_bn, resnet18, resnet50)")
+    p = sub.add_parser("export", help="a trained backbone as a file plain torch/torchvision "
+                                      "code loads (torchvision names where it has the network)")
     p.add_argument("target", help="run directory (newest valid checkpoint) or checkpoint file")
     p.add_argument("out", help="the .pth file to write")
     p.set_defaults(func=cmd_export)
@@ -154,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     from dcluster.evaluation.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+    p = sub.add_parser("show", help="pictures of a run: what its clusters hold")
+    p.add_argument("what", choices=("clusters",), help="clusters: a contact sheet of sample "
+                   "images of the largest, smallest and random clusters")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--epoch", type=int, help="the clusters after this epoch (default: newest)")
+    p.add_argument("--out", help="PNG to write (default: <run>/plots/clusters_eNNNNNN.png)")
+    p.set_defaults(func=cmd_show)
     p = sub.add_parser("info", help="versions, devices and the code paths that would run")
     p.set_defaults(func=cmd_info)
     return parser

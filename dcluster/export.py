@@ -1,30 +1,40 @@
-"""`dcluster export`: a trained backbone's weights under torchvision's names, so that the
-library a user fine-tunes with can load them (VISSL and mmselfsup ship such converters).
+"""`dcluster export`: every trained backbone as a file that plain PyTorch / torchvision code
+can load without dcluster's training code, with what it expects written into it.
 
-The file is a plain state dict of ``torchvision.models.<name>()`` without its last layer (the
-1000-way classifier, which unsupervised training has no counterpart for): vgg16_bn, resnet18
-or resnet50. dcluster's AlexNet is the paper's (96-256-384-384-256 filters, BatchNorm, no
-LRN), which torchvision's AlexNet (64-192-384-256-256, no BatchNorm) cannot hold, so it has
-no export. The clustering head is not exported: its cluster ids mean nothing downstream.
+The file is a dict (``torch.load(path, weights_only=True)``):
 
-The Sobel front end (fixed grayscale + Sobel filters, models/sobel.py) is not part of any
-torchvision network. A Sobel network's exported first conv takes its 2 channels instead of
-RGB's 3, and :func:`load_backbone` puts the front end back in front of it (as module
-``sobel``); with ``torchvision.models.X()`` directly, replace its first conv with a 2-channel
-one before loading and feed it ``dcluster.models.Sobel()(images)``.
+- ``state_dict``: the backbone's weights. Under torchvision's names where torchvision has the
+  network (vgg16 as ``vgg16_bn``, resnet18, resnet50: ``torchvision.models.<torchvision>()``
+  loads it with ``strict=False``, only its last layer, the 1000-way classifier, missing);
+  under dcluster's names (``dcluster.models.build_model``) for the paper's AlexNet (96-256-384-
+  384-256 filters with BatchNorm, which torchvision's AlexNet cannot hold), smallconv,
+  smallvgg, and a VGG16 or ResNet that torchvision's cannot hold (other crops or fc widths). The clustering head is left out: its cluster ids mean nothing downstream.
+- ``front_end``: the fixed Sobel front end's two convs (grayscale 3->1 1x1, Sobel 1->2 3x3 with
+  padding 1, no biases) as the state dict of that ``nn.Sequential``, or None without one. A
+  Sobel network's first conv takes those 2 channels instead of RGB's 3.
+- ``mean``, ``std``, ``crop_size``: the normalisation of 0..1 RGB images the network was
+  trained with, and the side of its crops.
+- ``arch``, ``torchvision`` (the torchvision name, or ""), ``model`` (the model.* keys),
+  ``feature_dim``.
+
+:func:`load_backbone` (``dcluster.load_backbone``, and ``hubconf.py``'s ``backbone`` entry for
+``torch.hub.load``) builds the module from it, returning the features dcluster trained.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from dcluster.core.atomic import atomic_write
 from dcluster.core.errors import UserError
-from dcluster.models import DeepClusterNet, Sobel
+from dcluster.core.config import ModelConfig
+from dcluster.data.crops import normalization
+from dcluster.models import DeepClusterNet, Sobel, build_model
 
 log = logging.getLogger("dcluster.export")
 
@@ -36,6 +46,9 @@ _VGG_FC = 4096
 _RESNET_STAGES = {0: "conv1", 1: "bn1", 4: "layer1", 5: "layer2", 6: "layer3", 7: "layer4"}
 # dcluster's fully connected layers (models/convnet.py) and VGG's places for them
 _VGG_CLASSIFIER = {1: 0, 4: 3}
+
+
+EXPORT_FORMAT = "dcluster-backbone-2"  # the first layout was a bare torchvision state dict
 
 
 class ExportError(ValueError, UserError):
@@ -101,9 +114,35 @@ def torchvision_state_dict(net: DeepClusterNet, arch: str) -> tuple[str, dict[st
     return name, out
 
 
+def export_payload(net: DeepClusterNet, model: ModelConfig, crop_size: int,
+                   grayscale_stats: bool) -> dict[str, Any]:
+    """The exported file's content for a dcluster backbone built from ``model``: under
+    torchvision's names where torchvision's network can hold it, else under dcluster's (the
+    paper's AlexNet, the small networks, a VGG16 of other crops or fc widths than
+    torchvision's, a ResNet with fc layers), so that every trained network is exportable."""
+    name, state = "", {}
+    if model.arch in _RENAMES:
+        try:
+            name, state = torchvision_state_dict(net, model.arch)
+        except ExportError as why:
+            log.info("written under dcluster's names: %s", why)
+    if not name:
+        state = {key: value.detach().clone() for key, value in net.state_dict().items()
+                 if not key.startswith(("head.", "sobel."))}
+    mean, std = normalization(grayscale_stats)
+    front = None
+    if net.sobel is not None:
+        front = {key.removeprefix("filters."): value.detach().clone()
+                 for key, value in net.sobel.state_dict().items()}
+    return {"format": EXPORT_FORMAT, "arch": model.arch, "torchvision": name,
+            "model": asdict(model), "crop_size": crop_size, "feature_dim": net.feature_dim,
+            "mean": list(mean), "std": list(std), "front_end": front, "state_dict": state}
+
+
 def export_backbone(target: str | Path, out: str | Path) -> tuple[str, Path]:
     """Write the backbone of a run directory's newest checkpoint, or of one checkpoint file,
-    to ``out`` (atomically); return (torchvision model name, out)."""
+    to ``out`` (atomically); return (the network's name, out): torchvision's, or dcluster's
+    model.arch where torchvision has no such network."""
     from dcluster.evaluation.network import load_network
     from dcluster.evaluation.target import resolve_target
 
@@ -111,14 +150,17 @@ def export_backbone(target: str | Path, out: str | Path) -> tuple[str, Path]:
     if resolved.payload is None:
         raise ExportError(f"{target}: a config holds no trained weights; export a run "
                           "directory or a checkpoint")
-    net = load_network(resolved.cfg, resolved.payload, torch.device("cpu"))
-    name, state = torchvision_state_dict(net.backbone, resolved.cfg.model.arch)
+    cfg = resolved.cfg
+    net = load_network(cfg, resolved.payload, torch.device("cpu"))
+    payload = export_payload(net.backbone, cfg.model, cfg.data.crop_size,
+                             cfg.data.grayscale_stats)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, lambda f: torch.save(state, f))
-    log.info("exported %s (epoch %d) as torchvision %s%s to %s", resolved.describe(),
-             resolved.epoch, name, " behind the Sobel front end" if net.backbone.sobel else "",
-             out)
+    atomic_write(out, lambda f: torch.save(payload, f))
+    name = payload["torchvision"] or cfg.model.arch
+    log.info("exported %s as %s%s to %s", resolved.describe(),
+             f"torchvision {name}" if payload["torchvision"] else f"dcluster {name}",
+             " behind the Sobel front end" if net.backbone.sobel else "", out)
     return name, out
 
 
@@ -133,31 +175,42 @@ def _arch_of(state: dict[str, torch.Tensor], path: Path) -> str:
                       "resnet key layout)")
 
 
-class SobelBackbone(nn.Module):
-    """A torchvision network behind dcluster's fixed Sobel front end."""
+def sobel_front_end() -> nn.Sequential:
+    """The module the file's ``front_end`` is the state dict of (plain torch, no dcluster)."""
+    return nn.Sequential(nn.Conv2d(3, 1, kernel_size=1, bias=False),
+                         nn.Conv2d(1, 2, kernel_size=3, padding=1, bias=False))
 
-    def __init__(self, sobel: Sobel, net: nn.Module) -> None:
+
+class Backbone(nn.Module):
+    """An exported network: the front end (the identity without Sobel), then the network;
+    ``mean`` and ``std`` are the normalisation its input expects (0..1 RGB images)."""
+
+    def __init__(self, front: nn.Module, net: nn.Module, mean: list[float],
+                 std: list[float]) -> None:
         super().__init__()
-        self.sobel = sobel
+        self.front = front
+        self.net = net
+        self.mean, self.std = mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.front(x))
+
+
+class _Representation(nn.Module):
+    """A dcluster network without torchvision counterpart, returning what its head saw."""
+
+    def __init__(self, net: DeepClusterNet) -> None:
+        super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.sobel(x))
+        return self.net.representation(x)
 
 
-def load_backbone(path: str | Path) -> nn.Module:
-    """The torchvision network of an exported file, with its weights and with its last layer
-    replaced by the identity, so that it returns the features dcluster trained (the
-    classifier's ReLU output for VGG16, the pooled 512/2048 values for ResNets); behind the
-    Sobel front end (a :class:`SobelBackbone`) if it was trained with one. In train mode, as
-    torchvision builds it: call ``.eval()`` for frozen features."""
+def _torchvision_net(name: str, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """torchvision's ``name`` with the weights and its last layer replaced by the identity."""
     import torchvision.models
 
-    path = Path(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ExportError(f"{path}: holds a {type(state).__name__}, not a state dict")
-    name = _arch_of(state, path)
     net = getattr(torchvision.models, name)(weights=None)
     first = "features.0" if name == "vgg16_bn" else "conv1"
     in_channels = state[f"{first}.weight"].shape[1]
@@ -172,4 +225,43 @@ def load_backbone(path: str | Path) -> nn.Module:
                           f"{[k for k in missing if not k.startswith(last)]}, unexpected "
                           f"{unexpected}")
     net.set_submodule(last, nn.Identity())
-    return SobelBackbone(Sobel(), net) if in_channels == Sobel.out_channels else net
+    return net
+
+
+def _dcluster_net(export: dict[str, Any]) -> nn.Module:
+    net = build_model(ModelConfig(**export["model"]), export["crop_size"])
+    missing, unexpected = net.load_state_dict(export["state_dict"], strict=False)
+    assert not unexpected and all(key.startswith("sobel.") for key in missing), (missing,
+                                                                                unexpected)
+    net.sobel = None  # the Backbone's front end stands in front of it
+    return _Representation(net)
+
+
+def load_backbone(path: str | Path) -> Backbone:
+    """The network of an exported file, with its weights, returning the features dcluster
+    trained (the fc layers' ReLU output, or the pooled 512/2048 values of a ResNet with
+    model.fc_dim 0), behind the Sobel front end if it was trained with one. In train mode, as
+    torchvision builds it: call ``.eval()`` for frozen features. Files of the first export
+    layout (a bare torchvision state dict) load too, with ImageNet's mean and std."""
+    path = Path(path)
+    export = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(export, dict):
+        raise ExportError(f"{path}: holds a {type(export).__name__}, not a dcluster export")
+    if export.get("format") != EXPORT_FORMAT:  # the first layout: torchvision weights only
+        name = _arch_of(export, path)
+        first = export["features.0.weight" if name == "vgg16_bn" else "conv1.weight"]
+        front = None if first.shape[1] == 3 else {
+            key.removeprefix("filters."): value for key, value in Sobel().state_dict().items()}
+        mean, std = normalization(False)
+        export = {"torchvision": name, "state_dict": export, "front_end": front,
+                  "mean": list(mean), "std": list(std)}
+    if export["torchvision"]:
+        net = _torchvision_net(export["torchvision"], export["state_dict"], path)
+    else:
+        net = _dcluster_net(export)
+    front: nn.Module = nn.Identity()
+    if export["front_end"] is not None:
+        front = sobel_front_end()
+        front.load_state_dict(export["front_end"])
+        front.requires_grad_(False)
+    return Backbone(front, net, export["mean"], export["std"])

@@ -32,8 +32,9 @@ from dcluster.runtime.checkpoint import (SHARD_FILES, CheckpointError, capture_r
                                  save_checkpoint, save_shard, shard_path)
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import Config
+from dcluster.core.batch import plan_batch
 from dcluster.core.config_settings import hashed_settings, settings_hash
-from dcluster.data import build_pipelines, open_source
+from dcluster.data import ImageSource, build_pipelines, open_source
 from dcluster.parallel.distributed import Env
 from dcluster.reporting.epoch_report import assignment_metrics, format_epoch_line
 from dcluster.core.errors import CleanStop
@@ -44,7 +45,7 @@ from dcluster.evaluation.monitor import Monitor, is_best_epoch, monitored
 from dcluster.runtime.optimize import EpochProgress, Pause, StepLoop, align_replicas, pass_loss
 from dcluster.core.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.runtime.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
-                                Stateful, check_compatible, restore_objects, sharded_objects,
+                                Stateful, check_compatible, check_global_batch, restore_objects, sharded_objects,
                                 upgraded)
 from dcluster.core.seeding import derived_seed, seed_everything
 from dcluster.runtime.stages import Epoch, Pass, Step
@@ -234,6 +235,7 @@ class Checkpointer:
             "config_hash": settings_hash(self.settings),
             "settings": self.settings,  # what a newer dcluster compares key by key
             "data_fingerprint": self.fingerprint,
+            "global_batch": self.ctx.batch.global_batch,  # what a resume on other GPUs keeps
             "epoch": epoch,
             "iteration": step,
             "in_epoch": asdict(in_epoch) if in_epoch else None,
@@ -254,12 +256,22 @@ def checkpoint_step(in_epoch: InterruptedEpoch) -> int:
     return 1 + in_epoch.offset + max(rank["progress"]["iterations"] for rank in in_epoch.ranks)
 
 
+def preflight(cfg: Config, build: type[Method], world_size: int) -> ImageSource:
+    """The checks that need the data or the job's size, made before anything is computed: by
+    a run at its start, and by `dcluster submit` before it queues one (when the data is
+    reachable from there). Returns the opened image source."""
+    source = open_source(cfg.data)
+    build.check_data(cfg, len(source))
+    plan_batch(cfg.optim, world_size)  # refused here if the global batch does not divide
+    return source
+
+
 def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
                build: type[Method]) -> RunResult:
     """One run of the method ``build``, from wherever its run directory stands."""
-    source = open_source(cfg.data)
-    build.check_data(cfg, len(source))
+    source = preflight(cfg, build, comm.world_size)
     run = shared_run_dir(cfg, comm)
+    log.info("%s", plan_batch(cfg.optim, comm.world_size).describe())
     set_torch_threads(cfg.threads)
     seed_everything(cfg.seed)
     stops = StopPoints(stop_request, cfg.checkpoint, comm, env.device)
@@ -293,6 +305,8 @@ def run_method(cfg: Config, env: Env, comm: Comm, stop_request: StopRequest,
             if monitor is not None and monitored(cfg, epoch + 1, method.epochs):
                 with timed(metrics, "time_monitor"):
                     metrics.update(monitor.measure(method.model, epoch + 1, env, comm))
+                if env.is_main and cfg.tracking.plots:
+                    draw_clusters(ctx, tracker, epoch + 1)
             report_epoch(ctx, progress, tracker, epoch, method, metrics)
             if progress.next_epoch % cfg.checkpoint.interval == 0 or progress.next_epoch == method.epochs:
                 checkpointer.save(progress.next_epoch)
@@ -349,6 +363,9 @@ def resume(ctx: RunContext, method: Method, progress: RunProgress,
     if payload["in_epoch"]:
         progress.in_epoch = InterruptedEpoch(**payload["in_epoch"])
         continue_streams(progress.in_epoch, progress.next_epoch, method.model, ctx.comm, path)
+    # after the mid-epoch check, whose refusal of another rank count is the more precise
+    check_global_batch(payload, ctx.batch, path)
+    if progress.in_epoch is not None:
         step = checkpoint_step(progress.in_epoch)
         log.info("resuming from %s inside epoch %d, after its %s", path, progress.next_epoch + 1,
                  f"iteration {step - 1}" if step > 1 else "clustering")
@@ -417,6 +434,16 @@ def report_epoch(ctx: RunContext, progress: RunProgress, tracker: RunTracker, ep
         tracker.log_metrics(metrics, step=progress.next_epoch)
         save_assignments(ctx.run, progress.next_epoch, clusters.labels)
     progress.history.append({"epoch": float(progress.next_epoch), **metrics})
+
+
+def draw_clusters(ctx: RunContext, tracker: RunTracker, epoch: int) -> None:
+    """The contact sheet of what the clusters hold after ``epoch`` (from 1), at the monitor's
+    epochs: in the run's plots/ and in MLflow."""
+    from dcluster.reporting.contact_sheet import contact_sheet, sheet_path
+
+    assert ctx.clusters.labels is not None
+    tracker.log_artifact(contact_sheet(ctx.source, ctx.clusters.labels,
+                                       sheet_path(ctx.run.plots, epoch), ctx.cfg.seed))
 
 
 def finish_plots(cfg: Config, run: RunDir, clusters: Clusters, history: list[dict[str, float]],

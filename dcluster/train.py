@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from dcluster.clustering.kmeans import machine_backend
+from dcluster.clustering.kmeans import machine_backend_rows
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import Config
 from dcluster.parallel.distributed import detect_env, process_group
@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config) -> RunResult:
     require_fitting_build(cfg)  # exit 2 before the job starts, not an epoch into it
-    kmeans = machine_backend(cfg.clustering.backend, cfg.clustering.device)
-    log.info("k-means assigns with %s: %s", kmeans.label, kmeans.reason)
+    for what, how in machine_backend_rows(cfg.clustering.backend, cfg.clustering.device):
+        log.info("%s: %s", what, how)
     env = detect_env()
     method = method_module(cfg.method).METHOD
     with process_group(env, cfg.distributed), StopRequest() as stop_request:

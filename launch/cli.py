@@ -17,7 +17,7 @@ FLAGS = {  # flag -> (config key, type, help)
     "--qos": ("slurm.qos", str, "quality of service"),
     "--constraint": ("slurm.constraint", str, "node feature constraint"),
     "--mem": ("slurm.mem_gb", int, "memory per node in GB"),
-    "--cpus-per-task": ("slurm.cpus_per_task", int, "CPUs per task (data loading threads)"),
+    "--cpus-per-task": ("slurm.cpus_per_task", int, "CPUs per task (default: data.workers + 2)"),
     "--exclude": ("slurm.exclude", str, "hosts to avoid"),
     "--job-name": ("slurm.job_name", str, "job name (default: the run name)"),
 }
@@ -25,23 +25,29 @@ FLAGS = {  # flag -> (config key, type, help)
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("submit", help="submit a training run to Slurm (submitit)")
-    p.add_argument("config", help="YAML preset; its slurm: section holds cluster defaults")
+    p.add_argument("config", help="YAML preset; its slurm: section holds cluster defaults "
+                   "(with --eval: the run directory, checkpoint or config to evaluate)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     for flag, (_, kind, text) in FLAGS.items():
         p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--eval", choices=("linear", "knn", "clusters"),
+                   help="submit `dcluster eval PROTOCOL` of the target instead of training")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     p.set_defaults(func=cmd_submit)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from launch.submit import submit
+    from launch.submit import submit, submit_eval
 
     overrides = list(args.overrides)
     for flag, (key, _, _) in FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             overrides.append(f"{key}={value}")
-    result = submit(args.config, overrides, dry_run=args.dry_run)
+    if args.eval:
+        result = submit_eval(args.eval, args.config, overrides, dry_run=args.dry_run)
+    else:
+        result = submit(args.config, overrides, dry_run=args.dry_run)
     if isinstance(result, str):
         print(result)
         return 0

@@ -1,4 +1,5 @@
-"""The callable a Slurm job runs: one training run, checkpointable by submitit.
+"""The callables a Slurm job runs: one training run, checkpointable by submitit, or one
+evaluation (`dcluster submit --eval`).
 
 submitit pickles this object and runs it on every task of the job. On the timeout or
 preemption signal the training loop (dcluster/runtime/stop.py) checkpoints at the next iteration
@@ -46,3 +47,21 @@ class TrainJob(submitit.helpers.Checkpointable):
             if callable(handler):
                 handler(stopped.signum, None)
             return None
+
+
+class EvalJob:
+    """`dcluster eval PROTOCOL TARGET [overrides]` on every task of the job (the processes find
+    each other as training's do). Not checkpointable: an evaluation keeps no partial state, so
+    a stopped one is submitted again."""
+
+    def __init__(self, protocol: str, target: str, overrides: Sequence[str]) -> None:
+        self.protocol, self.target, self.overrides = protocol, target, list(overrides)
+
+    def __call__(self) -> Any:
+        """The JSON file rank 0 wrote (None on the other ranks)."""
+        from dcluster.core.logs import configure_logging
+        from dcluster.evaluation.protocols import evaluate
+
+        configure_logging()
+        done = evaluate(self.protocol, self.target, self.overrides)
+        return None if done is None else str(done[1])

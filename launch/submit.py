@@ -1,9 +1,11 @@
 """Build the submitit executor from the config's `slurm:` section and submit a TrainJob.
 
 One task per GPU (or `slurm.tasks_per_node` CPU tasks where there are none); the processes
-find each other from Slurm's environment (dcluster.parallel.distributed). The run directory is
-prepared here, before anything is queued, so a config error or a clash with another run's
-directory is reported at once rather than hours later when the job starts.
+find each other from Slurm's environment (dcluster.parallel.distributed). Everything `train`
+checks before computing is checked here, before anything is queued (the data-dependent checks
+where the data is reachable), and the run directory is prepared, so a config error or a clash
+with another run's directory is reported at once rather than hours later when the job starts.
+A dry run needs no data: it prints the script, the resolved config and what it could not check.
 """
 from __future__ import annotations
 
@@ -16,9 +18,12 @@ from typing import Iterator, Optional, Sequence
 import submitit
 from submitit import SlurmExecutor
 
-from dcluster.core.config import Config, SlurmConfig, load_config
+from dcluster.core.batch import plan_batch
+from dcluster.core.config import Config, SlurmConfig, load_config, to_yaml, unreachable_paths
+from dcluster.core.registry import method_module
 from dcluster.core.rundir import prepare_run_dir
-from launch.job import TrainJob
+from dcluster.harness import preflight
+from launch.job import EvalJob, TrainJob
 
 log = logging.getLogger("dcluster.launch")
 
@@ -34,12 +39,22 @@ def tasks_per_node(slurm: SlurmConfig) -> int:
     return slurm.gpus_per_node if slurm.gpus_per_node > 0 else slurm.tasks_per_node
 
 
-def srun_args(slurm: SlurmConfig) -> list[str]:
+# CPUs a task needs besides its decoding workers: the training loop, and one for the threads
+# NCCL, DALI and the checkpoint writer start of their own
+EXTRA_CPUS = 2
+
+
+def cpus_per_task(cfg: Config) -> int:
+    """slurm.cpus_per_task, or where it is 0 the rule: data.workers + EXTRA_CPUS."""
+    return cfg.slurm.cpus_per_task or cfg.data.workers + EXTRA_CPUS
+
+
+def srun_args(cpus: int) -> list[str]:
     """Options the srun of the job step needs spelled out: Slurm 22.05 to 23.02 do not pass
     sbatch's --cpus-per-task on to srun (each task would get one CPU, and the data loading
     and torch threads would share it), and --kill-on-bad-exit=1 ends the step when one task
     fails instead of leaving the others blocked in a collective until the timeout."""
-    return [f"--cpus-per-task={slurm.cpus_per_task}", "--kill-on-bad-exit=1"]
+    return [f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1"]
 
 
 def build_executor(cfg: Config, log_dir: Path, cluster: Optional[str] = None) -> submitit.AutoExecutor:
@@ -50,8 +65,8 @@ def build_executor(cfg: Config, log_dir: Path, cluster: Optional[str] = None) ->
                                      slurm_max_num_timeout=s.max_requeues)
     params = dict(
         name=s.job_name or cfg.name, nodes=s.nodes, tasks_per_node=tasks_per_node(s),
-        cpus_per_task=s.cpus_per_task, timeout_min=s.time_min,
-        slurm_signal_delay_s=s.signal_delay_s, slurm_srun_args=srun_args(s),
+        cpus_per_task=cpus_per_task(cfg), timeout_min=s.time_min,
+        slurm_signal_delay_s=s.signal_delay_s, slurm_srun_args=srun_args(cpus_per_task(cfg)),
     )
     if s.gpus_per_node > 0:
         params["gpus_per_node"] = s.gpus_per_node
@@ -85,13 +100,43 @@ def sbatch_script(executor: submitit.AutoExecutor) -> str:
         slurm_executor._submitit_command_str, "dry-run")  # pylint: disable=protected-access
 
 
+def world_size(slurm: SlurmConfig) -> int:
+    return slurm.nodes * tasks_per_node(slurm)
+
+
+def checked_before_queueing(cfg: Config) -> list[str]:
+    """Run `train`'s checks that need the data and the job's size where the data is reachable
+    (a ConfigError names what fails); return what could not be checked from this machine."""
+    missing = unreachable_paths(cfg)
+    unchecked = [f"{name} {path}: not reachable from here (its existence, the image count "
+                 "against clustering.k / mmdc.k, its files)" for name, path in missing]
+    if not any(name == "data.path" for name, _ in missing):
+        preflight(cfg, method_module(cfg.method).METHOD, world_size(cfg.slurm))
+    else:
+        plan_batch(cfg.optim, world_size(cfg.slurm))
+    unchecked.append("the nodes' GPUs against the installed torch/FAISS builds: checked when "
+                     "the job starts (exit 2 there)")
+    return unchecked
+
+
+def dry_run_text(cfg: Config, script: str, unchecked: list[str]) -> str:
+    """What `submit --dry-run` prints: the script, the config the job will run, the gaps."""
+    return "\n".join([
+        "# ---- sbatch script ----", script.rstrip(),
+        f"# ---- resolved config (the job's {Path(cfg.runs_root) / cfg.name}/config.yaml) ----",
+        to_yaml(cfg).rstrip(),
+        "# ---- not checked on this machine ----", *(f"# - {item}" for item in unchecked)])
+
+
 def submit(config_path: str, overrides: Sequence[str], dry_run: bool = False) -> Submission | str:
-    cfg = load_config(config_path, overrides)
+    cfg = load_config(config_path, overrides, check_paths=not dry_run)
+    unchecked = checked_before_queueing(cfg)
     run_dir = Path(cfg.runs_root) / cfg.name
     log_dir = Path(cfg.slurm.log_dir) if cfg.slurm.log_dir else run_dir / "slurm"
     if dry_run:
         with _slurm_commands_optional():
-            return sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
+            script = sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
+        return dry_run_text(cfg, script, unchecked)
     run = prepare_run_dir(cfg)
     executor = build_executor(cfg, log_dir.resolve())
     # absolute paths: the job may start in another working directory
@@ -101,3 +146,26 @@ def submit(config_path: str, overrides: Sequence[str], dry_run: bool = False) ->
     log.info("submitted job %s (%d node(s) x %d task(s))", job.job_id, cfg.slurm.nodes,
              tasks_per_node(cfg.slurm))
     return Submission(job_id=str(job.job_id), log_dir=log_dir.resolve(), run_dir=run.root)
+
+
+def submit_eval(protocol: str, target: str, overrides: Sequence[str],
+                dry_run: bool = False) -> Submission | str:
+    """Queue `dcluster eval PROTOCOL TARGET` with the Slurm settings of the target's config
+    (its run's config.yaml, the overrides on top); the target, its config and checkpoint are
+    read here first, so that a wrong one is refused before anything is queued."""
+    from dcluster.evaluation.target import resolve_target
+
+    resolved = resolve_target(target, overrides)
+    cfg = resolved.cfg
+    home = resolved.run_dir if resolved.run_dir is not None else Path(cfg.runs_root) / cfg.name
+    log_dir = Path(cfg.slurm.log_dir) if cfg.slurm.log_dir else home / "slurm"
+    if dry_run:
+        with _slurm_commands_optional():
+            script = sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
+        return dry_run_text(cfg, script, ["the splits and their images: read when the job "
+                                          "starts"])
+    executor = build_executor(cfg, log_dir.resolve())
+    job = executor.submit(EvalJob(protocol, str(Path(target).resolve()), overrides))
+    log.info("submitted eval %s job %s (%d node(s) x %d task(s))", protocol, job.job_id,
+             cfg.slurm.nodes, tasks_per_node(cfg.slurm))
+    return Submission(job_id=str(job.job_id), log_dir=log_dir.resolve(), run_dir=home.resolve())

@@ -3,32 +3,40 @@ point of the epoch loop, and record which images its training passes were given.
 
 Used by tests/rank_main.py (local processes) and by the Slurm tests (inside the submitted
 job), so both interrupt at exactly the same places. The product has no switch for this; the
-patches wrap the functions the DeepCluster epoch (dcluster/methods/deepcluster/method.py) calls, and the
-pipelines the harness builds (training batches, for every method).
+patches wrap the functions the DeepCluster epoch (dcluster/methods/deepcluster/method.py) calls, the
+pipelines the harness builds (training batches, for every method), the report's assignments
+file and the checkpoint's commit marker.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Iterator
 
 import dcluster.core.config
 import dcluster.methods.deepcluster.method
 import dcluster.harness
+import dcluster.runtime.checkpoint
+from dcluster.runtime.checkpoint import SIDECAR_SUFFIX, checkpoint_name
 
-STAGES = ("startup", "features", "clustering", "train")
+STAGES = ("startup", "features", "clustering", "train", "report", "checkpoint")
 
 
 def parse_point(text: str) -> tuple[str, int, int]:
-    """'startup:0', 'features:N', 'clustering:N' or 'train:E:B' as (stage, N or E, B).
-    startup: as `dcluster train` reads its config, before the run handles stop signals. N counts this
-    process's DeepCluster feature passes / clusterings from 0; E is the epoch number, and B
-    (from 1) the training batch this process was given in that epoch (counted over all the
-    epoch's training passes: MMDC has two)."""
+    """'startup:0', 'features:N', 'clustering:N', 'train:E:B', 'report:E' or 'checkpoint:E'
+    as (stage, N or E, B). startup: as `dcluster train` reads its config, before the run
+    handles stop signals. N counts this process's DeepCluster feature passes / clusterings
+    from 0; E is the epoch, counted from 0 (the log's epoch E + 1), and B (from 1) the
+    training batch this process was given in that epoch (counted over all the epoch's
+    training passes: MMDC has two). report: inside epoch E's report, its line logged and its
+    metrics handed to the tracker, its assignments file not yet written. checkpoint: inside
+    the writing of the checkpoint after epoch E (ckpt_e<E + 1>_i0000000.pt), its data file
+    complete and its commit marker (the .sha256 sidecar) not yet written."""
     stage, epoch, *batch = text.split(":")
     if stage not in STAGES or (stage == "train") != bool(batch):
-        raise ValueError(f"interrupt point {text!r}: want startup:0, features:E, clustering:E "
-                         "or train:E:B")
+        raise ValueError(f"interrupt point {text!r}: want startup:0, features:E, clustering:E, "
+                         "train:E:B, report:E or checkpoint:E")
     return stage, int(epoch), int(batch[0]) if batch else 0
 
 
@@ -47,18 +55,30 @@ def interrupt_at(text: str, send: Callable[[], None]) -> None:
         return wrapper
 
     if stage == "startup":
-        load_config = dcluster.core.config.load_config
-
-        def signalling(*args, **kwargs):
-            send()
-            return load_config(*args, **kwargs)
-
-        dcluster.core.config.load_config = signalling
+        _call_first(dcluster.core.config, "load_config", lambda *args, **kwargs: send())
     method = dcluster.methods.deepcluster.method
     method.extract_features = counting("features", method.extract_features)
     method.cluster_shards = counting("clustering", method.cluster_shards)
     if stage == "train":
         _wrap_train_batches(lambda e, b: e == epoch and b == batch and send())
+    if stage == "report":  # the harness numbers an epoch's assignments file from 1
+        _call_first(dcluster.harness, "save_assignments",
+                    lambda run, number, labels: number == epoch + 1 and send())
+    if stage == "checkpoint":
+        marker = f"{checkpoint_name(epoch + 1, 0)}{SIDECAR_SUFFIX}"
+        _call_first(dcluster.runtime.checkpoint, "atomic_write_bytes",
+                    lambda path, data: Path(path).name == marker and send())
+
+
+def _call_first(module: ModuleType, name: str, before: Callable[..., object]) -> None:
+    """Make ``module.name(...)`` call ``before(...)`` with the same arguments first."""
+    function = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        before(*args, **kwargs)
+        return function(*args, **kwargs)
+
+    setattr(module, name, wrapper)
 
 
 def record_orders(directory: Path, rank: int) -> None:

@@ -6,7 +6,8 @@ the product has no switches that exist for tests. Options:
 --fail-on-rank R   rank R raises in its first training epoch (a crash on one rank)
 --save-weights DIR each rank saves its model's state after every epoch to DIR/rank<R>.pt
 --interrupt POINT  rank 0 sends itself a signal at POINT (tests/interrupts.py: features:N,
-                   clustering:N, train:E:B); the job must stop as a whole and checkpoint
+                   clustering:N, train:E:B, report:E, checkpoint:E); on a stop signal the job
+                   must stop as a whole and checkpoint, SIGKILL ends the process there
 --signal NAME      the signal --interrupt sends (default SIGUSR2)
 --record-orders DIR each rank lists the images of its training batches (tests/interrupts.py)
 --row-gather-bound N  a gather of rows wider than a label (Comm.gather_rows) of more than N

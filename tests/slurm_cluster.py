@@ -7,8 +7,9 @@ the outcome of the tests. A cluster that was already up before the session (star
 or by CI) is reused and left running: only what the session started is stopped.
 
 Tests that need the cluster are skipped, with the reason and the daemons' log tails, when
-it cannot be had: not root, no apt-get to install Slurm, or daemons that do not start. Set
-DCLUSTER_REQUIRE_SLURM=1 (in CI) to make those cases errors instead of skips.
+it cannot be had: not root, no apt-get to install Slurm, or daemons that do not start.
+DCLUSTER_REQUIRE_SLURM=1 (set by .ci/run) makes those cases failures instead of skips
+(tests/required.py).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Callable, Iterator, NoReturn, TypeVar
 
 import pytest
+
+from required import unavailable
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +134,7 @@ def log_tails(state_dir: Path) -> str:
 
 def _unavailable(reason: str) -> NoReturn:
     """Skips the tests that need the cluster, or fails them where the cluster is required."""
-    if os.environ.get("DCLUSTER_REQUIRE_SLURM") == "1":
-        pytest.fail(f"Slurm cluster required (DCLUSTER_REQUIRE_SLURM=1): {reason}", pytrace=False)
-    pytest.skip(f"no local Slurm cluster: {reason}")
+    unavailable("slurm", f"no local Slurm cluster: {reason}")
 
 
 def _is_up(conf: Path) -> bool:

@@ -31,6 +31,13 @@ def test_the_committed_reference_is_the_generated_one():
         "docs/configuration.md is out of date: run python -m dcluster.core.config_reference"
 
 
+def test_the_reference_has_one_table_per_section_holding_all_its_keys():
+    headings = [line for line in reference_markdown().splitlines() if line.startswith("## ")]
+    assert len(headings) == len(set(headings))
+    rows = [line for line in reference_markdown().splitlines() if line.startswith("| `")]
+    assert len(rows) == len(DECLARED)
+
+
 def test_train_help_lists_every_key_with_its_default(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--help"])

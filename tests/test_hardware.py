@@ -3,7 +3,8 @@ GPUs below are descriptions passed to the pure decision function, not present.""
 import pytest
 
 from dcluster.parallel.hardware import (DALI_BUILDS, FAISS_BUILDS, GPU, Build, Detected, Driver,
-                               binary_runs_on, check, conflicting_builds, default_threads,
+                               binary_runs_on, check, conflicting_builds, crowding,
+                               default_threads,
                                describe, driver_from_smi, profile_of, torch_build)
 
 TORCH_CU13 = torch_build("2.14.1", "13.0", ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100",
@@ -204,3 +205,33 @@ def test_info_names_both_described_faiss_distributions(monkeypatch, capsys):
     problems = [line for line in capsys.readouterr().out.splitlines()
                 if line.startswith("problem")]
     assert len(problems) == 1 and "faiss-cpu 1.15.1, faiss-gpu 1.15.1" in problems[0]
+
+
+def test_gpus_hidden_on_purpose_are_not_a_driver_problem_described_gpu(monkeypatch):
+    """CUDA_VISIBLE_DEVICES= (or -1) hides the GPUs from torch; nvidia-smi ignores it and still
+    lists them. Before, that read as "driver too old"; now the driver is not asked."""
+    from dcluster.parallel import hardware
+    from dcluster.parallel.hardware import Driver, check, detect, gpus_hidden
+
+    assert gpus_hidden({"CUDA_VISIBLE_DEVICES": ""}) and gpus_hidden({"CUDA_VISIBLE_DEVICES": "-1"})
+    assert not gpus_hidden({}) and not gpus_hidden({"CUDA_VISIBLE_DEVICES": "0,1"})
+    monkeypatch.setattr(hardware, "nvidia_driver",
+                        lambda: Driver("580.65", ("NVIDIA H100 80GB HBM3",)))
+    import torch
+
+    if torch.version.cuda is None or torch.cuda.is_available():
+        pytest.skip("needs a CUDA build of torch that sees no GPU (this CPU machine's)")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert any("driver" in p.message for p in check(detect(), "auto"))  # the real problem
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect().driver is None and check(detect(), "auto") == []
+
+
+def test_a_crowded_machine_gets_a_warning_naming_the_threads_it_can_give():
+    """The demo's threads=2 on 2 cores at load 3: a tenfold slowdown, said at start."""
+    warning = crowding(threads=2, usable_cpus=2, load=3.0)
+    assert warning is not None and "load average 3.0 on 2 CPU(s)" in warning
+    assert "threads=1" in warning
+    assert crowding(threads=2, usable_cpus=2, load=0.3) is None  # an idle machine
+    assert crowding(threads=1, usable_cpus=2, load=9.0) is None  # one thread waits on no other
+    assert "threads=5" in crowding(threads=16, usable_cpus=16, load=11.0)

@@ -1,11 +1,15 @@
-"""kill -9 of `dcluster train` at seeded random points (during training, clustering and
-checkpoint writing, and around the MLflow store and run), then the same command again: the run
-must end with exactly the weights of an uninterrupted run, every time, and MLflow with one run
-holding one value per metric per epoch. Kill points are chosen by the log line the process has just
-written, so where the kill lands varies a little from run to run; the property must hold
-wherever it lands."""
+"""kill -9 of `dcluster train` inside every stage of an epoch, and around the MLflow store
+and run, then the same command again: the run must end with exactly the weights of an
+uninterrupted run, and MLflow with one run holding the final history's values, no more and
+no fewer.
+
+The stage kills are sent by the process itself at a named point (tests/interrupts.py, through
+tests/rank_main.py), so each lands exactly where its name says: two per stage, in two
+different epochs drawn with a fixed seed, and a training batch drawn from the epoch's. The
+tracking kills follow the log line the process has just written."""
+import math
 import random
-import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -14,33 +18,68 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from dcluster.runtime.checkpoint import load_latest
-from helpers import SMALL_DEMO, assert_same_weights
-from reference_runs import EPOCHS as REFERENCE_EPOCHS, train_args
+from dcluster.runtime.checkpoint import SIDECAR_SUFFIX, checkpoint_name, load_latest
+from helpers import assert_same_weights
+from interrupts import parse_point
+from ranks import rank_command
+from reference_runs import BATCHES, EPOCHS, run_single, train_args
 
-KILLS = 10
-EPOCHS = 3
-# log lines after which the kill is sent: inside the clustering stage, right after it, right
-# after an epoch's report (the checkpoint is being written), right after a checkpoint
-# (the run logs at DEBUG, -v, so that the stages' own lines are there to choose from)
-MARKERS = ("k-means on", "clustering:", "dcluster.harness: epoch", "saved checkpoint")
-
-
-@pytest.fixture(scope="module")
-def small_digits(demo_digits, tmp_path_factory) -> Path:
-    """30 digits per class: enough to cluster, small enough for 20 process starts."""
-    root = tmp_path_factory.mktemp("small") / "digits"
-    for class_dir in sorted(p for p in demo_digits.iterdir() if p.is_dir()):
-        (root / class_dir.name).mkdir(parents=True)
-        for image in sorted(class_dir.iterdir())[:30]:
-            shutil.copy(image, root / class_dir.name / image.name)
-    return root
+# where an epoch can be killed (tests/interrupts.py): its feature pass, its clustering, its
+# training pass at a batch, its report, and the writing of its checkpoint
+KILL_STAGES = ("features", "clustering", "train", "report", "checkpoint")
+KILLS_PER_STAGE = 2
 
 
-def command(data: Path, runs: Path, name: str) -> list[str]:
-    return [sys.executable, "-m", "dcluster", "-v", "train", "configs/demo.yaml", f"name={name}",
-            f"data.path={data}", f"runs_root={runs}", f"epochs={EPOCHS}", *SMALL_DEMO,
-            "tracking.enabled=false", "eval.class_kmeans=false", "threads=1"]
+def kill_points(rng: random.Random) -> list[str]:
+    """KILLS_PER_STAGE points in each stage, in as many different epochs: distinct by
+    construction. Each lies before the final checkpoint's commit (the last is inside it),
+    so every rerun has an epoch left to train."""
+    points = []
+    for stage in KILL_STAGES:
+        for epoch in sorted(rng.sample(range(EPOCHS), KILLS_PER_STAGE)):
+            points.append(f"train:{epoch}:{rng.randint(1, BATCHES)}" if stage == "train"
+                          else f"{stage}:{epoch}")
+    return points
+
+
+KILL_POINTS = kill_points(random.Random(20181008))
+
+
+def test_the_kill_points_are_distinct_and_docs_testing_md_names_exactly_them():
+    assert len(set(KILL_POINTS)) == len(KILL_STAGES) * KILLS_PER_STAGE
+    testing = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    stages = "|".join(KILL_STAGES)
+    assert sorted(re.findall(rf"`((?:{stages}):[0-9:]+)`", testing)) == sorted(KILL_POINTS)
+
+
+def committed_epochs(run: Path) -> int:
+    """The epochs the newest committed checkpoint of ``run`` holds (0: none)."""
+    found = load_latest(run / "checkpoints")
+    return 0 if found is None else found[0]["epoch"]
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_9_inside_a_stage_then_resume_gives_the_uninterrupted_weights(
+        point, reference, digits_subset, tmp_path):
+    """The session's reference run, SIGKILLed at ``point`` (epochs from 0), then run again."""
+    stage, epoch, _ = parse_point(point)
+    run = tmp_path / "runs" / "killed"
+    args = train_args(digits_subset, run.parent, run.name)
+    killed = run_single(rank_command("--interrupt", point, "--signal", "SIGKILL", *args),
+                        tmp_path / "killed")
+    assert killed.returncode == -signal.SIGKILL, killed.output[-3000:]
+    # killed inside epoch `epoch`, before its checkpoint was committed
+    assert committed_epochs(run) == epoch
+    if stage == "checkpoint":  # the data file complete, its commit marker never written
+        written = run / "checkpoints" / checkpoint_name(epoch + 1, 0)
+        assert written.is_file() and not written.with_name(written.name + SIDECAR_SUFFIX).exists()
+
+    done = run_single([sys.executable, "-m", "dcluster", *args], tmp_path / "resumed")
+    assert done.returncode == 0, done.output[-3000:]
+    payload, _ = load_latest(run / "checkpoints")
+    assert payload["epoch"] == EPOCHS
+    assert_same_weights(reference.final()["model"], payload["model"],
+                        f"the uninterrupted run (killed at {point})")
 
 
 def run_killed_at(cmd: list[str], marker: str, occurrence: int) -> bool:
@@ -64,32 +103,15 @@ def run_killed_at(cmd: list[str], marker: str, occurrence: int) -> bool:
     return seen == occurrence
 
 
-def final_weights(run_dir: Path) -> dict:
-    found = load_latest(run_dir / "checkpoints")
-    assert found is not None, f"no valid checkpoint in {run_dir}"
-    payload, _ = found
-    assert payload["epoch"] == EPOCHS
-    return payload["model"]
-
-
-def test_kill_9_at_random_points_then_resume_gives_the_uninterrupted_weights(small_digits,
-                                                                              tmp_path):
-    cwd = Path(__file__).resolve().parent.parent
-    subprocess.run(command(small_digits, tmp_path, "straight"), check=True, cwd=cwd,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
-    expected = final_weights(tmp_path / "straight")
-    rng = random.Random(20181008)
-    for trial in range(KILLS):
-        name = f"killed{trial}"
-        marker = rng.choice(MARKERS)
-        killed = run_killed_at(command(small_digits, tmp_path, name), marker,
-                               rng.randint(1, EPOCHS))
-        assert killed, f"trial {trial}: the run ended before {marker!r}"
-        done = subprocess.run(command(small_digits, tmp_path, name), cwd=cwd, timeout=600,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert_same_weights(expected, final_weights(tmp_path / name),
-                            f"the uninterrupted run (trial {trial}, kill after {marker!r})")
+def metric_points(history: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """What MLflow must hold of a run's history: every metric's (epoch, value) at every epoch
+    that has it, except non-finite values, which the tracker does not log."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for entry in history:
+        for key, value in entry.items():
+            if key != "epoch" and math.isfinite(float(value)):
+                points.setdefault(key, []).append((int(entry["epoch"]), float(value)))
+    return points
 
 
 # kill points of the tracking store and run: inside the store's first creation (MLflow's own
@@ -109,7 +131,7 @@ def test_kill_9_around_tracking_then_resume_leaves_one_finished_run_with_one_val
     runs, name = tmp_path / "runs", "tracked"
     cmd = [sys.executable, "-m", "dcluster", "-v",
            *train_args(digits_subset, runs, name, "tracking.enabled=true", "tracking.plots=false")]
-    logged_epoch = random.Random(20181008).randint(1, REFERENCE_EPOCHS)
+    logged_epoch = random.Random(20181008).randint(1, EPOCHS)
     for marker, occurrence in (*TRACKING_KILLS, (LOGGED.format(epoch=logged_epoch), 1)):
         assert run_killed_at(cmd, marker, occurrence), f"the run ended before {marker!r}"
         store = runs / "mlflow.db"  # no store, or a whole one that opens
@@ -130,9 +152,9 @@ def test_kill_9_around_tracking_then_resume_leaves_one_finished_run_with_one_val
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED" and run.info.run_id == payload["mlflow_run_id"]
     assert (runs / name / "mlflow_run_id").read_text() == run.info.run_id
-    expected = {int(entry["epoch"]): entry for entry in payload["history"]}
-    assert sorted(expected) == list(range(1, REFERENCE_EPOCHS + 1))
-    for key in run.data.metrics:
-        points = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
-        assert points == [(step, expected[step][key]) for step in sorted(expected)
-                          if key in expected[step]], key
+    assert [int(entry["epoch"]) for entry in payload["history"]] == list(range(1, EPOCHS + 1))
+    # both ways: a metric or an epoch lost by MLflow fails as surely as one too many
+    logged = {key: sorted((m.step, m.value)
+                          for m in client.get_metric_history(run.info.run_id, key))
+              for key in run.data.metrics}
+    assert logged == metric_points(payload["history"])

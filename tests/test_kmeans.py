@@ -117,7 +117,7 @@ def test_gpu_index_selection_mocked(monkeypatch, caplog):
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", fake_cpu_to_all_gpus, raising=False)
     x, truth = blobs(2, 500)
     with caplog.at_level(logging.DEBUG, logger="dcluster.clustering"):
-        result = run_kmeans(x, 2, seed=0, device="auto")
+        result = run_kmeans(x, 2, seed=0, device="auto", node_gpus=True)
     assert result.backend == "faiss-gpu x2 (replicated)"
     assert "faiss-gpu x2" in caplog.text
     (call,) = calls

@@ -60,7 +60,7 @@ def test_torch_rows_split_over_devices_and_chunks_give_the_same_result(monkeypat
     chunks, run on CPU devices: the same labels and centroids as one part in one chunk."""
     x = points(3000)
     whole = lloyd(TorchAssign(x, [CPU]), 30, niter=8, seed=1)
-    monkeypatch.setattr(assign, "scratch_rows", lambda device, k: 97)
+    monkeypatch.setattr(assign, "scratch_rows", lambda device, k, d: 97)
     split = lloyd(TorchAssign(x, [CPU, CPU, CPU]), 30, niter=8, seed=1)
     np.testing.assert_array_equal(split.labels, whole.labels)
     np.testing.assert_allclose(split.centroids, whole.centroids, rtol=1e-5, atol=1e-6)
@@ -172,24 +172,71 @@ def test_explicit_choices_for_described_hardware():
         choose_backend("cuml", "auto", (), FAISS_BUILDS["faiss-cpu"], 0)
 
 
-def test_rows_go_to_every_gpu_in_gather_mode_and_the_own_gpu_in_sharded_described_gpu(
-        monkeypatch):
+def test_rows_go_to_the_own_gpu_unless_the_node_is_asked_for_described_gpu(monkeypatch):
     """Which devices the torch backend is built on, with its construction recorded (no GPU
-    here): the node's GPUs for one process clustering all rows, the rank's own otherwise."""
+    here): the process's own GPU, never its peers' (rank 1 of a 4-GPU node assigns on
+    cuda:1 alone), and the node's GPUs only with clustering.gpus=node."""
     made = []
     monkeypatch.setattr(kmeans, "TorchAssign", lambda x, devices: made.append(devices))
     x = points(10)
-    assigner_for(x, Backend("torch", 4, ""))
+    assigner_for(x, Backend("torch", 4, ""), own_device=torch.device("cuda", 1))
+    assigner_for(x, Backend("torch", 4, ""), own_device=torch.device("cuda", 1), node_gpus=True)
     assigner_for(x, Backend("torch", 4, ""), own_device=torch.device("cuda", 2))
-    assert made == [[torch.device("cuda", i) for i in range(4)], [torch.device("cuda", 2)]]
+    assert made == [[torch.device("cuda", 1)], [torch.device("cuda", i) for i in range(4)],
+                    [torch.device("cuda", 2)]]
     assert assigner_for(x, Backend("faiss", 4, ""), own_device=CPU).name == "faiss-cpu"
+
+
+def test_streamed_and_resident_rows_give_identical_labels_and_sums():
+    """The streaming path (rows copied to the device a chunk at a time) and the resident one
+    (rows on the device), run on the CPU device with a forced small chunk: the same labels,
+    objective and sums, bit for bit, over several Lloyd iterations."""
+    x = points(3000)
+    resident, streamed = (lloyd(TorchAssign(x, [CPU], resident=keep, chunk_rows=97), 30,
+                                niter=8, seed=1) for keep in (True, False))
+    np.testing.assert_array_equal(streamed.labels, resident.labels)
+    np.testing.assert_array_equal(streamed.centroids, resident.centroids)
+    assert streamed.objective == resident.objective
+    data = TorchAssign(x, [CPU], resident=False, chunk_rows=97)
+    assert data.parts[0].resident is None  # streamed indeed: no copy kept on the device
+
+
+def test_exact_sums_are_order_independent_and_match_a_float64_reference():
+    """The GPU's reduction (index_add_ whose atomics land in any order) made exact: the sums
+    of the rows in any order and any chunking are bit-identical, and equal float64 sums to
+    within the fixed-point resolution."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5000, 16)).astype(np.float32)
+    labels = rng.integers(0, 40, 5000)
+    reference = np.zeros((40, 16))
+    np.add.at(reference, labels, x.astype(np.float64))
+    bound = float(np.abs(x).max())
+
+    def summed(order: np.ndarray, chunk: int) -> np.ndarray:
+        sums = assign.ExactSums(40, 16, bound, len(x), CPU)
+        for lo in range(0, len(order), chunk):
+            rows = order[lo:lo + chunk]
+            sums.add(torch.from_numpy(x[rows]), torch.from_numpy(labels[rows]))
+        return assign.ExactSums.combined([sums])
+
+    forward = summed(np.arange(len(x)), 5000)
+    shuffled = summed(rng.permutation(len(x)), 333)
+    np.testing.assert_array_equal(shuffled, forward)
+    np.testing.assert_allclose(forward, reference, rtol=0, atol=1e-9)
+    # float32 accumulation, as the atomics did: order-dependent in its last bits
+    f32 = [np.zeros((40, 16), dtype=np.float32) for _ in range(2)]
+    for out, order in zip(f32, (np.arange(len(x)), rng.permutation(len(x)))):
+        torch.from_numpy(out).index_add_(0, torch.from_numpy(labels[order]),
+                                         torch.from_numpy(x[order]))
+    assert not np.array_equal(*f32)
 
 
 def test_torch_assignments_run_without_tf32_and_restore_the_setting():
     """The training turns TF32 on for Ampere and later; the assignment GEMMs must not use it,
     and must leave the training's setting as they found it."""
     seen = []
-    original = TorchAssign._assign_part
+    data = TorchAssign(points(200), [CPU])
+    original = data._assign_part
 
     def recording(*args):
         seen.append(torch.backends.cuda.matmul.allow_tf32)
@@ -198,7 +245,6 @@ def test_torch_assignments_run_without_tf32_and_restore_the_setting():
     saved = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        data = TorchAssign(points(200), [CPU])
         data._assign_part = recording
         data.assign_to(points(200)[:5], with_sums=False)
         assert seen == [False] and torch.backends.cuda.matmul.allow_tf32 is True
@@ -215,3 +261,61 @@ def test_a_converged_run_stops_early_and_more_iterations_change_nothing():
     short, long = (lloyd(faiss_cpu(x), 8, niter=n, seed=0) for n in (60, 300))
     np.testing.assert_array_equal(short.labels, long.labels)
     assert short.objective == long.objective
+
+
+def test_faiss_searches_fall_back_to_the_cpu_on_a_gpu_without_faiss_code_described_gpu(
+        monkeypatch):
+    """A P100 under the cu12 profile: FAISS 1.15.1's wheel has no sm_60 code, and a FAISS GPU
+    index there aborts in a kernel. PIC's graph (resolve_gpus) searches on the CPU instead; on
+    a V100 it uses the GPU; device=gpu names the reason."""
+    from dcluster.clustering.backend import search_backend
+    from dcluster.parallel.hardware import Detected, Build
+
+    faiss_gpu = FAISS_BUILDS["faiss-gpu"]
+    hw = Detected("cu12", Build("torch 2.14.1", "12"), faiss_gpu, None, (P100,))
+    monkeypatch.setattr(kmeans, "detect", lambda: hw)
+    monkeypatch.setattr(kmeans, "available_gpus", lambda: 1)
+    assert kmeans.resolve_gpus("auto") == 0
+    assert search_backend("auto", (V100,), faiss_gpu, 1).gpus == 1
+    with pytest.raises(BackendError, match="no code for GPU 0.*6.0"):
+        search_backend("gpu", (P100,), faiss_gpu, 1)
+
+
+def test_backend_rows_name_the_kmeans_knn_and_pic_backends_and_why_described_gpu():
+    from dcluster.clustering.backend import backend_rows
+
+    rows = dict(backend_rows("auto", "auto", (P100,), FAISS_BUILDS["faiss-gpu"], 1))
+    assert rows["k-means backend"].startswith("PyTorch on 1 GPU(s): ")
+    assert rows["k-NN backend"].startswith("PyTorch on each rank's GPU")
+    assert rows["PIC backend"].startswith("FAISS on the CPU")
+    assert "no code for GPU 0" in rows["PIC backend"]
+    rows = dict(backend_rows("auto", "auto", (H100,), FAISS_BUILDS["faiss-gpu"], 1))
+    assert rows["k-means backend"].startswith("FAISS on 1 GPU(s)")
+    assert rows["PIC backend"].startswith("FAISS on 1 GPU(s)")
+
+
+def test_rows_stay_resident_only_where_they_fit_the_free_memory_described_gpu(monkeypatch):
+    """A described 16 GB card with 6 GB free: 2 GB of rows stay on it, 4 GB stream."""
+    monkeypatch.setattr(assign.torch.cuda, "mem_get_info", lambda device: (6 << 30, 16 << 30))
+    gpu = torch.device("cuda", 0)
+    assert assign.fits_on_device(gpu, 2 << 30) and not assign.fits_on_device(gpu, 4 << 30)
+    assert assign.scratch_rows(gpu, 10000, 256) == int((6 << 30) * 0.25) // (4 * 10002 + 20 * 256)
+
+
+def test_torch_cache_is_emptied_before_faiss_builds_a_gpu_index_described_gpu(monkeypatch):
+    """FAISS allocates outside torch's caching allocator: the cache goes back to the GPU
+    before StandardGpuResources reserves its temporary memory."""
+    import faiss
+    from types import SimpleNamespace
+
+    events = []
+    monkeypatch.setattr(assign.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(assign.torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(assign.torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    monkeypatch.setattr(faiss, "StandardGpuResources",
+                        lambda: events.append("StandardGpuResources"), raising=False)
+    monkeypatch.setattr(faiss, "GpuClonerOptions", SimpleNamespace, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, index, co: index,
+                        raising=False)
+    assign.faiss_gpu(points(10), 0)
+    assert events == ["empty_cache", "StandardGpuResources"]

@@ -30,7 +30,7 @@ def test_paper_preset_has_the_papers_hyperparameters(digits_subset):
     cfg = load_config(CONFIGS / "mmdc_resnet18.yaml", [f"data.path={digits_subset}"])
     assert cfg.method == "mmdc" and cfg.model.arch == "resnet18" and cfg.model.fc_dim == 0
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.05, 0.9, 5e-4)
-    assert cfg.optim.batch_size == 128 and cfg.epochs == 400
+    assert cfg.optim.global_batch == 128 and cfg.epochs == 400
     assert (cfg.mmdc.means, cfg.mmdc.sigma, cfg.mmdc.rotation) == ("onehot", 0.0, True)
     assert [lr_at(cfg.mmdc, 0.05, e) for e in (0, 349, 350, 399)] == pytest.approx(
         [0.05, 0.05, 0.01, 0.01])

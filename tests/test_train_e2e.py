@@ -85,7 +85,7 @@ def test_cli_refuses_a_run_dir_of_another_config(small_demo_config, demo_digits,
 def test_cli_info_names_the_code_paths(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "faiss" in out and "k-means path" in out and "torch" in out
+    assert "faiss" in out and "k-means backend" in out and "k-NN backend" in out and "torch" in out
 
 
 def test_a_format_2_checkpoint_resumes_to_the_same_weights(straight, tmp_path):

@@ -104,3 +104,18 @@ def test_a_dry_run_needs_no_slurm_commands(demo_digits, tmp_path, capsys, monkey
     assert code == 0, err
     assert "#SBATCH --nodes=2" in out and "srun" in out
     assert not list(tmp_path.iterdir())  # a dry run prepares nothing
+
+
+@pytest.mark.parametrize("override, suggested", [
+    ("optim.lr_scale=linear", "(did you mean optim.lr_scaling?)"),
+    ("clustering.kk=3", "(did you mean clustering.k?)"),
+    ("lr=0.1", "(did you mean optim.lr or eval.linear.lr?)"),
+    ("clustring.k=3", "(did you mean clustering?)"),
+    ("zzzz.qqq=1", "`dcluster train --help` lists all"),
+])
+def test_an_unknown_key_suggests_the_closest_declared_ones(override, suggested, demo_digits,
+                                                             tmp_path, capsys):
+    code, _, err = run_cli(capsys, *train_argv(demo_digits, tmp_path, override))
+    typed = override.split("=")[0]
+    line = assert_one_error_line(code, err, "unknown config key", typed.split(".")[0], suggested)
+    assert "optim.momentum" not in line  # the closest ones, not all of them

@@ -25,13 +25,17 @@ log = logging.getLogger(__name__)
 __all__ = ["Clustering", "cluster_reduced", "kmeans_labels"]
 
 
-def cluster_reduced(x: np.ndarray, cfg: ClusteringConfig, seed: int) -> Clustering:
+def cluster_reduced(x: np.ndarray, cfg: ClusteringConfig, seed: int,
+                    own_device: Optional[torch.device] = None) -> Clustering:
     """Pseudo-labels of the rows of ``x``, vectors already reduced (PCA, whitening, L2) by
-    the stage; ``seed`` seeds k-means (the stage passes a different one each epoch)."""
+    the stage; ``seed`` seeds k-means (the stage passes a different one each epoch). k-means
+    assigns on ``own_device`` (this process's device), or on the node's GPUs with
+    ``clustering.gpus=node``."""
     if cfg.method == "kmeans":
         result = run_kmeans(x, cfg.k, seed=seed, niter=cfg.niter,
                             max_points_per_centroid=cfg.max_points_per_centroid,
-                            device=cfg.device, backend=cfg.backend)
+                            device=cfg.device, backend=cfg.backend, own_device=own_device,
+                            node_gpus=cfg.gpus == "node")
     elif cfg.method == "pic":
         pic = run_pic(x, sigma=cfg.pic.sigma, alpha=cfg.pic.alpha, knn=cfg.pic.knn,
                       iterations=cfg.pic.iterations, device=cfg.device)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dcluster.clustering import cluster_reduced
+from dcluster.clustering.assign import release_torch_gpu_cache
 from dcluster.clustering.engine import Clustering
 from dcluster.clustering.kmeans import run_kmeans
 from dcluster.clustering.pca import (Features, PCAStats, PCATransform, as_rows, column_sums,
@@ -273,16 +274,11 @@ def _libc() -> Optional[ctypes.CDLL]:
         return None
 
 
-def release_cached_gpu_memory(device: torch.device) -> None:
-    """Return the memory torch's allocator holds but does not use on ``device`` to the GPU."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def sharded_kmeans(x: np.ndarray, k: int, seed: int, cfg: ClusteringConfig, comm: Comm,
                    device: torch.device) -> Clustering:
     """k-means of every rank's rows ``x`` (float32, host memory), each rank assigning its own
-    on its ``device`` with the configured backend; the labels are this rank's rows'."""
+    on its ``device`` with the configured backend (never its peers' GPUs, whatever
+    ``clustering.gpus``); the labels are this rank's rows'."""
     return run_kmeans(x, k, seed=seed, niter=cfg.niter, device=cfg.device, backend=cfg.backend,
                       comm=comm, own_device=device)
 
@@ -296,8 +292,13 @@ def cluster_shards(features: Features, indices: np.ndarray, n_images: int,
     from host memory if the memory plan put them there, and sharded mode assigns on it. The
     stage runs in full float32 (:func:`full_float32`). The result is the same on every rank;
     its labels are the N images', -1 for those without a row."""
-    with full_float32():
-        return _cluster_shards(features, indices, n_images, cfg, comm, seed, device)
+    try:
+        with full_float32():
+            return _cluster_shards(features, indices, n_images, cfg, comm, seed, device)
+    finally:
+        # the stage's blocks and resident rows are garbage now: their cached memory goes
+        # back to the GPU before training (or the monitor's FAISS search) allocates
+        release_torch_gpu_cache()
 
 
 def _cluster_shards(features: Features, indices: np.ndarray, n_images: int,
@@ -314,10 +315,10 @@ def _cluster_shards(features: Features, indices: np.ndarray, n_images: int,
     labels = np.empty(n_images, dtype=np.int64)
     result = None
     if gathered is None:
-        release_cached_gpu_memory(device)  # rank 0's k-means may run on this GPU
+        release_torch_gpu_cache()  # with clustering.gpus=node, rank 0's k-means runs here
     else:
         stacked, present = gathered
-        result = cluster_reduced(stacked, cfg, seed)
+        result = cluster_reduced(stacked, cfg, seed, device)
         labels.fill(-1)
         labels[present] = result.labels
         result.labels = None  # the N labels travel apart, as an array

@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import faiss
 import numpy as np
 
+from dcluster.core.faiss_after_torch import faiss
 from dcluster.clustering.assign import Assigner
 from dcluster.core.logs import progress
 from dcluster.parallel.collectives import Comm

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import faiss
 import numpy as np
 import torch
 
+from dcluster.core.faiss_after_torch import faiss
 from dcluster.clustering.assign import (Assigner, TorchAssign, as_points, faiss_cpu, faiss_gpu,
                                         faiss_gpus, replicated_flat_index)
-from dcluster.clustering.backend import DEVICES, Backend, choose_backend
+from dcluster.clustering.backend import (DEVICES, Backend, backend_rows, choose_backend,
+                                         search_backend)
 from dcluster.clustering.engine import Clustering, lloyd
 from dcluster.parallel.collectives import Comm
 from dcluster.parallel.hardware import detect
@@ -25,7 +26,7 @@ from dcluster.parallel.hardware import detect
 log = logging.getLogger(__name__)
 
 __all__ = ["as_points", "available_gpus", "resolve_gpus", "flat_l2_index", "machine_backend",
-           "assigner_for", "run_kmeans"]
+           "machine_backend_rows", "assigner_for", "run_kmeans"]
 
 
 def available_gpus() -> int:
@@ -34,24 +35,21 @@ def available_gpus() -> int:
 
 
 def resolve_gpus(device: str) -> int:
-    """How many GPUs FAISS uses for ``device`` ('auto' | 'cpu' | 'gpu'); 0 means CPU (for
-    FAISS's other users: PIC's and the k-NN evaluation's flat indexes)."""
+    """How many GPUs FAISS's flat searches use for ``device`` ('auto' | 'cpu' | 'gpu'); 0
+    means the CPU (PIC's k-NN graph). 0 too where FAISS's build has no
+    code for a GPU torch sees (:func:`search_backend`): there it would abort in a kernel."""
     if device not in DEVICES:
         raise ValueError(f"clustering device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cpu":
         return 0
-    ngpu = available_gpus()
-    if device == "gpu" and ngpu == 0:
-        why = ("no GPU is visible" if hasattr(faiss, "StandardGpuResources")
-               else "the installed faiss is a CPU-only build (faiss-cpu)")
-        raise RuntimeError(f"clustering device 'gpu' was requested but {why}; "
-                           "use device 'auto' or 'cpu', or install faiss-gpu")
-    return ngpu
+    hw = detect()
+    chosen = search_backend(device, hw.gpus, hw.faiss, available_gpus())
+    log.debug("FAISS searches on %s (%s)", chosen.label, chosen.reason)
+    return chosen.gpus
 
 
 def flat_l2_index(d: int, ngpu: int) -> faiss.Index:
-    """An exact L2 index on the CPU or replicated on ``ngpu`` GPUs (for PIC's and the k-NN
-    evaluation's searches)."""
+    """An exact L2 index on the CPU or replicated on ``ngpu`` GPUs (for PIC's searches)."""
     return replicated_flat_index(d, ngpu) if ngpu else faiss.IndexFlatL2(d)
 
 
@@ -61,32 +59,48 @@ def machine_backend(backend: str = "auto", device: str = "auto") -> Backend:
     return choose_backend(backend, device, hw.gpus, hw.faiss, available_gpus())
 
 
-def assigner_for(x: np.ndarray, backend: Backend,
-                 own_device: Optional[torch.device] = None) -> Assigner:
-    """The rows ``x`` behind ``backend``: on all of its GPUs (one process clustering every
-    row), or with ``own_device``, a rank's device, on that one only (sharded mode: each rank
-    assigns its own rows; on the CPU if the rank has no GPU)."""
-    if own_device is not None and backend.gpus:
-        if own_device.type != "cuda":
-            backend = Backend(backend.kind, 0, backend.reason)
-        elif backend.kind == "faiss":
-            return faiss_gpu(x, own_device.index or 0)
-        else:
-            return TorchAssign(x, [own_device])
+def machine_backend_rows(backend: str = "auto", device: str = "auto") -> list[tuple[str, str]]:
+    """:func:`backend_rows` (k-means, k-NN, PIC) for this machine's GPUs and FAISS build."""
+    hw = detect()
+    return backend_rows(backend, device, hw.gpus, hw.faiss, available_gpus())
+
+
+def assign_devices(backend: Backend, own_device: Optional[torch.device],
+                   node_gpus: bool) -> list[torch.device]:
+    """Where ``backend`` assigns; [] for the CPU. A process assigns on its own GPU
+    (``own_device``; the current CUDA device when not given) and never on its peers': on a
+    node of several ranks the others' GPUs hold their own training state. ``node_gpus``
+    (``clustering.gpus=node``, one process clustering every row in gather mode while its
+    peers wait) asks for every GPU of the backend."""
+    if not backend.gpus:
+        return []
+    if node_gpus:
+        return [torch.device("cuda", i) for i in range(backend.gpus)]
+    if own_device is None:
+        return [torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available()
+                             else 0)]
+    return [own_device] if own_device.type == "cuda" else []
+
+
+def assigner_for(x: np.ndarray, backend: Backend, own_device: Optional[torch.device] = None,
+                 node_gpus: bool = False) -> Assigner:
+    """The rows ``x`` behind ``backend`` on the devices :func:`assign_devices` names."""
+    devices = assign_devices(backend, own_device, node_gpus)
     if backend.kind == "faiss":
-        return faiss_gpus(x, backend.gpus) if backend.gpus else faiss_cpu(x)
-    devices = [torch.device("cuda", i) for i in range(backend.gpus)] or [torch.device("cpu")]
-    return TorchAssign(x, devices)
+        if not devices:
+            return faiss_cpu(x)
+        return faiss_gpus(x, len(devices)) if node_gpus else faiss_gpu(x, devices[0].index or 0)
+    return TorchAssign(x, devices or [torch.device("cpu")])
 
 
 def run_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
                max_points_per_centroid: int = 0, device: str = "auto",
                init: Optional[np.ndarray] = None, backend: str = "auto",
-               comm: Optional[Comm] = None,
-               own_device: Optional[torch.device] = None) -> Clustering:
+               comm: Optional[Comm] = None, own_device: Optional[torch.device] = None,
+               node_gpus: bool = False) -> Clustering:
     """Cluster the rows of ``x`` into ``k`` groups; with ``comm``, the union of every rank's
-    rows (call on every rank; ``own_device`` is the rank's device, where its rows are
-    assigned).
+    rows (call on every rank). ``own_device`` is the process's device, where its rows are
+    assigned; ``node_gpus`` spreads them over the node's GPUs instead (:func:`assign_devices`).
 
     ``max_points_per_centroid == 0`` trains on every point (the paper's setting), otherwise
     on a random k * max_points_per_centroid of them, as FAISS would by default. ``seed``
@@ -97,7 +111,7 @@ def run_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
     if comm is None and x.shape[0] == 0:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for 0 points")
     chosen = machine_backend(backend, device)
-    data = assigner_for(x, chosen, own_device)
+    data = assigner_for(x, chosen, own_device, node_gpus)
     log.debug("k-means backend: %s (%s)", data.name, chosen.reason)
     return lloyd(data, k, niter=niter, seed=seed, comm=comm, init=init,
                  sample=k * max_points_per_centroid)

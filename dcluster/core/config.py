@@ -23,6 +23,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from dcluster.core.config_keys import SameAs, declarations, execution_only, key
 from dcluster.core.errors import UserError
 from dcluster.core.registry import METHODS
+from dcluster.core.suggest import closest
 
 
 class ConfigError(ValueError, UserError):
@@ -98,9 +99,18 @@ class OptimConfig:
     lr: float = key(0.05, "Learning rate of SGD.", bounds="> 0")
     momentum: float = key(0.9, "SGD momentum.", bounds=">= 0")
     weight_decay: float = key(1e-5, "SGD weight decay.", bounds=">= 0")
-    batch_size: int = key(256, "Training batch, per process.", bounds="> 0")
-    lr_scaling: str = key("none", "none, or linear (lr * world_size); the paper uses none.",
-                          choices=("none", "linear"))
+    batch_size: int = key(256, "Training batch per process, when optim.global_batch is 0 "
+                          "(the batch of a step then grows with the processes).", bounds="> 0")
+    global_batch: int = key(0, "Training batch of a step summed over all processes, divided "
+                            "equally among them (a multiple of their number), so that a preset "
+                            "trains at the paper's batch and lr on 1, 8 or 32 GPUs; logged at "
+                            "start. 0: optim.batch_size per process. Not hashed: a checkpoint "
+                            "records the global batch it trained at, and a resume on another "
+                            "number of processes keeps it or is refused.", bounds=">= 0",
+                            hashed=False, since="f011279")
+    lr_scaling: str = key("none", "With optim.global_batch 0: none, or linear (lr * number of "
+                          "processes); the paper uses none. Must be none with a global batch, "
+                          "whose lr is the lr of that batch.", choices=("none", "linear"))
     precision: str = key("fp32", "Autocast dtype of the training and feature passes: fp32 "
                          "(none), bf16, or fp16 (with loss scaling, its state in the "
                          "checkpoint).", choices=("fp32", "bf16", "fp16"), since="231d085",
@@ -172,14 +182,21 @@ class ClusteringConfig:
     max_points_per_centroid: int = key(0, "k-means subsamples to this many points per "
                                        "centroid; 0: no subsampling (the paper's setting).",
                                        bounds=">= 0")
-    device: str = key("auto", "Where the clustering runs: auto (GPUs if a FAISS GPU build sees "
-                      "any; exit 2 if torch sees GPUs and FAISS is a CPU build), cpu or gpu.",
+    device: str = key("auto", "Where the clustering runs: auto (the GPUs when torch sees any: "
+                      "FAISS where its build has code for them, else PyTorch, see "
+                      "clustering.backend; the CPU without GPUs), cpu or gpu (exit 2 when no "
+                      "backend can use the GPUs).",
                       choices=("auto", "cpu", "gpu"))
     backend: str = key("auto", "What assigns rows to centroids: auto (FAISS where its build has "
                         "code for the GPUs, PyTorch on GPUs it has none for, FAISS on the CPU), "
                         "faiss or torch. The backends assign alike (tests/test_kmeans_engine.py), "
                         "so a run may resume on a node whose GPUs need the other one.",
                         choices=("auto", "faiss", "torch"), hashed=False, since="7c19a2f")
+    gpus: str = key("own", "GPUs a process's k-means assigns on: own (its own device only; its "
+                    "peers' GPUs hold their training state) or node (every GPU of the node: "
+                    "gather mode, rank 0 clustering while its peers wait). Sharded mode always "
+                    "uses the own device.", choices=("own", "node"), hashed=False,
+                    since="b6e838d", legacy="node")
     every: int = key(1, "Re-cluster every n epochs, a new head each time (the paper: every "
                  "epoch).", bounds="> 0")
     mode: str = key("gather", "gather: the vectors of all ranks go to rank 0, which clusters "
@@ -284,8 +301,9 @@ class KnnEvalConfig:
 class LinearEvalConfig:
     """The linear probe of DeepCluster's section 4.3 (after Zhang et al.): a frozen conv layer,
     average-pooled to about `pooled_dim` values, BatchNorm, one linear layer, SGD."""
-    layer: str = key("conv5", "The frozen layer: conv1..conv5 (alexnet, vgg16, resnet18/50), "
-                     "conv1..conv3 (smallconv), conv1..conv4 (smallvgg).")
+    layer: str = key("auto", "The frozen layer: conv1..conv5 (alexnet, vgg16, resnet18/50), "
+                     "conv1..conv3 (smallconv), conv1..conv4 (smallvgg); auto: the network's "
+                     "deepest (conv5, conv3, conv4). Another is refused, naming the valid ones.")
     pooled_dim: int = key(9000, "Values the layer's output is average-pooled to, about.",
                           bounds="> 0")
     epochs: int = key(90, "Epochs of the probe.", bounds="> 0")
@@ -303,6 +321,12 @@ class EvalConfig:
     val_path: str = key("", "`dcluster eval`: validation images from a second labelled folder "
                         "tree with the same class folders; empty: val_fraction of each class "
                         "of data.path is held out (seeded).", hashed=False)
+    val_labels: str = key("", "Ground-truth file of a flat eval.val_path (ImageNet's validation "
+                          "set as it ships: one folder of images): the devkit's "
+                          "ILSVRC2012_validation_ground_truth.txt with its meta.mat beside it, "
+                          "or a .csv of image id and class (Kaggle's LOC_val_solution.csv); "
+                          "classes are data.path's class folder names (WNIDs). Empty: "
+                          "eval.val_path has class folders.", hashed=False, since="5a64ea1")
     val_fraction: float = key(0.2, "Held-out fraction of each class when val_path is empty.",
                               bounds="(0, 1)", hashed=False)
     batch_size: int = key(256, "Batch of the feature passes of `dcluster eval`.", bounds="> 0",
@@ -321,19 +345,24 @@ class SlurmConfig:
     qos: str = key("", "Slurm QOS.", since="482ef12")
     constraint: str = key("", "Slurm node constraint.", since="482ef12")
     exclude: str = key("", "Nodes to exclude.", since="482ef12")
-    nodes: int = key(1, "Nodes of the job.", since="482ef12")
-    gpus_per_node: int = key(0, "One task per GPU; 0: CPU-only tasks.", since="482ef12")
-    tasks_per_node: int = key(1, "Processes per node when gpus_per_node is 0.",
+    nodes: int = key(1, "Nodes of the job.", bounds="> 0", since="482ef12")
+    gpus_per_node: int = key(0, "One task per GPU; 0: CPU-only tasks.", bounds=">= 0",
+                             since="482ef12")
+    tasks_per_node: int = key(1, "Processes per node when gpus_per_node is 0.", bounds="> 0",
                               since="482ef12")
-    cpus_per_task: int = key(8, "CPUs per task.", since="482ef12")
-    mem_gb: int = key(0, "Memory per node; 0: the partition's default.", since="482ef12")
-    time_min: int = key(4320, "Time limit of one job, in minutes.", since="482ef12")
+    cpus_per_task: int = key(0, "CPUs per task; 0: data.workers + 2 (the decoding workers, the "
+                             "training loop, one for NCCL's and the loader's own threads).",
+                             bounds=">= 0", since="482ef12")
+    mem_gb: int = key(0, "Memory per node; 0: the partition's default.", bounds=">= 0",
+                      since="482ef12")
+    time_min: int = key(4320, "Time limit of one job, in minutes.", bounds="> 0",
+                        since="482ef12")
     job_name: str = key("", "Default: the run name.", since="482ef12")
     log_dir: str = key("", "Default: <run dir>/slurm.", since="482ef12")
     max_requeues: int = key(100, "Timeouts/preemptions survived before the job gives up.",
-                            since="482ef12")
+                            bounds=">= 0", since="482ef12")
     signal_delay_s: int = key(120, "USR2 this long before the time limit: time to checkpoint.",
-                              since="482ef12")
+                              bounds=">= 0", since="482ef12")
 
 
 @dataclass
@@ -350,7 +379,9 @@ class Config:
     overwrite: bool = key(False, "Move aside a run directory that holds another config's run.",
                           hashed=False)
     threads: int = key(0, "torch intra-op threads; 0: the task's CPUs under Slurm, this "
-                       "process's share of the CPUs under torchrun, else torch's default.",
+                       "process's share of the CPUs under torchrun, else torch's default. A "
+                       "warning at start names a smaller value when the machine's load leaves "
+                       "fewer CPUs (threads wait for each other: tenfold slower).",
                        bounds=">= 0", hashed=False)
     progress: str = key("auto", "Progress bars: auto (on a terminal), always or never.",
                         choices=("auto", "always", "never"), hashed=False)
@@ -376,14 +407,27 @@ def _expected_type(name: str) -> str:
     return declared.type if declared else "a section"
 
 
+def _did_you_mean(name: str) -> str:
+    """The end of an unknown-key error: the closest declared keys, or where all are listed."""
+    known = declarations(Config)
+    # OmegaConf names an unknown section alone ('clustring' of 'clustring.k')
+    sections = {key.rsplit(".", 1)[0] for key in known if "." in key}
+    near = closest(name, [*known, *sorted(sections)])
+    if near:
+        return f" (did you mean {' or '.join(near)}?)"
+    section = name.rsplit(".", 1)[0] if "." in name else ""
+    siblings = [key for key in known if key.rsplit(".", 1)[0] == section]
+    if siblings:
+        return f"; the keys of {section}: {', '.join(siblings)}"
+    return f"; `dcluster train --help` lists all {len(known)} keys"
+
+
 def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
         name = f"{err.full_key}" if getattr(err, "full_key", None) else str(err)
-        raise ConfigError(
-            f"{source}: unknown config key '{name}'. Valid keys: {', '.join(declarations(Config))}"
-        ) from None
+        raise ConfigError(f"{source}: unknown config key '{name}'{_did_you_mean(name)}") from None
     except ValidationError as err:
         raise ConfigError(
             f"{source}: key '{err.full_key}' has value {err.value!r} of the wrong type "
@@ -393,8 +437,11 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Build the config from defaults, then a YAML preset, then ``key=value`` overrides."""
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                check_paths: bool = True) -> Config:
+    """Build the config from defaults, then a YAML preset, then ``key=value`` overrides.
+    ``check_paths`` False leaves out the checks that the data folders exist, for a machine that
+    cannot see them (`dcluster submit --dry-run` on a laptop): see :func:`unreachable_paths`."""
     merged = OmegaConf.structured(Config)
     if path is not None:
         path = Path(path)
@@ -413,7 +460,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     if missing:
         raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
+    validate(cfg, check_paths)
     return cfg
 
 
@@ -422,9 +469,22 @@ def check_key(condition: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"config key '{key}' = {value!r}: {why}")
 
 
-def validate(cfg: Config) -> None:
+def unreachable_paths(cfg: Config) -> list[tuple[str, str]]:
+    """The data folders (and ground-truth file) of the config that do not exist here, as
+    (key, path)."""
+    folders = [("data.path", cfg.data.path)]
+    if cfg.eval.val_path:
+        folders.append(("eval.val_path", cfg.eval.val_path))
+    missing = [(name, path) for name, path in folders if not Path(path).is_dir()]
+    if cfg.eval.val_labels and not Path(cfg.eval.val_labels).is_file():
+        missing.append(("eval.val_labels", cfg.eval.val_labels))
+    return missing
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
     """Reject values that would fail (or silently mislead) hours into a run: each key's own
-    choices and bounds (declared beside its field), then the checks across keys."""
+    choices and bounds (declared beside its field), then the checks across keys, then (with
+    ``check_paths``) that the data folders exist."""
     declared = declarations(Config)
     for name, value in flatten(cfg).items():
         problem = declared[name].key.problem(value)
@@ -434,15 +494,15 @@ def validate(cfg: Config) -> None:
               "clustering.pca_sample", cfg.clustering.pca_sample,
               f"must be 0 (all rows) or more than clustering.pca_dim ({cfg.clustering.pca_dim}) "
               "rows, or the covariance cannot have pca_dim directions")
+    check_key(cfg.optim.global_batch == 0 or cfg.optim.lr_scaling == "none", "optim.lr_scaling",
+              cfg.optim.lr_scaling, "must be none with optim.global_batch: optim.lr is the lr "
+              "of that global batch on any number of processes")
     check_key(all(side > 0 for side in cfg.data.crop_sides), "data.crop_sides",
               cfg.data.crop_sides, "must hold positive sides in pixels")
     check_key(cfg.data.resize_size >= cfg.data.crop_size, "data.resize_size",
            cfg.data.resize_size, f"must be at least data.crop_size ({cfg.data.crop_size})")
     check_key(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
            cfg.name, "must be a plain directory name")
-    if cfg.eval.val_path:
-        check_key(Path(cfg.eval.val_path).is_dir(), "eval.val_path", cfg.eval.val_path,
-               "is not an existing directory")
     if cfg.clustering.mode == "sharded":
         validate_sharded(cfg)
     validate_monitor(cfg)
@@ -451,8 +511,15 @@ def validate(cfg: Config) -> None:
         check_key(cfg.clustering.features == "extra_pass", "clustering.features",
                   cfg.clustering.features, "training_pass is DeepCluster's (method=deepcluster); "
                   "MMDC assigns its targets from its own passes")
-    data_path = Path(cfg.data.path)
-    check_key(data_path.is_dir(), "data.path", cfg.data.path, "is not an existing directory")
+    check_key(not cfg.eval.val_labels or bool(cfg.eval.val_path), "eval.val_labels",
+              cfg.eval.val_labels, "labels the images of eval.val_path: set it too")
+    check_key(cfg.slurm.signal_delay_s < cfg.slurm.time_min * 60, "slurm.signal_delay_s",
+              cfg.slurm.signal_delay_s, f"must be shorter than slurm.time_min "
+              f"({cfg.slurm.time_min} min), or the job is signalled before it starts")
+    if check_paths:
+        for name, path in unreachable_paths(cfg):
+            check_key(False, name, path, "does not exist (or is not a "
+                      f"{'file' if name == 'eval.val_labels' else 'directory'})")
 
 
 def validate_sharded(cfg: Config) -> None:
@@ -486,8 +553,9 @@ def validate_mmdc(cfg: Config) -> None:
     check_key(all(e > 0 for e in m.lr_decay_epochs), "mmdc.lr_decay_epochs", m.lr_decay_epochs,
            "must hold positive epoch numbers")
     # the Hungarian step permutes targets among a batch's images: one image cannot move any
-    check_key(cfg.optim.batch_size >= 2, "optim.batch_size", cfg.optim.batch_size,
-           "must be at least 2 for method=mmdc")
+    batch_key = "optim.global_batch" if cfg.optim.global_batch else "optim.batch_size"
+    batch = cfg.optim.global_batch or cfg.optim.batch_size
+    check_key(batch >= 2, batch_key, batch, "must be at least 2 for method=mmdc")
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

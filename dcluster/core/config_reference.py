@@ -79,20 +79,27 @@ def _section(name: str) -> str:
 
 
 def reference_markdown() -> str:
-    """docs/configuration.md: one table per section, in declaration order."""
-    lines = [_INTRO]
-    section: Optional[str] = None
+    """docs/configuration.md: one table per section, each once (a section's keys declared
+    after a subsection's, as clustering.every after clustering.bank, join its table), in
+    declaration order."""
+    sections: dict[str, list[tuple[str, Declared]]] = {}
     for name, declared in declarations(Config).items():
-        if _section(name) != section:
-            section = _section(name)
-            lines += [f"\n## {section}\n", "| key | type | default | allowed | results | "
-                      "history | meaning |", "|---|---|---|---|---|---|---|"]
-        results = "hashed" if declared.key.hashed else "execution only"
-        cells = [f"`{name}`", declared.type, f"`{_value(declared.default)}`", allowed(declared),
-                 results, _history(declared), declared.key.doc]
-        cells = [cell.replace("|", "\\|").replace("<", "&lt;") for cell in cells]
-        lines.append("| " + " | ".join(cells) + " |")
+        sections.setdefault(_section(name), []).append((name, declared))
+    lines = [_INTRO]
+    for section, keys in sections.items():
+        lines += [f"\n## {section}\n", "| key | type | default | allowed | results | "
+                  "history | meaning |", "|---|---|---|---|---|---|---|"]
+        lines += [_row(name, declared) for name, declared in keys]
     return "\n".join(lines) + "\n"
+
+
+def _row(name: str, declared: Declared) -> str:
+    """One key's row of the reference table."""
+    results = "hashed" if declared.key.hashed else "execution only"
+    cells = [f"`{name}`", declared.type, f"`{_value(declared.default)}`", allowed(declared),
+             results, _history(declared), declared.key.doc]
+    cells = [cell.replace("|", "\\|").replace("<", "&lt;") for cell in cells]
+    return "| " + " | ".join(cells) + " |"
 
 
 def help_text() -> str:

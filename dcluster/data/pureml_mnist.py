@@ -34,18 +34,23 @@ class MnistFileError(ValueError):
     hash is pinned here."""
 
 
+class MnistFileAbsent(MnistFileError):
+    """The package, or its data file, is not installed at all: a machine without the MNIST
+    data (the tests skip there), unlike a file that is present but wrong."""
+
+
 def data_file() -> Path:
     """The installed package's MNIST file, checked against the pinned version and sha256."""
     try:
         dist = distribution(PACKAGE)
     except PackageNotFoundError:
-        raise MnistFileError(f"{PACKAGE} is not installed ({INSTALL})") from None
+        raise MnistFileAbsent(f"{PACKAGE} is not installed ({INSTALL})") from None
     if dist.version != VERSION:
         raise MnistFileError(f"{PACKAGE} {dist.version} is installed, the data file is pinned "
                              f"to {VERSION} ({INSTALL})")
     path = Path(str(dist.locate_file(DATA_FILE)))
     if not path.is_file():
-        raise MnistFileError(f"{path} is missing from the installed {PACKAGE} ({INSTALL})")
+        raise MnistFileAbsent(f"{path} is missing from the installed {PACKAGE} ({INSTALL})")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != SHA256:
         raise MnistFileError(f"{path} has sha256 {digest}, not the pinned {SHA256} "

@@ -77,11 +77,16 @@ class TorchvisionPipelines:
         self.seed = seed
         self.bad_indices: dict[int, str] = {}
 
+    def feature_transform(self) -> FeatureTransform:
+        return FeatureTransform(self.cfg.resize_size, self.cfg.crop_size, self.cfg.grayscale_stats)
+
+    def train_transform(self, epoch: int) -> TrainTransform:
+        return TrainTransform(self.cfg.crop_size, Augmentation.of(self.cfg), self.seed, epoch,
+                              self.cfg.grayscale_stats)
+
     def feature_batches(self, indices: Sequence[int], batch_size: int) -> Iterator[FeatureBatch]:
-        transform = FeatureTransform(self.cfg.resize_size, self.cfg.crop_size,
-                                     self.cfg.grayscale_stats)
         array = as_index_array(indices, len(self.source), "feature pass indices")
-        for batch in self._batches(array, 0, transform, batch_size):
+        for batch in self._batches(array, 0, self.feature_transform(), batch_size):
             yield FeatureBatch(images=batch.images, indices=batch.indices)
 
     def train_batches(self, order: Sequence[int], targets: np.ndarray, epoch: int,
@@ -89,10 +94,9 @@ class TorchvisionPipelines:
         """``targets[i]`` is the pseudo-label of global index ``i``; positions before
         ``start_position`` are skipped, the others keep the crops they get in a full pass."""
         array, targets = check_train_inputs(order, targets, start_position, len(self.source))
-        transform = TrainTransform(self.cfg.crop_size, Augmentation.of(self.cfg), self.seed,
-                                   epoch, self.cfg.grayscale_stats)
         position = start_position
-        for batch in self._batches(array, start_position, transform, batch_size):
+        for batch in self._batches(array, start_position, self.train_transform(epoch),
+                                   batch_size):
             position += batch.positions
             yield TrainBatch(images=batch.images,
                              targets=torch.from_numpy(targets[batch.indices.numpy()]),
@@ -103,16 +107,24 @@ class TorchvisionPipelines:
         """Readable images in list order; unreadable ones are charged to the pass's budget."""
         budget = BadImageBudget(len(indices) - start, self.cfg.max_bad_fraction,
                                 self.bad_indices)
-        loader = DataLoader(_PositionDataset(self.source, indices, start, transform),
-                            batch_size=batch_size, shuffle=False, drop_last=False,
-                            num_workers=self.cfg.workers, collate_fn=_collate,
-                            pin_memory=torch.cuda.is_available(),
-                            # its own generator: a DataLoader otherwise draws its base seed
-                            # from the global stream, which dropout uses, so a pass restarted
-                            # mid-epoch (resume) would shift the dropout masks that follow
-                            generator=torch.Generator())
-        for batch in loader:
+        for batch in self.data_loader(indices, start, transform, batch_size):
             budget.record_all(batch.unreadable)
             if len(batch.indices):
                 yield batch
         budget.log_summary()
+
+    def data_loader(self, indices: np.ndarray, start: int, transform: SampleTransform,
+                    batch_size: int, persistent_workers: bool = False) -> DataLoader:
+        """The DataLoader of one pass over ``indices`` from ``start``: batches of _Collated in
+        list order. A pass builds a new one (its list and transform are the pass's own);
+        ``persistent_workers`` keeps the worker processes between iterations of the same
+        loader, for a benchmark that repeats one pass (benchmarks/bench_loader.py)."""
+        return DataLoader(_PositionDataset(self.source, indices, start, transform),
+                          batch_size=batch_size, shuffle=False, drop_last=False,
+                          num_workers=self.cfg.workers, collate_fn=_collate,
+                          pin_memory=torch.cuda.is_available(),
+                          persistent_workers=persistent_workers and self.cfg.workers > 0,
+                          # its own generator: a DataLoader otherwise draws its base seed
+                          # from the global stream, which dropout uses, so a pass restarted
+                          # mid-epoch (resume) would shift the dropout masks that follow
+                          generator=torch.Generator())

@@ -112,7 +112,7 @@ def linear_protocol(target: EvalTarget, net: Network, env: Env,
     if not comm.is_main:
         return None
     return {**hits_to_accuracy(hits[:-1], int(hits[-1])), "train_loss": losses[-1]}, {
-        "layer": lc.layer, "pooled_dim": probe.dim, "epochs": lc.epochs, "lr": lc.lr,
+        "layer": tap.layer, "pooled_dim": probe.dim, "epochs": lc.epochs, "lr": lc.lr,
         "weight_decay": lc.weight_decay, "batch_size": lc.batch_size,
         "train_images": len(train.indices), "val_images": int(hits[-1])}
 
@@ -158,7 +158,7 @@ def evaluate(protocol: str, target_path: str | Path, overrides: Sequence[str] = 
         comm.barrier()
     if outcome is None:
         return None
-    name = f"linear_{cfg.eval.linear.layer}" if protocol == "linear" else protocol
+    name = f"linear_{outcome[1]['layer']}" if protocol == "linear" else protocol
     result = EvalResult(name, target, *outcome, time.perf_counter() - t0)
     path = write_json(result, out or target.default_output(name))
     log_to_mlflow(result, path)

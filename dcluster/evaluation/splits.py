@@ -1,18 +1,22 @@
 """Which labelled images an evaluation trains on and which it scores on.
 
 Either two folder trees (data.path for training, eval.val_path for validation, with the same
-class folders), or one tree split per class with a seed, so that every protocol and every
-rerun holds out the same images.
+class folders; or eval.val_path flat, as ImageNet ships it, labelled by eval.val_labels), or
+one tree split per class with a seed, so that every protocol and every rerun holds out the
+same images.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from dcluster.core.config import Config, ConfigError
 from dcluster.data import ImageSource, Pipelines, build_pipelines, open_source
+from dcluster.data.ground_truth import label_flat_folder
+from dcluster.data.source import DataSourceError, FolderSource
 from dcluster.core.seeding import derived_rng
 
 
@@ -51,6 +55,16 @@ def labelled_source(cfg: Config, key: str, path: str) -> ImageSource:
     return source
 
 
+def flat_with_ground_truth(cfg: Config, class_names: list[str]) -> ImageSource:
+    """eval.val_path as ImageNet ships it (one flat folder), labelled by eval.val_labels."""
+    try:
+        return label_flat_folder(FolderSource(cfg.eval.val_path), Path(cfg.eval.val_labels),
+                                 class_names)
+    except DataSourceError as err:
+        raise ConfigError(f"config key 'eval.val_labels' = {cfg.eval.val_labels!r}: "
+                          f"{err}") from None
+
+
 def open_splits(cfg: Config) -> tuple[Split, Split]:
     """(train, val) for cfg.eval.val_path and cfg.data.path; errors before any image is read."""
     train_source = labelled_source(cfg, "data.path", cfg.data.path)
@@ -60,7 +74,10 @@ def open_splits(cfg: Config) -> tuple[Split, Split]:
                                               cfg.seed)
         return (Split(train_source, train_pipes, train_idx),
                 Split(train_source, train_pipes, val_idx))
-    val_source = labelled_source(cfg, "eval.val_path", cfg.eval.val_path)
+    if cfg.eval.val_labels:
+        val_source = flat_with_ground_truth(cfg, train_source.class_names)
+    else:
+        val_source = labelled_source(cfg, "eval.val_path", cfg.eval.val_path)
     if val_source.class_names != train_source.class_names:
         raise ConfigError(
             f"config key 'eval.val_path' = {cfg.eval.val_path!r}: its class folders "

@@ -48,14 +48,18 @@ def tap_positions(arch: str, body: nn.Sequential) -> dict[str, int]:
 
 
 class LayerTap(nn.Module):
-    """The network's front end and body up to ``layer``; shares the network's modules."""
+    """The network's front end and body up to ``layer`` ("auto": its deepest conv layer, conv5
+    where it has five); shares the network's modules. ``layer`` is the name resolved."""
 
     def __init__(self, model: DeepClusterNet, arch: str, layer: str) -> None:
         super().__init__()
         taps = tap_positions(arch, model.body)
+        if layer == "auto":
+            layer = list(taps)[-1]
         if layer not in taps:
             raise ValueError(f"layer {layer!r} does not exist in {arch}; "
-                             f"available: {', '.join(taps)}")
+                             f"available: {', '.join(taps)} (or auto: {list(taps)[-1]})")
+        self.layer = layer
         self.sobel = model.sobel
         self.body = model.body[: taps[layer] + 1]
 

@@ -149,7 +149,7 @@ def detect_env(environ: Optional[Mapping[str, str]] = None) -> Env:
     elif "SLURM_STEP_ID" in environ and "SLURM_PROCID" in environ:
         env = _slurm_step(environ)
     else:
-        env = Env(rank=0, world_size=1, local_rank=0, device=_device(0))
+        env = Env(rank=0, world_size=1, local_rank=0, device=_device(0, environ))
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if env.world_size > 1:
@@ -176,7 +176,7 @@ def _torchrun(environ: Mapping[str, str]) -> Env:
         if missing:
             raise ConfigError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not: "
                               "launch with torchrun, or export the rendezvous address too")
-    return _checked(Env(rank, world, local, _device(local), "torchrun",
+    return _checked(Env(rank, world, local, _device(local, environ), "torchrun",
                         environ.get("MASTER_ADDR", ""), int(environ.get("MASTER_PORT") or 0)))
 
 
@@ -189,7 +189,8 @@ def _submitit(environ: Mapping[str, str]) -> Env:
                           "pip install submitit, or unset the variable") from None
     job = submitit.JobEnvironment()
     restarts = int(environ.get("SLURM_RESTART_COUNT", "0"))
-    return _checked(Env(job.global_rank, job.num_tasks, job.local_rank, _device(job.local_rank),
+    return _checked(Env(job.global_rank, job.num_tasks, job.local_rank,
+                        _device(job.local_rank, environ),
                         "submitit", job.hostnames[0], rendezvous_port(str(job.job_id), restarts)))
 
 
@@ -201,8 +202,8 @@ def _slurm_step(environ: Mapping[str, str]) -> Env:
     nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
     port = rendezvous_port(environ.get("SLURM_JOB_ID", ""),
                            int(environ.get("SLURM_RESTART_COUNT", "0")))
-    return _checked(Env(_int(environ, "SLURM_PROCID"), world, local, _device(local), "slurm",
-                        expand_nodelist(nodes)[0] if world > 1 else "", port))
+    return _checked(Env(_int(environ, "SLURM_PROCID"), world, local, _device(local, environ),
+                        "slurm", expand_nodelist(nodes)[0] if world > 1 else "", port))
 
 
 def _checked(env: Env) -> Env:
@@ -212,18 +213,55 @@ def _checked(env: Env) -> Env:
     return env
 
 
-def _device(local_rank: int) -> torch.device:
-    """One process per GPU: the local rank's GPU, or the only one when the launcher bound each
-    task to its own (CUDA_VISIBLE_DEVICES of one device); the CPU on a machine without."""
+def _device(local_rank: int, environ: Mapping[str, str]) -> torch.device:
+    """One process per GPU: the CPU on a machine without; else the GPU
+    :func:`bound_gpu_index` picks among those this process sees."""
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         return torch.device("cpu")
+    return torch.device("cuda", bound_gpu_index(local_rank, count, local_world_size(environ),
+                                                environ.get("SLURM_DISTRIBUTION", "")))
+
+
+def local_world_size(environ: Mapping[str, str]) -> int:
+    """Processes of the job on this node: torchrun's LOCAL_WORLD_SIZE, or Slurm's tasks on
+    this node (SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE, e.g. ``8(x2)``: the first
+    count, nodes of a homogeneous job alike); 0 when unknown."""
+    for key in ("LOCAL_WORLD_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        match = re.match(r"\d+", environ.get(key, ""))
+        if match:
+            return int(match.group())
+    return 0
+
+
+def bound_gpu_index(local_rank: int, count: int, local_world: int, distribution: str) -> int:
+    """Which of the ``count`` GPUs this process sees is its own. The local rank's GPU when
+    the node's ``local_world`` processes see all of them; the only one when the launcher
+    bound each task to its own. A binding that shows each task a group of the node's GPUs
+    (``srun --gpu-bind=closest``: tasks on one socket see its 4 of 8 GPUs) leaves
+    ``local_world / count`` tasks per group: Slurm spreads tasks over sockets cyclically
+    unless told otherwise (``--distribution``'s second level, SLURM_DISTRIBUTION, default
+    ``block:cyclic``), so the group's tasks are every ``groups``-th local rank; with
+    ``*:block`` they are consecutive. A pure function (tests/test_distributed.py)."""
     if count == 1:
-        return torch.device("cuda", 0)
-    if local_rank >= count:
-        raise ConfigError(f"local rank {local_rank} but this node shows {count} GPUs: launch "
-                          "one process per GPU")
-    return torch.device("cuda", local_rank)
+        return 0
+    if local_world <= count:
+        if local_rank >= count:
+            raise ConfigError(f"local rank {local_rank} but this node shows {count} GPUs: "
+                              "launch one process per GPU")
+        return local_rank
+    if local_world % count:
+        raise ConfigError(f"{local_world} tasks on this node but this task sees {count} GPUs, "
+                          "not a whole share each: bind one GPU per task (srun "
+                          "--gpu-bind=single:1 or map_gpu) or none (--gpu-bind=none)")
+    groups = local_world // count
+    levels = distribution.split(":")
+    cyclic = len(levels) < 2 or not levels[1].startswith("block")
+    index = local_rank // groups if cyclic else local_rank % count
+    log.info("GPU binding shows this task %d of the node's GPUs for %d tasks: local rank %d "
+             "takes visible GPU %d (tasks spread over the groups %s)", count, local_world,
+             local_rank, index, "cyclically" if cyclic else "in blocks")
+    return index
 
 
 def backend_for(env: Env, choice: str) -> str:
@@ -250,6 +288,9 @@ def process_group(env: Env, cfg: DistributedConfig) -> Iterator[None]:
         yield
         return
     backend = backend_for(env, cfg.backend)
+    problem = gloo_address_problem(env.world_size, os.environ, hostname_address())
+    if problem:
+        raise ConfigError(problem)
     _label_records(env)
     if not env.is_main:
         # N copies of every progress line help nobody; warnings and errors still show
@@ -269,6 +310,42 @@ def process_group(env: Env, cfg: DistributedConfig) -> Iterator[None]:
                   type(err).__name__, err, exc_info=not isinstance(err, UserError))
         raise  # no destroy_process_group: with peers blocked in a collective it could hang
     close_process_group()
+
+
+def hostname_address() -> Optional[str]:
+    """The address this host's name resolves to (None: it does not resolve)."""
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+
+
+def gloo_address_problem(world_size: int, environ: Mapping[str, str],
+                         address: Optional[str]) -> Optional[str]:
+    """Why gloo (the job's own group, or NCCL jobs' gloo side group: collectives.Comm.on_host)
+    could not reach the other nodes, or None. Without GLOO_SOCKET_IFNAME gloo binds to the
+    address the host name resolves to, and to loopback when it does not resolve (torch's
+    ProcessGroupGloo::createDefaultDevice, "Using the loopback address as fallback"); a name
+    that resolves to 127.0.1.1, Debian's /etc/hosts default, binds there too. Either way the
+    other nodes cannot connect and the job hangs until the collective timeout. Only a job
+    over several nodes (more ranks than this node's processes) is checked."""
+    if environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    local = local_world_size(environ)
+    nodes = re.match(r"\d+", environ.get("SLURM_STEP_NUM_NODES")
+                     or environ.get("SLURM_NNODES", "") or "")
+    multi_node = int(nodes.group()) > 1 if nodes else bool(local) and world_size > local
+    if not multi_node:
+        return None
+    if address is None or address.startswith("127."):
+        where = "does not resolve" if address is None else f"resolves to loopback ({address})"
+        return (f"this job spans several nodes but this host's name {where}, so gloo (used by "
+                "every job, NCCL ones for host-side waits) would bind to loopback and the other "
+                "nodes could not reach it: export GLOO_SOCKET_IFNAME=<the interface between "
+                "the nodes, e.g. eth0 or ib0> (docs/distributed.md)")
+    return None
 
 
 def close_process_group() -> None:

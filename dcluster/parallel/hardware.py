@@ -273,7 +273,7 @@ def detect() -> Detected:
     """The installed builds and the GPUs torch sees."""
     import torch
 
-    import faiss
+    from dcluster.core.faiss_after_torch import faiss
 
     cuda = torch.version.cuda
     gpus: tuple[GPU, ...] = ()
@@ -288,10 +288,25 @@ def detect() -> Detected:
         # a conda or source build: GPU code if it has the GPU classes, architectures unknown
         Build("faiss (unknown build)", "?" if hasattr(faiss, "StandardGpuResources") else None))
     dali = _installed(DALI_BUILDS)
+    import os
+
+    asked = not gpus and cuda is not None and not gpus_hidden(os.environ)
     return Detected(profile=profile_of(faiss_build, dali),
                     torch=torch_build(torch.__version__, cuda, arch_list),
                     faiss=faiss_build, dali=dali, gpus=gpus,
-                    driver=None if gpus or cuda is None else nvidia_driver())
+                    driver=nvidia_driver() if asked else None)
+
+
+def gpus_hidden(environ: Mapping[str, str]) -> bool:
+    """Whether CUDA_VISIBLE_DEVICES hides every GPU on purpose (empty, or starting with an
+    invalid id such as -1: CUDA stops at the first one). ``nvidia-smi`` ignores the variable
+    and would still list the GPUs, which read as "driver too old for torch" (issue #31,
+    item 8), so the driver is not asked then."""
+    value = environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return False
+    first = value.split(",")[0].strip()
+    return first == "" or first.startswith("-")
 
 
 def nvidia_driver() -> Optional[Driver]:
@@ -348,13 +363,32 @@ def default_threads(environ: Mapping[str, str], usable_cpus: int) -> int:
     return 0
 
 
+def crowding(threads: int, usable_cpus: int, load: float) -> Optional[str]:
+    """A warning when ``threads`` busy threads on top of the machine's ``load`` (its 1-minute
+    load average) would ask for more CPUs than it has, else None. Why: torch's threads wait
+    for each other at every op, so one descheduled thread stalls them all; on 2 shared cores
+    at load 2-3.5 the demo's first epoch trained at 24 img/s with threads=2 against 620 img/s
+    with threads=1. A warning, not a lower default: the thread count may change float
+    rounding, and a run should not compute differently because a neighbour was busy."""
+    if threads <= 1 or threads + load <= usable_cpus + 0.5:
+        return None
+    return (f"load average {load:.1f} on {usable_cpus} CPU(s): torch's {threads} threads will "
+            f"wait for CPUs other processes hold, which can slow training tenfold; pass "
+            f"threads={max(1, int(usable_cpus - load))} (config key threads) on a shared machine")
+
+
 def set_torch_threads(configured: int) -> None:
     """torch's intra-op threads: ``configured`` (the config's ``threads``), or if 0 the
-    task's CPUs (:func:`default_threads`), or torch's own default outside Slurm/torchrun."""
+    task's CPUs (:func:`default_threads`), or torch's own default outside Slurm/torchrun;
+    with a warning when the machine's load leaves them too few CPUs (:func:`crowding`)."""
     import os
 
     import torch
 
-    threads = configured or default_threads(os.environ, len(os.sched_getaffinity(0)))
+    usable = len(os.sched_getaffinity(0))
+    threads = configured or default_threads(os.environ, usable)
     if threads:
         torch.set_num_threads(threads)
+    warning = crowding(torch.get_num_threads(), usable, os.getloadavg()[0])
+    if warning:
+        log.warning("%s", warning)

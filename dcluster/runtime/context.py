@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dcluster.parallel.collectives import Comm
+from dcluster.core.batch import BatchPlan, plan_batch
 from dcluster.core.config import Config
 from dcluster.data import ImageSource, Pipelines
 from dcluster.parallel.execution import Execution
@@ -74,6 +75,11 @@ class RunContext:
     @property
     def device(self) -> torch.device:
         return self.comm.env.device
+
+    @property
+    def batch(self) -> BatchPlan:
+        """The training batch per process and the lr, from the config and the world size."""
+        return plan_batch(self.cfg.optim, self.comm.world_size)
 
     @property
     def execution(self) -> Execution:

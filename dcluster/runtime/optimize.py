@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -54,9 +55,10 @@ def data_parallel(model: nn.Module, env: Env, find_unused_parameters: bool = Fal
     is drawn from the same (seed, epoch) generator everywhere). It costs one broadcast of the
     model per clustering, small next to an epoch.
 
-    forward_sync_buffers copies one rank's BatchNorm running statistics to every rank at each
+    Buffer sync copies one rank's BatchNorm running statistics to every rank at each
     forward (DDP's default, spelled out; rank 0's, or inside DDP's join the highest rank still
-    training); :func:`align_replicas` makes them rank 0's after the last step.
+    training); :func:`align_replicas` makes them rank 0's after the last step. Its keyword
+    depends on the torch: :func:`buffer_sync_kwargs`.
     ``find_unused_parameters``: for a network whose passes use different heads (MMDC).
 
     gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, which
@@ -67,13 +69,24 @@ def data_parallel(model: nn.Module, env: Env, find_unused_parameters: bool = Fal
         return model
     net = DistributedDataParallel(
         model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-        forward_sync_buffers=True, find_unused_parameters=find_unused_parameters,
-        gradient_as_bucket_view=True)
+        find_unused_parameters=find_unused_parameters, gradient_as_bucket_view=True,
+        **buffer_sync_kwargs(DistributedDataParallel.__init__))
     if cfg.grad_compression == "bf16":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
 
         net.register_comm_hook(None, bf16_compress_hook)
     return net
+
+
+def buffer_sync_kwargs(ddp_init: Callable[..., Any]) -> dict[str, bool]:
+    """DDP's keyword for syncing buffers at every forward, read from ``ddp_init``'s
+    signature: torch 2.13 added ``forward_sync_buffers`` and deprecated ``broadcast_buffers``
+    (torch/nn/parallel/distributed.py of 2.13); 2.11 and 2.12 have only the old name, and
+    the new one there is a TypeError at the first ``data_parallel`` call, after a whole
+    feature pass and k-means (issue #31)."""
+    if "forward_sync_buffers" in inspect.signature(ddp_init).parameters:
+        return {"forward_sync_buffers": True}
+    return {"broadcast_buffers": True}
 
 
 @dataclass

@@ -167,6 +167,18 @@ def check_compatible(payload: dict[str, Any], settings: dict[str, Any], data_fin
                               "folder or start a new run")
 
 
+def check_global_batch(payload: dict[str, Any], batch: BatchPlan, source: str) -> None:
+    """Refuse to go on at another global batch than the checkpoint trained with: a per-process
+    optim.batch_size resumed on another number of processes would change it silently. A
+    checkpoint older than the record carries none, and is not checked."""
+    trained = payload.get("global_batch")
+    if trained is None or trained == batch.global_batch:
+        return
+    raise CheckpointError(f"{source}: trained at a global batch of {trained}, this job's would "
+                          f"be {batch.describe()}: pass optim.global_batch={trained} (a multiple "
+                          f"of the number of processes) to keep it")
+
+
 def restore_objects(payload: dict[str, Any], objects: dict[str, Stateful], source: Path) -> None:
     """Load every named object's state, in the mapping's order (a method lists first what
     shapes the others: DeepCluster's head before the model that holds it); a sharded

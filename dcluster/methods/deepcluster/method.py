@@ -70,11 +70,9 @@ class DeepCluster:
         self.epochs = cfg.epochs
         self.mine = my_indices(len(ctx.source), env)  # contiguous: every image on one rank
         self.model = ctx.execution.prepare(build_model(cfg.model, cfg.data.crop_size))
-        lr = cfg.optim.lr * (env.world_size if cfg.optim.lr_scaling == "linear" else 1)
-        log.info("%d images, %s; batch %d per process, effective %d, lr %g (scaling: %s)",
-                 len(ctx.source), f"{len(ctx.source.class_names)} classes"
-                 if ctx.source.class_names else "no classes", cfg.optim.batch_size,
-                 cfg.optim.batch_size * env.world_size, lr, cfg.optim.lr_scaling)
+        lr = ctx.batch.lr
+        log.info("%d images, %s", len(ctx.source), f"{len(ctx.source.class_names)} classes"
+                 if ctx.source.class_names else "no classes")
         self.body_optimizer = body_optimizer(self.model, cfg.optim, lr, env.device)
         self.head = Head(self.model, lambda params: sgd(params, cfg.optim, lr, env.device))
         self.net: nn.Module = self.model
@@ -165,7 +163,7 @@ class DeepCluster:
         optimizers = [self.body_optimizer, self.head.optimizer]
         with self.banking(epoch.number, len(order) - done.position) as after_forward:
             yield lambda: train_one_epoch(self.net, ctx.pipelines, order, clusters.labels,
-                                          epoch.number, cfg.optim.batch_size, optimizers,
+                                          epoch.number, ctx.batch.per_process, optimizers,
                                           ctx.steps, done, after_forward)
 
     def features_to_cluster(self, epoch: int, metrics: dict[str, float]) -> ShardFeatures:

@@ -67,7 +67,7 @@ class MMDC:
         self.mine = my_indices(n_images, env)
         self.bank = TargetBank(n_images, cfg.mmdc, cfg.seed)
         self.model = ctx.execution.prepare(build_mmdc_model(cfg))
-        self.base_lr = cfg.optim.lr * (env.world_size if cfg.optim.lr_scaling == "linear" else 1)
+        self.base_lr = ctx.batch.lr
         self.optimizer = sgd([p for p in self.model.parameters() if p.requires_grad], cfg.optim,
                              self.base_lr, env.device)
         # the two passes train different heads: DDP must expect parameters without gradients
@@ -79,10 +79,9 @@ class MMDC:
         self.training_order: Optional[np.ndarray] = None  # the global order of a clustering pass
         self.embeddings: Optional[ShardFeatures] = None  # the last report pass; weights unchanged
         log.info("MMDC: %d images, K=%d components in R^%d (%s means, sigma %g), rotation task "
-                 "%s, %d + %d refinement epochs; batch %d per process", n_images, cfg.mmdc.k,
+                 "%s, %d + %d refinement epochs", n_images, cfg.mmdc.k,
                  self.bank.means.shape[1], cfg.mmdc.means, cfg.mmdc.sigma,
-                 "on" if cfg.mmdc.rotation else "off", cfg.epochs, cfg.mmdc.refine_epochs,
-                 cfg.optim.batch_size)
+                 "on" if cfg.mmdc.rotation else "off", cfg.epochs, cfg.mmdc.refine_epochs)
 
     @staticmethod
     def check_data(cfg: Config, n_images: int) -> None:
@@ -110,7 +109,7 @@ class MMDC:
             group["lr"] = lr
         epoch.metrics["lr"] = lr
         passes = PassContext(self.net, self.model, self.ctx.pipelines, self.optimizer,
-                             self.ctx.steps, epoch.number, self.ctx.cfg.optim.batch_size)
+                             self.ctx.steps, epoch.number, self.ctx.batch.per_process)
         return [Step("refine", lambda: self.refine_targets(epoch.number), "time_clustering"),
                 Pass("clustering", lambda done: self.clustering(passes, epoch, done)),
                 Pass("rotation", lambda done: self.rotation(passes, epoch, done),
