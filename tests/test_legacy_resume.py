@@ -46,9 +46,27 @@ def test_a_checkpoint_of_an_older_dcluster_resumes_to_the_uninterrupted_weights(
     # epoch 1 came from the old checkpoint, untouched: it records only a hash of its settings
     assert "settings" not in load_checkpoint(resumed.run_dir / "checkpoints" / OLD_CHECKPOINT.name)
     final = load_checkpoint(resumed.checkpoint)
-    assert_same_weights(load_checkpoint(uninterrupted.checkpoint)["model"], final["model"],
-                        "the uninterrupted run of today's code")
+    expected = load_checkpoint(uninterrupted.checkpoint)["model"]
+    if computes_epoch_1_as_the_fixture(uninterrupted.run_dir):
+        assert_same_weights(expected, final["model"], "the uninterrupted run of today's code")
+    else:
+        for name, tensor in expected.items():
+            torch.testing.assert_close(final["model"][name], tensor, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, name=name: f"{name}: {m}")
     assert final["settings"] == hashed_settings(fixture_config(runs, "legacy"))
+
+
+def computes_epoch_1_as_the_fixture(run_dir: Path) -> bool:
+    """Whether this machine's epoch 1 of today's code is the fixture's, bit for bit. Not on
+    every CPU: torch links MKL, whose sgemm takes kernels of its own on AMD Zen CPUs (chosen
+    by the CPUID vendor, no environment variable selects them elsewhere), and the fixture was
+    written on one; an Intel CPU differs from it in the last bits from the PCA projection on
+    (up to 1e-6 absolute, 1e-7 relative, in the final weights of this 2-epoch run, measured
+    2026-12-06). There the resume is checked within float tolerance, which a resume that lost
+    state (optimiser, RNG streams, labels) would be far outside."""
+    today = load_checkpoint(run_dir / "checkpoints" / OLD_CHECKPOINT.name)["model"]
+    old = load_checkpoint(OLD_CHECKPOINT)["model"]
+    return all(torch.equal(today[k], old[k]) for k in old)
 
 
 def test_the_old_checkpoint_is_compatible_with_its_own_settings_and_execution_changes(tmp_path):
