@@ -10,7 +10,7 @@ from dcluster.core.config import ConfigError, load_config
 from dcluster.runtime.checkpoint import CheckpointError, load_checkpoint
 from dcluster.runtime.run_state import check_global_batch
 from dcluster.train import train
-from helpers import CONFIGS
+from helpers import CONFIGS, small_demo
 
 PAPER = {"deepcluster_alexnet_imagenet.yaml": (256, 0.05),
          "deepcluster_vgg16_imagenet.yaml": (256, 0.05),
@@ -56,15 +56,17 @@ def test_a_resume_on_twice_the_gpus_keeps_the_global_batch_or_is_refused():
 
 
 def test_a_run_logs_and_records_its_global_batch_and_a_resume_at_another_is_refused(
-        small_demo_config):
-    first = train(small_demo_config("epochs=1", "optim.batch_size=16", "tracking.enabled=false"))
+        digits_subset, tmp_path):
+    def config(*overrides: str):  # the 400-image subset: mechanics, not what is learnt
+        return small_demo(digits_subset, tmp_path / "runs", "tracking.enabled=false", *overrides)
+
+    first = train(config("epochs=1", "optim.batch_size=16"))
     assert ("global batch 16 = 16 per process x 1 process(es), lr 0.01"
             in (first.run_dir / "train.log").read_text())
     assert first.checkpoint is not None
     assert load_checkpoint(first.checkpoint)["global_batch"] == 16
     with pytest.raises(CheckpointError, match="optim.global_batch=16"):
-        train(small_demo_config("epochs=2", "optim.global_batch=32", "tracking.enabled=false"))
+        train(config("epochs=2", "optim.global_batch=32"))
     # the same global batch, stated as such: the run goes on
-    second = train(small_demo_config("epochs=2", "optim.global_batch=16",
-                                     "tracking.enabled=false"))
+    second = train(config("epochs=2", "optim.global_batch=16"))
     assert load_checkpoint(second.checkpoint)["epoch"] == 2
