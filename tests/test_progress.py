@@ -4,7 +4,8 @@ import logging
 import sys
 
 from dcluster.core import logs
-from dcluster.core.logs import UNDER_BAR, configure_logging, duration, progress, progress_line
+from dcluster.core.logs import (UNDER_BAR, clock_text, configure_logging, progress,
+                                progress_line)
 
 
 def test_a_progress_line_says_the_rate_and_the_time_left():
@@ -13,7 +14,7 @@ def test_a_progress_line_says_the_rate_and_the_time_left():
     assert progress_line("k-means (k=10000)", 3, 20, 30.0, unit="iterations") == \
         "k-means (k=10000): 3/20 iterations (0.1/s, 2m50s left)"
     assert progress_line("shards", 5, None, 10.0) == "shards: 5/? batches (0.5/s)"
-    assert (duration(3725), duration(125), duration(12)) == ("1h02m", "2m05s", "12s")
+    assert (clock_text(3725), clock_text(125), clock_text(12)) == ("1h02m", "2m05s", "12s")
 
 
 class Kept(logging.Handler):

@@ -80,10 +80,10 @@ def progress_line(desc: str, done: int, total: Optional[int], elapsed: float,
     rate = done / elapsed if elapsed > 0 else 0.0
     if not total or rate <= 0:
         return f"{desc}: {done}/? {unit} ({rate:.1f}/s)"
-    return f"{desc}: {done}/{total} {unit} ({rate:.1f}/s, {duration(max(total - done, 0) / rate)} left)"
+    return f"{desc}: {done}/{total} {unit} ({rate:.1f}/s, {clock_text(max(total - done, 0) / rate)} left)"
 
 
-def duration(seconds: float) -> str:
+def clock_text(seconds: float) -> str:
     """'1h02m', '2m02s' or '12s'."""
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)

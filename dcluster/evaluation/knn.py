@@ -50,8 +50,9 @@ def knn_accuracy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
     query_counts = comm.all_gather_object(len(queries))
     total_bank = int(comm.all_reduce_sum(np.array([len(bank)], dtype=np.int64))[0])
     k = min(k, total_bank)
-    width = int(comm.all_reduce_max(np.array([bank.shape[1] if bank.ndim == 2 and len(bank)
-                                              else queries.shape[1]], dtype=np.int64))[0])
+    # the feature width, agreed: a rank without rows may hold a (0, 0) array
+    width = int(comm.all_reduce_max(np.array([max(bank.shape[1], queries.shape[1])],
+                                             dtype=np.int64))[0])
     xq = l2_normalize(np.ascontiguousarray(queries, dtype=np.float32).copy()) if len(queries) \
         else np.empty((0, width), np.float32)
     hits = np.zeros(len(ks), dtype=np.int64)
