@@ -15,8 +15,12 @@ PINNED = re.compile(r"^[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]* --hash=sha256:[0-9a-f
 def test_the_oldest_torch_demo_names_no_file_outside_the_repository_and_its_venv(tmp_path):
     """`make -n` prints the target's commands without running any."""
     venv = tmp_path / "venv"
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    printed = subprocess.run(["make", "-n", "demo-oldest-torch", f"VENV={venv}"], cwd=REPO,
+    # under `make test` (as CI runs it) the make variables of the outer make would have this
+    # one print "Entering directory <repo>": a path, but not one the target names
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("PYTHONPATH", "MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    printed = subprocess.run(["make", "-n", "--no-print-directory", "demo-oldest-torch",
+                              f"VENV={venv}"], cwd=REPO,
                              env=env, capture_output=True, text=True, check=True,
                              timeout=60).stdout
     paths = [token for token in re.split(r"[\s'\"(),:=]+", printed) if token.startswith("/")]
