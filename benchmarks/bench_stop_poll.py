@@ -29,6 +29,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.multiprocessing as mp
 from torch import nn
@@ -40,6 +41,7 @@ from dcluster.core.config import CheckpointConfig, DistributedConfig, ModelConfi
 from dcluster.parallel.distributed import Env, process_group
 from dcluster.models import build_model
 from dcluster.runtime.optimize import EpochProgress, StepLoop
+from dcluster.runtime.stages import BatchLoss, PassPlan
 from dcluster.runtime.stop import StopPoints, StopRequest
 
 BATCH = 16
@@ -69,9 +71,11 @@ def timed_steps(net: DistributedDataParallel, optimizer: torch.optim.Optimizer, 
     start = time.perf_counter()
     if stops is not None:
         batches = (Batch(images, targets, step + 1) for step in range(steps))
-        StepLoop(torch.device("cpu"), "never", False, stops).run(
-            net, batches, steps, "bench", lambda b: (criterion(net(b.images), b.targets), BATCH),
-            [optimizer], 0, EpochProgress())
+        plan = PassPlan(np.arange(steps * BATCH),
+                        lambda b: BatchLoss(criterion(net(b.images), b.targets), BATCH),
+                        [optimizer], net)
+        StepLoop(torch.device("cpu"), "never", False, stops).run(plan, batches, steps, "bench",
+                                                                 0, EpochProgress())
         return (time.perf_counter() - start) / steps
     with Join([net]):
         for _ in range(steps):

@@ -1,7 +1,7 @@
 """dcluster's training step and feature pass against a bare PyTorch loop over the same model
 and the same in-memory batches, in fp32 and bf16 (autocast), on this machine's CPU.
 
-* train: ``optimize.train_one_epoch`` through the step loop the runs use (StepLoop: autocast,
+* train: a DeepCluster pass (``passes.run_pass``) through the step loop the runs use (StepLoop: autocast,
   loss scaling when fp16, the loss summed on the device, the stop poll, the data-wait clock)
   against ``forward, loss, zero_grad, backward, step, loss.item()`` per batch;
 * features: ``extract.extract_features`` (eval mode, autocast, rows as float32 numpy)
@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dcluster.parallel.collectives import Comm
@@ -44,7 +45,9 @@ from dcluster.parallel.distributed import Env
 from dcluster.parallel.execution import Execution
 from dcluster.runtime.extract import extract_features
 from dcluster.models import build_model
-from dcluster.runtime.optimize import EpochProgress, StepLoop, sgd, train_one_epoch
+from dcluster.runtime.optimize import EpochProgress, StepLoop, sgd
+from dcluster.runtime.passes import run_pass
+from dcluster.runtime.stages import BatchLoss, PassPlan
 from dcluster.runtime.stop import StopPoints, StopRequest
 
 CROP = 32
@@ -119,8 +122,14 @@ def dcluster_train(model, opts, data: InMemory, labels: np.ndarray, batch: int,
     env = Env(0, 1, 0, torch.device("cpu"))
     stops = StopPoints(StopRequest(), CheckpointConfig(), Comm(env))
     steps = StepLoop(env.device, "never", False, stops, execution)
+    targets = torch.from_numpy(labels)
+
+    def loss_of(b) -> BatchLoss:
+        return BatchLoss(F.cross_entropy(model(b.images), targets[b.indices]), len(b.indices))
+
     start = time.perf_counter()
-    train_one_epoch(model, data, order, labels, 0, batch, opts, steps, EpochProgress())
+    run_pass(steps, data, PassPlan(order, loss_of, opts, model), "train", 0, batch,
+             EpochProgress())
     return len(order) / (time.perf_counter() - start)
 
 

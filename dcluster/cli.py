@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub)
     from dcluster.evaluation.cli import add_parser as add_eval_parser
+    from dcluster.methods import METHODS
 
-    add_eval_parser(sub)
+    add_eval_parser(sub, METHODS)
     p = sub.add_parser("show", help="pictures of a run: what its clusters hold")
     p.add_argument("what", choices=("clusters",), help="clusters: a contact sheet of sample "
                    "images of the largest, smallest and random clusters")

@@ -145,13 +145,14 @@ def export_backbone(target: str | Path, out: str | Path) -> tuple[str, Path]:
     model.arch where torchvision has no such network."""
     from dcluster.evaluation.network import load_network
     from dcluster.evaluation.target import resolve_target
+    from dcluster.methods import METHODS
 
-    resolved = resolve_target(target)
+    resolved = resolve_target(target, (), METHODS)
     if resolved.payload is None:
         raise ExportError(f"{target}: a config holds no trained weights; export a run "
                           "directory or a checkpoint")
     cfg = resolved.cfg
-    net = load_network(cfg, resolved.payload, torch.device("cpu"))
+    net = load_network(cfg, resolved.payload, torch.device("cpu"), METHODS)
     payload = export_payload(net.backbone, cfg.model, cfg.data.crop_size,
                              cfg.data.grayscale_stats)
     out = Path(out)

@@ -42,7 +42,9 @@ from dcluster.parallel.hardware import set_torch_threads
 from dcluster.parallel.execution import execution_for
 from dcluster.evaluation.monitor import DECLARED as MONITORED
 from dcluster.evaluation.monitor import Monitor, is_best_epoch, monitored
-from dcluster.runtime.optimize import EpochProgress, Pause, StepLoop, align_replicas, pass_loss
+from dcluster.runtime.optimize import (EpochProgress, Pause, StepLoop, align_replicas, pass_loss,
+                                      pass_totals)
+from dcluster.runtime.passes import run_pass
 from dcluster.core.rundir import RunDir, attach_log_file, prepare_run_dir, save_assignments
 from dcluster.runtime.run_state import (FORMAT_VERSION, Clusters, InterruptedEpoch, RunProgress,
                                 Stateful, check_compatible, check_global_batch, restore_objects, sharded_objects,
@@ -127,15 +129,17 @@ class EpochRunner:
         """Run ``stage`` from ``done`` to its end: at each pause the epoch is checkpointed
         where it stands, and on a stop signal the run stops there. Its mean loss goes into the
         epoch's metrics, and its images and time waiting for data for the telemetry."""
-        metrics, steps, checkpointer = epoch.metrics, self.ctx.steps, self.checkpointer
-        with stage.open(done) as train:
+        ctx, metrics, checkpointer = self.ctx, epoch.metrics, self.checkpointer
+        plan = stage.plan()
+        with plan.during or nullcontext():
 
             def timed_train() -> Optional[Pause]:
-                waited = steps.data_wait_s
+                waited = ctx.steps.data_wait_s
                 with timed(metrics, "time_training"):
-                    pause = train()
+                    pause = run_pass(ctx.steps, ctx.pipelines, plan, stage.name, epoch.number,
+                                     ctx.batch.per_process, done)
                 metrics["time_data_wait"] = (metrics.get("time_data_wait", 0.0)
-                                             + steps.data_wait_s - waited)
+                                             + ctx.steps.data_wait_s - waited)
                 return pause
 
             pause = timed_train()
@@ -149,7 +153,9 @@ class EpochRunner:
                 pause = timed_train()
             # the whole pass's: ``done`` and the times carry over a resume
             metrics["images_trained"] = metrics.get("images_trained", 0.0) + done.images
-        metrics[stage.loss] = pass_loss(done, self.ctx.comm)
+        if plan.finish is not None:
+            plan.finish(pass_totals(done, plan.tallies, ctx.comm))
+        metrics[stage.loss] = pass_loss(done, ctx.comm)
 
 
 @dataclass

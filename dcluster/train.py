@@ -1,9 +1,9 @@
 """`dcluster train`: one run of the config's method, in this process's place in the job.
 
 Environment (rank, world size, device) -> process group -> stop-signal handlers -> the run
-harness (dcluster/harness.py) with the method the registry names (dcluster/core/registry.py). The
-epochs themselves read top to bottom in the method's module: dcluster/methods/deepcluster/method.py,
-dcluster/methods/mmdc/method.py.
+harness (dcluster/harness.py) with the config's method (its folder's SPEC, collected by
+dcluster/methods/__init__.py). The epochs themselves read top to bottom in the method's
+module: dcluster/methods/deepcluster/method.py, dcluster/methods/mmdc/method.py.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dcluster.core.config import Config
 from dcluster.parallel.distributed import detect_env, process_group
 from dcluster.parallel.hardware import require_fitting_build
 from dcluster.harness import RunResult, run_method
-from dcluster.core.registry import method_module
+from dcluster.methods import method_spec
 from dcluster.runtime.stop import StopRequest
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,6 @@ def train(cfg: Config) -> RunResult:
     for what, how in machine_backend_rows(cfg.clustering.backend, cfg.clustering.device):
         log.info("%s: %s", what, how)
     env = detect_env()
-    method = method_module(cfg.method).METHOD
+    method = method_spec(cfg.method).build
     with process_group(env, cfg.distributed), StopRequest() as stop_request:
         return run_method(cfg, env, Comm(env, timeout_s=cfg.distributed.timeout_s), stop_request, method)

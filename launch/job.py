@@ -61,7 +61,8 @@ class EvalJob:
         """The JSON file rank 0 wrote (None on the other ranks)."""
         from dcluster.core.logs import configure_logging
         from dcluster.evaluation.protocols import evaluate
+        from dcluster.methods import METHODS
 
         configure_logging()
-        done = evaluate(self.protocol, self.target, self.overrides)
+        done = evaluate(self.protocol, self.target, METHODS, self.overrides)
         return None if done is None else str(done[1])

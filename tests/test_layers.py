@@ -105,3 +105,47 @@ def test_the_checks_see_a_cycle_and_an_upward_import():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert layer_of("dcluster.core.config") < layer_of("dcluster.runtime.harness") \
         < layer_of("dcluster.methods.mmdc.method") < layer_of("dcluster.cli")
+
+
+# (file, function) that may import by a computed name: third-party modules only
+THIRD_PARTY_IMPORTERS = {("dcluster/cli.py", "_version")}  # versions for `dcluster info`
+
+
+def dynamic_imports(path: Path, root: Path = REPO) -> list[str]:
+    """Calls that import a module named at run time (importlib.import_module, __import__),
+    which the graph above cannot see, outside THIRD_PARTY_IMPORTERS: "file:line"."""
+    found = []
+    relative = str(path.relative_to(root))
+    tree = ast.parse(path.read_text(), str(path))
+    allowed = {id(call) for function in ast.walk(tree)
+               if isinstance(function, ast.FunctionDef)
+               and (relative, function.name) in THIRD_PARTY_IMPORTERS
+               for call in ast.walk(function)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and id(node) not in allowed:
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else \
+                getattr(node.func, "id", "")
+            if name in ("import_module", "__import__"):
+                found.append(f"{relative}:{node.lineno}")
+    return found
+
+
+def test_no_module_is_imported_by_a_name_computed_at_run_time():
+    files = sorted([*REPO.glob("dcluster/**/*.py"), *REPO.glob("launch/**/*.py")])
+    assert [hit for path in files for hit in dynamic_imports(path)] == []
+
+
+def test_the_dynamic_import_check_sees_one(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import importlib\nmethod = importlib.import_module('x')\n")
+    assert dynamic_imports(probe, tmp_path) == ["probe.py:2"]
+
+
+def test_every_method_folder_is_a_choice_of_the_config_and_declares_itself():
+    from dcluster.core.registry import METHOD_NAMES
+    from dcluster.methods import METHODS
+
+    folders = sorted(path.parent.name
+                     for path in (REPO / "dcluster" / "methods").glob("*/__init__.py"))
+    assert sorted(METHODS) == folders and tuple(METHODS) == METHOD_NAMES
+    assert all(spec.name == name for name, spec in METHODS.items())

@@ -4,7 +4,7 @@ from torch import nn
 
 from dcluster.core.config import ModelConfig, OptimConfig
 from dcluster.models import Sobel, build_model
-from dcluster.runtime.optimize import body_optimizer
+from dcluster.methods.deepcluster.method import body_optimizer
 
 
 def conv_channels(model) -> list[int]:

@@ -19,13 +19,16 @@ from typing import Iterator, Optional
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig
 from dcluster.data import build_pipelines, open_source
 from dcluster.parallel.distributed import Env
 from dcluster.models import build_model
-from dcluster.runtime.optimize import EpochProgress, StepLoop, data_parallel, sgd, train_one_epoch
+from dcluster.runtime.optimize import EpochProgress, StepLoop, data_parallel, sgd
+from dcluster.runtime.passes import run_pass
+from dcluster.runtime.stages import BatchLoss, PassPlan
 from dcluster.runtime.stop import StopPoints, StopRequest
 from helpers import assert_same_weights
 from images import write_photo, write_zero_byte
@@ -57,9 +60,9 @@ class SignalAtBatch:
         self.pipelines = pipelines
         self.at = at
 
-    def train_batches(self, order, targets, epoch, batch_size, start_position=0) -> Iterator:
+    def train_batches(self, order, epoch, batch_size, start_position=0) -> Iterator:
         for number, batch in enumerate(self.pipelines.train_batches(
-                order, targets, epoch, batch_size, start_position), start=1):
+                order, epoch, batch_size, start_position), start=1):
             if number == self.at:
                 signal.raise_signal(signal.SIGUSR2)
             yield batch
@@ -82,7 +85,13 @@ def train_pass(images: Path, out: Path, every_iterations: int, stop_at: Optional
     optimizers = [sgd([p for n, p in model.named_parameters() if not n.startswith("head.")],
                       optim, 0.01), sgd(head.parameters(), optim, 0.01)]
     net = data_parallel(model, env)
-    labels = np.arange(len(source), dtype=np.int64) % CLUSTERS
+    labels = torch.arange(len(source)) % CLUSTERS
+
+    def loss_of(batch) -> BatchLoss:
+        return BatchLoss(F.cross_entropy(net(batch.images), labels[batch.indices]),
+                         len(batch.indices))
+
+    plan = PassPlan(np.array(ORDERS[comm.rank]), loss_of, optimizers, net)
     done = EpochProgress()
     pauses = []
     with StopRequest() as request:
@@ -90,8 +99,8 @@ def train_pass(images: Path, out: Path, every_iterations: int, stop_at: Optional
                                                      poll_every=poll_every), comm)
         loader = SignalAtBatch(pipelines, stop_at if comm.rank == 0 else None)
         while True:
-            pause = train_one_epoch(net, loader, ORDERS[comm.rank], labels, 0, BATCH, optimizers,
-                                    StepLoop(env.device, "never", False, stops), done)
+            pause = run_pass(StepLoop(env.device, "never", False, stops), loader, plan, "train",
+                             0, BATCH, done)
             pauses.append(pause.signum if pause else None)
             if pause is None or pause.signum:
                 break

@@ -22,7 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from dcluster.core.config_keys import SameAs, declarations, execution_only, key
 from dcluster.core.errors import UserError
-from dcluster.core.registry import METHODS
+from dcluster.core.registry import METHOD_NAMES
 from dcluster.core.suggest import closest
 
 
@@ -385,7 +385,7 @@ class Config:
                        bounds=">= 0", hashed=False)
     progress: str = key("auto", "Progress bars: auto (on a terminal), always or never.",
                         choices=("auto", "always", "never"), hashed=False)
-    method: str = key("deepcluster", "The training method.", choices=tuple(METHODS))
+    method: str = key("deepcluster", "The training method.", choices=METHOD_NAMES)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -1,9 +1,13 @@
 """`dcluster eval linear | knn | clusters TARGET [key=value ...]`: argument parsing and the
-command; dcluster/cli.py mounts it with ``add_parser(subparsers)``."""
+command; dcluster/cli.py mounts it with ``add_parser(subparsers, recipes)``, handing down how
+each method rebuilds its network (dcluster.methods.METHODS)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Mapping
+
+from dcluster.evaluation.network import NetworkRecipe
 
 PROTOCOL_HELP = {
     "linear": "linear probe on a frozen conv layer (DeepCluster section 4.3): top-1/top-5",
@@ -16,7 +20,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dcluster.evaluation.protocols import evaluate
     from dcluster.evaluation.report import format_table
 
-    done = evaluate(args.protocol, args.target, args.overrides,
+    done = evaluate(args.protocol, args.target, args.recipes, args.overrides,
                     Path(args.out) if args.out else None)
     if done is not None:  # rank 0
         result, path = done
@@ -25,7 +29,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction,
+               recipes: Mapping[str, NetworkRecipe]) -> None:
     parser = subparsers.add_parser(
         "eval", help="score a run's features: linear probe, weighted k-NN, k-means NMI/ACC")
     protocols = parser.add_subparsers(dest="protocol", required=True)
@@ -36,4 +41,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("overrides", nargs="*",
                        help="key=value overrides, e.g. eval.val_path=/data/val eval.knn.k=10")
         p.add_argument("--out", help="JSON result file (default: <run dir>/eval/)")
-        p.set_defaults(func=cmd_eval)
+        p.set_defaults(func=cmd_eval, recipes=recipes)

@@ -1,19 +1,17 @@
-"""The network an evaluation reads: rebuilt from the run's config by its method (the registry,
-dcluster/core/registry.py), with the weights of a checkpoint, or as initialised (the random-init
-baseline), frozen."""
+"""The network an evaluation reads: rebuilt from the run's config by its method (its
+NetworkRecipe, which the application layer hands down: dcluster/methods/spec.py), with the
+weights of a checkpoint, or as initialised (the random-init baseline), frozen."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from dcluster.runtime.checkpoint import CheckpointError
-from dcluster.core.config import Config
-from dcluster.evaluation.target import describe_network
-from dcluster.core.registry import method_module
+from dcluster.core.config import Config, ConfigError
 from dcluster.models import DeepClusterNet
 from dcluster.core.seeding import seed_everything
 
@@ -34,11 +32,33 @@ class Network:
     own_clusters: Optional[OwnClusters] = None  # None: a network that does not cluster
 
 
-def load_network(cfg: Config, payload: Optional[dict[str, Any]], device: torch.device) -> Network:
-    """The network of ``cfg.method`` with ``payload["model"]`` loaded; without a payload, as
-    initialised from cfg.seed."""
+class NetworkRecipe(Protocol):
+    """How a method's trained network is rebuilt (a MethodSpec, dcluster/methods/spec.py)."""
+    network_keys: tuple[str, ...]  # the keys besides model.* its weights' shapes depend on
+
+    @property
+    def eval_network(self) -> Callable[[Config, Optional[dict[str, Any]]], Network]: ...
+
+
+def recipe_for(recipes: Mapping[str, NetworkRecipe], cfg: Config) -> NetworkRecipe:
+    if cfg.method not in recipes:
+        raise ConfigError(f"config key 'method' = {cfg.method!r}: unknown; available: "
+                          f"{', '.join(recipes)}")
+    return recipes[cfg.method]
+
+
+def describe_network(cfg: Config) -> str:
+    """One phrase naming a config's network, for error messages."""
+    return (f"{cfg.method} {cfg.model.arch} (width {cfg.model.width}, fc_dim "
+            f"{cfg.model.fc_dim}, crop {cfg.data.crop_size})")
+
+
+def load_network(cfg: Config, payload: Optional[dict[str, Any]], device: torch.device,
+                 recipes: Mapping[str, NetworkRecipe]) -> Network:
+    """The network of ``cfg.method`` (rebuilt by its recipe among ``recipes``) with
+    ``payload["model"]`` loaded; without a payload, as initialised from cfg.seed."""
     seed_everything(cfg.seed)
-    net = method_module(cfg.method).eval_network(cfg, payload)
+    net = recipe_for(recipes, cfg).eval_network(cfg, payload)
     if payload is not None:
         try:
             net.module.load_state_dict(payload["model"])

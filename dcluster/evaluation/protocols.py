@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from dcluster.evaluation.clusters import kmeans_scores, scores_on_main
 from dcluster.evaluation.features import own_share, shard_features
 from dcluster.evaluation.knn import knn_accuracy
 from dcluster.evaluation.linear import LinearProbe, probe_scores, train_probe
-from dcluster.evaluation.network import Network, load_network
+from dcluster.evaluation.network import Network, NetworkRecipe, load_network
 from dcluster.evaluation.report import EvalResult, log_to_mlflow, write_json
 from dcluster.evaluation.scoring import hits_to_accuracy, topk_hits
 from dcluster.evaluation.splits import Split, all_labelled, open_splits
@@ -135,21 +135,23 @@ PROTOCOLS: dict[str, Callable[[EvalTarget, Network, Env, Comm], Optional[Outcome
     "linear": linear_protocol, "knn": knn_protocol, "clusters": clusters_protocol}
 
 
-def evaluate(protocol: str, target_path: str | Path, overrides: Sequence[str] = (),
+def evaluate(protocol: str, target_path: str | Path, recipes: Mapping[str, NetworkRecipe],
+             overrides: Sequence[str] = (),
              out: Optional[Path] = None) -> Optional[tuple[EvalResult, Path]]:
     """Run one protocol on a run directory, checkpoint or config, in this process's part of
     the job (launched like training: torchrun, Slurm, submitit or alone). Rank 0 writes the
     JSON (to ``out`` or the target's default place) and the MLflow record, and returns the
-    result with the JSON path; the other ranks return None."""
+    result with the JSON path; the other ranks return None. ``recipes``: how each method
+    rebuilds its network (dcluster.methods.METHODS)."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown evaluation protocol {protocol!r}; "
                           f"available: {', '.join(PROTOCOLS)}")
-    target = resolve_target(target_path, overrides)
+    target = resolve_target(target_path, overrides, recipes)
     cfg = target.cfg
     set_torch_threads(cfg.threads)
     require_fitting_build(cfg)
     env = detect_env()
-    net = load_network(cfg, target.payload, env.device)
+    net = load_network(cfg, target.payload, env.device, recipes)
     log.info("eval %s of %s (%s, %s)", protocol, target.describe(), cfg.method, cfg.model.arch)
     t0 = time.perf_counter()
     with process_group(env, cfg.distributed):

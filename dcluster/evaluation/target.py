@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from dcluster.runtime.checkpoint import CheckpointError, load_checkpoint, load_latest
 from dcluster.core.config import Config, ConfigError, flatten, load_config
-from dcluster.core.registry import method_module
+from dcluster.evaluation.network import NetworkRecipe, describe_network, recipe_for
 from dcluster.runtime.run_state import upgraded
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
 # the keys that shape a trained network's weights besides model.* and the method's own (its
-# module's NETWORK_KEYS): an override of one of them asks for a network the checkpoint does
+# recipe's network_keys): an override of one of them asks for a network the checkpoint does
 # not hold
 NETWORK_KEYS = ("method", "data.crop_size")
 
@@ -49,8 +49,10 @@ class EvalTarget:
         return folder / f"{name}_e{self.epoch:06d}.json"
 
 
-def resolve_target(target: str | Path, overrides: Sequence[str] = ()) -> EvalTarget:
-    """Read the target's config and checkpoint; every error names the path."""
+def resolve_target(target: str | Path, overrides: Sequence[str],
+                   recipes: Mapping[str, NetworkRecipe]) -> EvalTarget:
+    """Read the target's config and checkpoint; every error names the path. ``recipes``: the
+    methods' networks by name, which overrides of a checkpoint's config may not change."""
     path = Path(target)
     if path.suffix in CONFIG_SUFFIXES and path.is_file():
         return EvalTarget(load_config(path, overrides), None, None, None)
@@ -74,22 +76,23 @@ def resolve_target(target: str | Path, overrides: Sequence[str] = ()) -> EvalTar
     # the store and run directory are where the run is now, wherever it was trained from
     here = f"runs_root={run_dir.parent}"
     cfg = load_config(config, [here, *overrides])
-    check_same_network(load_config(config, [here]), cfg, checkpoint)
+    check_same_network(load_config(config, [here]), cfg, checkpoint, recipe_for(recipes, cfg))
     return EvalTarget(cfg, upgraded(payload), checkpoint, run_dir)
 
 
-def network_settings(cfg: Config) -> dict[str, Any]:
+def network_settings(cfg: Config, recipe: NetworkRecipe) -> dict[str, Any]:
     """What a checkpoint's weights depend on: the model.* keys, NETWORK_KEYS and those the
-    method declares (the registry imports its module)."""
-    keys = (*NETWORK_KEYS, *method_module(cfg.method).NETWORK_KEYS)
+    method declares."""
+    keys = (*NETWORK_KEYS, *recipe.network_keys)
     return {key: value for key, value in flatten(cfg).items()
             if key.startswith("model.") or key in keys}
 
 
-def check_same_network(trained: Config, asked: Config, checkpoint: Path) -> None:
+def check_same_network(trained: Config, asked: Config, checkpoint: Path,
+                       recipe: NetworkRecipe) -> None:
     """Refuse overrides that ask for another network than the checkpoint holds, naming both
     (the alternative is load_state_dict's size-mismatch traceback)."""
-    held, asked_keys = network_settings(trained), flatten(asked)
+    held, asked_keys = network_settings(trained, recipe), flatten(asked)
     wanted = {key: asked_keys[key] for key in held}
     changed = [key for key in held if held[key] != wanted[key]]
     if changed:
@@ -98,9 +101,3 @@ def check_same_network(trained: Config, asked: Config, checkpoint: Path) -> None
             f"overrides ask for {', '.join(f'{k}={wanted[k]!r}' for k in changed)} "
             f"(trained with {', '.join(f'{k}={held[k]!r}' for k in changed)}); "
             "drop those overrides")
-
-
-def describe_network(cfg: Config) -> str:
-    """One phrase naming a config's network, for error messages."""
-    return (f"{cfg.method} {cfg.model.arch} (width {cfg.model.width}, fc_dim "
-            f"{cfg.model.fc_dim}, crop {cfg.data.crop_size})")

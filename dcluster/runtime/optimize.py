@@ -1,4 +1,4 @@
-"""Optimisers, data-parallel replicas, and the step loop every training pass runs."""
+"""The optimiser, data-parallel replicas, and the step loop every training pass runs."""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +6,7 @@ import inspect
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -16,12 +16,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import DistributedConfig, OptimConfig
-from dcluster.data import Pipelines, num_batches
 from dcluster.parallel.distributed import Env
 from dcluster.parallel.execution import Execution, fused_optimizer_kwargs
 from dcluster.core.logs import progress
-from dcluster.models import DeepClusterNet
-from dcluster.runtime.stop import StopPoints
+from dcluster.runtime.stages import PassPlan
+from dcluster.runtime.stop import IterationPoll, StopPoints
 
 
 T = TypeVar("T")
@@ -32,14 +31,6 @@ def sgd(params, cfg: OptimConfig, lr: float,
     """SGD with momentum; fused into one kernel on a GPU (execution.fused_optimizer_kwargs)."""
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                            **fused_optimizer_kwargs(device))
-
-
-def body_optimizer(model: DeepClusterNet, cfg: OptimConfig, lr: float,
-                   device: torch.device = torch.device("cpu")) -> torch.optim.SGD:
-    """Everything trainable except the head: its momentum carries over from epoch to epoch."""
-    params = [p for name, p in model.named_parameters()
-              if p.requires_grad and not name.startswith("head.")]
-    return sgd(params, cfg, lr, device)
 
 
 def data_parallel(model: nn.Module, env: Env, find_unused_parameters: bool = False,
@@ -111,14 +102,10 @@ class Batch(Protocol):
     next_position: int  # where a pass resumed after this batch starts
 
 
-# the loss of one batch and the number of images it was computed on
-LossOf = Callable[[Any], tuple[torch.Tensor, int]]
-
-
 @dataclass
 class StepLoop:
-    """The optimisation loop every training pass of every method runs: forward through
-    ``loss_of`` under autocast, backward (loss-scaled for fp16), step, and every few
+    """The optimisation loop every training pass of every method runs: forward through the
+    plan's ``loss_of`` under autocast, backward (loss-scaled for fp16), step, and every few
     iterations the poll on which all ranks agree to go on, checkpoint or stop, which also
     carries the finite-loss check.
 
@@ -138,10 +125,9 @@ class StepLoop:
         # fp16's loss scale; its state is checkpointed with the run (harness: "grad_scaler")
         self.scaler = self.execution.grad_scaler()
 
-    def run(self, net: nn.Module, batches: Iterable[Batch], total: int, desc: str,
-            loss_of: LossOf, optimizers: Sequence[torch.optim.Optimizer], epoch: int,
-            done: EpochProgress) -> Optional[Pause]:
-        """Train on ``batches`` (those of a pass from ``done.position`` on), updating ``done``.
+    def run(self, plan: PassPlan, batches: Iterable[Batch], total: int, desc: str,
+            epoch: int, done: EpochProgress) -> Optional[Pause]:
+        """Train on ``batches`` (those of ``plan`` from ``done.position`` on), updating ``done``.
 
         Returns None once every rank's batches are done, or the pause the ranks agreed on
         after the same iteration (a stop signal, a periodic checkpoint); the caller
@@ -156,49 +142,28 @@ class StepLoop:
         signum = self.stops.agreed_stop()
         if signum:
             return Pause(signum)
+        net = plan.net
         net.train()
         poll = self.stops.iteration_poll(done.iterations)
         # float64 from the saved sum on: a resumed pass adds up exactly as an uninterrupted one
         loss_sum = torch.tensor(done.loss_sum, dtype=torch.float64, device=self.device)
-
-        def not_finite() -> torch.Tensor:
-            return ~torch.isfinite(loss_sum)
-
-        agreed: Optional[list[int]] = None  # the last poll's flags, once one asked to pause
         ddp = isinstance(net, DistributedDataParallel)
         own_buffers: list[torch.Tensor] = []
-        autocast, scaler = self.execution.autocast, self.scaler
+        shown = progress(batches, total, desc, self.progress_mode, self.show)
         with Join([net, poll], divide_by_initial_world_size=True) if ddp else nullcontext():
-            for batch in self._waited(progress(batches, total, desc, self.progress_mode,
-                                               self.show)):
-                with autocast():
-                    loss, images = loss_of(batch)
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                for opt in optimizers:
-                    scaler.step(opt)
-                scaler.update()
-                loss_sum += loss.detach().double() * images
-                done.position = batch.next_position
-                done.iterations += 1
-                done.images += images
-                flags = poll.poll(not_finite)
-                if flags is not None and any(flags):
-                    agreed = flags
-                    break
+            agreed = self._steps(plan, self._waited(shown), poll, loss_sum, done)
             if ddp:
                 own_buffers = [buffer.detach().clone() for buffer in net.buffers()]
         done.loss_sum = loss_sum.item()
         # out of the join on every rank: those that ran out early learn the decision too, and
         # what came up since a rank's last poll counts as well
         signum, save_due, bad_loss = self.stops.agree(
-            agreed or [*self.stops.pending_flags(), int(not_finite().item())])
+            agreed or [*self.stops.pending_flags(), int(not np.isfinite(done.loss_sum))])
         if bad_loss:
             raise FloatingPointError(
                 f"epoch {epoch + 1}: the training loss stopped being finite by iteration "
                 f"{done.iterations} (summed on this rank: {done.loss_sum}); lower optim.lr "
-                f"({optimizers[0].defaults['lr']})")
+                f"({plan.optimizers[0].defaults['lr']})")
         if not (signum or save_due):
             return None
         # Leaving DDP's join broadcasts the last joiner's model to every rank, which a pass
@@ -209,6 +174,36 @@ class StepLoop:
             for buffer, own in zip(net.buffers(), own_buffers):
                 buffer.copy_(own)
         return Pause(signum)
+
+    def _steps(self, plan: PassPlan, batches: Iterable[Batch], poll: IterationPoll,
+               loss_sum: torch.Tensor, done: EpochProgress) -> Optional[list[int]]:
+        """The steps, until the batches run out (None) or a poll asks to pause (its flags)."""
+        autocast, scaler = self.execution.autocast, self.scaler
+
+        def not_finite() -> torch.Tensor:
+            return ~torch.isfinite(loss_sum)
+
+        for batch in batches:
+            with autocast():
+                loss = plan.loss_of(batch)
+            if plan.on_batch is not None:
+                plan.on_batch(batch, done.iterations)
+            for opt in plan.optimizers:
+                opt.zero_grad(set_to_none=True)
+            scaler.scale(loss.value).backward()
+            for opt in plan.optimizers:
+                scaler.step(opt)
+            scaler.update()
+            loss_sum += loss.value.detach().double() * loss.images
+            done.position = batch.next_position
+            done.iterations += 1
+            done.images += loss.images
+            for name, count in loss.counts.items():
+                done.tallies[name] = done.tallies.get(name, 0) + count
+            flags = poll.poll(not_finite)
+            if flags is not None and any(flags):
+                return flags
+        return None
 
     def _waited(self, items: Iterable[T]) -> Iterator[T]:
         """``items``, adding the time spent waiting for each to ``data_wait_s``."""
@@ -224,37 +219,17 @@ class StepLoop:
             yield item
 
 
-# called after each training forward with its batch and the pass's iteration (the bank)
-AfterForward = Callable[[Any, int], None]
-
-
-def train_one_epoch(net: nn.Module, pipelines: Pipelines, order: Sequence[int], labels: np.ndarray,
-                    epoch: int, batch_size: int, optimizers: Sequence[torch.optim.Optimizer],
-                    steps: StepLoop, done: EpochProgress,
-                    after_forward: Optional[AfterForward] = None) -> Optional[Pause]:
-    """DeepCluster's training pass: cross-entropy of ``net`` on the pseudo-labels ``labels``
-    over this rank's ``order``, from ``done.position`` on (see :meth:`StepLoop.run`).
-    ``after_forward(batch, iteration)``: told of each forward (the feature bank reads the
-    features it computed)."""
-    criterion = nn.CrossEntropyLoss()
-
-    def loss_of(batch) -> tuple[torch.Tensor, int]:
-        images = steps.execution.images(batch.images)
-        targets = batch.targets.to(steps.device, non_blocking=True)
-        loss = criterion(net(images), targets)
-        if after_forward is not None:
-            after_forward(batch, done.iterations)
-        return loss, images.shape[0]
-
-    batches = pipelines.train_batches(order, labels, epoch, batch_size, done.position)
-    return steps.run(net, batches, num_batches(len(order), batch_size, done.position), "train",
-                     loss_of, optimizers, epoch, done)
-
-
 def pass_loss(done: EpochProgress, comm: Comm) -> float:
     """Mean loss over the pass's images of all ranks."""
     total, seen = comm.all_reduce_sum(np.array([done.loss_sum, done.images], dtype=np.float64))
     return float(total / max(seen, 1.0))
+
+
+def pass_totals(done: EpochProgress, tallies: tuple[str, ...], comm: Comm) -> dict[str, int]:
+    """The pass's images and its ``tallies`` (EpochProgress.tallies), summed over all ranks."""
+    mine = [done.images, *(done.tallies.get(name, 0) for name in tallies)]
+    totals = comm.all_reduce_sum(np.array(mine, dtype=np.int64))
+    return dict(zip(("images", *tallies), (int(total) for total in totals)))
 
 
 def align_replicas(model: nn.Module, comm: Comm) -> None:

@@ -26,7 +26,8 @@ ranks reads the overlapping parts of the old shards.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -114,6 +115,16 @@ class FeatureBank:
         """After the training pass: flush, and give the outbox's memory back."""
         self.flush()
         self._outbox.release()
+
+    @contextmanager
+    def recording(self, epoch: int, capacity: int, tap: "TrainingFeatureTap") -> Iterator[None]:
+        """Around a run of a training pass of at most ``capacity`` images: the outbox ready
+        and ``tap`` reading each forward (:meth:`record` takes what it read), then the rows'
+        delivery to the ranks that own them."""
+        self.begin_pass(epoch, capacity)
+        with tap:
+            yield
+        self.end_pass()
 
     # ---------------------------------------------------------------- before a clustering
 

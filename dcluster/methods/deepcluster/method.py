@@ -16,17 +16,17 @@ process and for many: with one, every collective is the identity (dcluster/paral
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dcluster.clustering.distributed_stage import (cluster_shards, global_mean, row_layout,
                                                    rows_of, sharded_kmeans, spread_labels)
 from dcluster.clustering.pca import l2_normalize
-from dcluster.core.config import Config, check_key
+from dcluster.core.config import Config, OptimConfig, check_key
 from dcluster.parallel.distributed import my_indices
 from dcluster.evaluation.network import Network
 from dcluster.runtime.extract import ShardFeatures, extract_features
@@ -35,12 +35,11 @@ from dcluster.runtime.context import RunContext
 from dcluster.core.metric_spec import Metric
 from dcluster.core.metrics import clustering_accuracy, nmi
 from dcluster.models import DeepClusterNet, build_model
-from dcluster.runtime.optimize import (AfterForward, EpochProgress, body_optimizer, data_parallel,
-                               sgd, train_one_epoch)
+from dcluster.runtime.optimize import data_parallel, sgd
 from dcluster.runtime.run_state import Stateful
 from dcluster.runtime.sampler import balanced_order, rank_slice
 from dcluster.core.seeding import derived_seed
-from dcluster.runtime.stages import Epoch, Pass, Stage, Step, Train
+from dcluster.runtime.stages import BatchLoss, Epoch, Pass, PassPlan, Stage, Step
 
 log = logging.getLogger("dcluster.methods.deepcluster.method")
 
@@ -123,7 +122,7 @@ class DeepCluster:
                      skip=not recluster),
                 Step("clustering", lambda: self.cluster(epoch), "time_clustering",
                      skip=not recluster),
-                Pass("train", lambda done: self.train(epoch, done))]
+                Pass("train", lambda: self.train(epoch))]
 
     def features(self, epoch: Epoch) -> None:
         """1. Features of this rank's shard: the extra pass (centre crops, eval mode), or the
@@ -152,19 +151,29 @@ class DeepCluster:
         self.head.reset(ctx.clusters.n_clusters, derived_seed(cfg.seed, epoch.number, "head"))
         self.net = data_parallel(self.model, ctx.comm.env, cfg=cfg.distributed)
 
-    @contextmanager
-    def train(self, epoch: Epoch, done: EpochProgress) -> Iterator[Train]:
+    def train(self, epoch: Epoch) -> PassPlan:
         """3. The order: uniform over the non-empty clusters, the same global list on every
-        rank, of which each takes its own equal slice. 4. Train on the pseudo-labels (from
-        ``done.position``), the bank recording the features of each forward."""
+        rank, of which each takes its own equal slice. 4. Train on the pseudo-labels, the bank
+        recording the features of each forward."""
         ctx, cfg, clusters = self.ctx, self.ctx.cfg, self.ctx.clusters
         order = rank_slice(balanced_order(clusters.labels, cfg.seed, epoch.number),
                            ctx.comm.rank, ctx.comm.world_size)
-        optimizers = [self.body_optimizer, self.head.optimizer]
-        with self.banking(epoch.number, len(order) - done.position) as after_forward:
-            yield lambda: train_one_epoch(self.net, ctx.pipelines, order, clusters.labels,
-                                          epoch.number, ctx.batch.per_process, optimizers,
-                                          ctx.steps, done, after_forward)
+        plan = PassPlan(order, self.loss_of, [self.body_optimizer, self.head.optimizer],
+                        self.net)
+        if self.bank is not None:
+            tap = TrainingFeatureTap(self.model.clustering_feature_layer())
+            bank = self.bank
+            plan.on_batch = lambda batch, iteration: bank.record(batch.indices, iteration,
+                                                                 tap.take())
+            plan.during = bank.recording(epoch.number, len(order), tap)
+        return plan
+
+    def loss_of(self, batch: Any) -> BatchLoss:
+        """Cross-entropy of the network's scores against the batch's pseudo-labels."""
+        images = self.ctx.execution.images(batch.images)
+        targets = torch.from_numpy(self.ctx.clusters.labels[batch.indices.numpy()])
+        loss = F.cross_entropy(self.net(images), targets.to(self.ctx.device, non_blocking=True))
+        return BatchLoss(loss, images.shape[0])
 
     def features_to_cluster(self, epoch: int, metrics: dict[str, float]) -> ShardFeatures:
         """This rank's shard of the features the epoch clusters: the extra pass over all its
@@ -189,19 +198,13 @@ class DeepCluster:
                        bank_mean_age=float(age_sum / max(rows, 1.0)))
         return bank.features()
 
-    @contextmanager
-    def banking(self, epoch: int, capacity: int) -> Iterator[Optional[AfterForward]]:
-        """Around the training pass: with the bank, what each training step calls to record
-        the features its forward computed, and the rows' delivery to their owners after the
-        pass; without it, nothing."""
-        bank = self.bank
-        if bank is None:
-            yield None
-            return
-        bank.begin_pass(epoch, capacity)
-        with TrainingFeatureTap(self.model.clustering_feature_layer()) as tap:
-            yield lambda batch, iteration: bank.record(batch.indices, iteration, tap.take())
-        bank.end_pass()
+def body_optimizer(model: DeepClusterNet, cfg: OptimConfig, lr: float,
+                   device: torch.device = torch.device("cpu")) -> torch.optim.SGD:
+    """Everything trainable except the head: its momentum carries over from epoch to epoch,
+    while the head's optimiser is re-created with the head at every clustering."""
+    params = [p for name, p in model.named_parameters()
+              if p.requires_grad and not name.startswith("head.")]
+    return sgd(params, cfg, lr, device)
 
 
 class Head:
@@ -259,4 +262,3 @@ def eval_network(cfg: Config, payload: Optional[dict[str, Any]]) -> Network:
     return Network(model, model)
 
 
-METHOD = DeepCluster

@@ -12,8 +12,8 @@ before a checkpoint and after the clustering pass.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from functools import partial
+from typing import Any, Optional
 
 import numpy as np
 
@@ -27,13 +27,13 @@ from dcluster.runtime.context import RunContext
 from dcluster.core.metric_spec import Metric
 from dcluster.methods.mmdc.assignment import match_labels, merge_owned
 from dcluster.methods.mmdc.model import build_mmdc_model
-from dcluster.methods.mmdc.passes import MOVED, PassContext, clustering_pass, rotation_pass
+from dcluster.methods.mmdc.passes import MOVED, PassContext, clustering_loss, rotation_loss
 from dcluster.methods.mmdc.targets import TargetBank, Targets, mixture_means, nearest_component
-from dcluster.runtime.optimize import EpochProgress, data_parallel, sgd
+from dcluster.runtime.optimize import data_parallel, sgd
 from dcluster.runtime.run_state import Stateful
 from dcluster.runtime.sampler import rank_slice
 from dcluster.core.seeding import derived_rng, derived_seed
-from dcluster.runtime.stages import Epoch, Pass, Stage, Step, Train
+from dcluster.runtime.stages import Epoch, Pass, PassPlan, Stage, Step
 
 log = logging.getLogger("dcluster.methods.mmdc")
 
@@ -108,12 +108,10 @@ class MMDC:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         epoch.metrics["lr"] = lr
-        passes = PassContext(self.net, self.model, self.ctx.pipelines, self.optimizer,
-                             self.ctx.steps, epoch.number, self.ctx.batch.per_process)
         return [Step("refine", lambda: self.refine_targets(epoch.number), "time_clustering"),
-                Pass("clustering", lambda done: self.clustering(passes, epoch, done)),
-                Pass("rotation", lambda done: self.rotation(passes, epoch, done),
-                     loss="loss_rotation", skip=not self.ctx.cfg.mmdc.rotation),
+                Pass("clustering", lambda: self.clustering(epoch)),
+                Pass("rotation", lambda: self.rotation(epoch), loss="loss_rotation",
+                     skip=not self.ctx.cfg.mmdc.rotation),
                 Step("clusters", lambda: self.assign_clusters(epoch), "time_features")]
 
     def refine_targets(self, epoch: int) -> None:
@@ -121,28 +119,30 @@ class MMDC:
         k-means on the embeddings; before it, none."""
         self.targets.refined = self.refine(epoch) if epoch >= self.ctx.cfg.epochs else None
 
-    @contextmanager
-    def clustering(self, passes: PassContext, epoch: Epoch,
-                   done: EpochProgress) -> Iterator[Train]:
+    def clustering(self, epoch: Epoch) -> PassPlan:
         """1. The clustering pass: Hungarian re-assignment within each batch, then L2 steps."""
-        cfg, comm = self.ctx.cfg, self.ctx.comm
-        self.training_order = derived_rng(cfg.seed, epoch.number, "order").permutation(
+        self.training_order = derived_rng(self.ctx.cfg.seed, epoch.number, "order").permutation(
             len(self.bank))
-        order = self.my_slice(self.training_order)
-        yield lambda: clustering_pass(passes, order, self.bank, self.targets, done)
-        self.share_state()
-        self.training_order = None
-        moved, images = comm.all_reduce_sum(
-            np.array([done.tallies.get(MOVED, 0), done.images], dtype=np.int64))
-        epoch.metrics["moved_fraction"] = moved / max(images, 1)
 
-    @contextmanager
-    def rotation(self, passes: PassContext, epoch: Epoch,
-                 done: EpochProgress) -> Iterator[Train]:
+        def finish(totals: dict[str, int]) -> None:
+            self.share_state()
+            self.training_order = None
+            epoch.metrics["moved_fraction"] = totals[MOVED] / max(totals["images"], 1)
+
+        return PassPlan(self.my_slice(self.training_order),
+                        partial(clustering_loss, self.losses(), self.bank, self.targets),
+                        [self.optimizer], self.net, paired=True, tallies=(MOVED,),
+                        finish=finish)
+
+    def rotation(self, epoch: Epoch) -> PassPlan:
         """2. The rotation pass."""
-        order = self.my_slice(derived_rng(self.ctx.cfg.seed, epoch.number, "rotation_order")
-                              .permutation(len(self.bank)))
-        yield lambda: rotation_pass(passes, order, len(self.bank), done)
+        order = derived_rng(self.ctx.cfg.seed, epoch.number, "rotation_order").permutation(
+            len(self.bank))
+        return PassPlan(self.my_slice(order), partial(rotation_loss, self.losses()),
+                        [self.optimizer], self.net)
+
+    def losses(self) -> PassContext:
+        return PassContext(self.net, self.model, self.ctx.execution, self.ctx.device)
 
     def assign_clusters(self, epoch: Epoch) -> None:
         """3. Clusters: the component nearest each embedding (paper eq. 3)."""
@@ -197,4 +197,3 @@ def eval_network(cfg: Config, payload: Optional[dict[str, Any]]) -> Network:
         mmdc.embed, lambda embedded: nearest_component(embedded, means)))
 
 
-METHOD = MMDC
