@@ -57,9 +57,9 @@ class SignalAtBatch:
         self.pipelines = pipelines
         self.at = at
 
-    def train_batches(self, order, targets, epoch, batch_size, start_position=0) -> Iterator:
+    def train_batches(self, order, epoch, batch_size, start_position=0) -> Iterator:
         for number, batch in enumerate(self.pipelines.train_batches(
-                order, targets, epoch, batch_size, start_position), start=1):
+                order, epoch, batch_size, start_position), start=1):
             if number == self.at:
                 signal.raise_signal(signal.SIGUSR2)
             yield batch

@@ -240,13 +240,14 @@ def train_one_epoch(net: nn.Module, pipelines: Pipelines, order: Sequence[int], 
 
     def loss_of(batch) -> tuple[torch.Tensor, int]:
         images = steps.execution.images(batch.images)
-        targets = batch.targets.to(steps.device, non_blocking=True)
+        targets = torch.from_numpy(labels[batch.indices.numpy()]).to(steps.device,
+                                                                     non_blocking=True)
         loss = criterion(net(images), targets)
         if after_forward is not None:
             after_forward(batch, done.iterations)
         return loss, images.shape[0]
 
-    batches = pipelines.train_batches(order, labels, epoch, batch_size, done.position)
+    batches = pipelines.train_batches(order, epoch, batch_size, done.position)
     return steps.run(net, batches, num_batches(len(order), batch_size, done.position), "train",
                      loss_of, optimizers, epoch, done)
 

@@ -65,9 +65,8 @@ def clustering_pass(ctx: PassContext, order: np.ndarray, bank: TargetBank, targe
     towards them. In the refinement stage (``targets.refined``) each image's target is
     instead the mean of its refined component."""
     model, device, start = ctx.model, ctx.steps.device, done.position
-    unused_labels = np.zeros(len(bank), dtype=np.int64)  # the loader carries labels; none here
     centre = ctx.pipelines.feature_batches(order[start:], ctx.batch_size)
-    augmented = ctx.pipelines.train_batches(order, unused_labels, ctx.epoch, ctx.batch_size, start)
+    augmented = ctx.pipelines.train_batches(order, ctx.epoch, ctx.batch_size, start)
 
     def loss_of(pair: PairedBatch) -> tuple[torch.Tensor, int]:
         idx = pair.augmented.indices.numpy()
@@ -97,9 +96,7 @@ def rotation_pass(ctx: PassContext, order: np.ndarray, n_images: int,
                   done: EpochProgress) -> Optional[Pause]:
     """This rank's ``order`` from ``done.position`` on: each augmented batch in its 4
     rotations, cross-entropy on the rotation head (an effective batch of 4 x batch_size)."""
-    unused_labels = np.zeros(n_images, dtype=np.int64)
-    batches = ctx.pipelines.train_batches(order, unused_labels, ctx.epoch, ctx.batch_size,
-                                          done.position)
+    batches = ctx.pipelines.train_batches(order, ctx.epoch, ctx.batch_size, done.position)
 
     def loss_of(batch: TrainBatch) -> tuple[torch.Tensor, int]:
         images, labels = rotated_batch(ctx.steps.execution.images(batch.images))
