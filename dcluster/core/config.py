@@ -72,7 +72,7 @@ class DataConfig:
                                       "[{size: 224, count: 2, scale: [0.14, 1.0]}, {size: 96, "
                                       "count: 6, scale: [0.05, 0.14]}]; empty: the one "
                                       "training crop of crop_size and min_scale.",
-                                      since="mc", legacy=[])
+                                      since="ac73824", legacy=[])
     workers: int = key(2, "torchvision: decoding processes (0: the main process); dali: "
                        "threads.", bounds=">= 0", hashed=False)
     max_bad_fraction: float = key(0.01, "Fraction of unreadable images tolerated per pass "
