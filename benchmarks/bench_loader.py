@@ -106,7 +106,6 @@ def main() -> None:
         torchvision = TorchvisionPipelines(source, cfg, seed=0)
         # A training order as the balanced sampler makes it: shuffled, with repeats.
         order = np.random.default_rng(0).integers(0, len(source), size=len(source))
-        labels = np.zeros(len(source), dtype=np.int64)
         indices = np.arange(len(source))
         persistent = {
             "train": torchvision.data_loader(order, 0, torchvision.train_transform(0),
@@ -114,10 +113,10 @@ def main() -> None:
             "feature": torchvision.data_loader(indices, 0, torchvision.feature_transform(),
                                                args.batch_size, persistent_workers=True)}
         rates = best_rates({
-            "dali_train": lambda: dali.train_batches(order, labels, 0, args.batch_size),
+            "dali_train": lambda: dali.train_batches(order, 0, args.batch_size),
             "torchvision_train": lambda: persistent["train"],
             "torchvision_per_pass_train": lambda: torchvision.train_batches(
-                order, labels, 0, args.batch_size),
+                order, 0, args.batch_size),
             "dali_feature": lambda: dali.feature_batches(indices, args.batch_size),
             "torchvision_feature": lambda: persistent["feature"],
             "torchvision_per_pass_feature": lambda: torchvision.feature_batches(

@@ -73,13 +73,12 @@ class InMemory:
                 for first in range(0, len(indices), batch_size))]
         return iter(self.made[key])
 
-    def train_batches(self, order, targets, epoch, batch_size, start_position=0
+    def train_batches(self, order, epoch, batch_size, start_position=0
                       ) -> Iterator[TrainBatch]:
         key = ("train", len(order), batch_size, start_position)
         if key not in self.made:
             self.made[key] = [
-                TrainBatch(self.images[chosen], torch.from_numpy(targets[chosen.numpy()]),
-                           chosen, min(first + batch_size, len(order)))
+                TrainBatch([self.images[chosen]], chosen, min(first + batch_size, len(order)))
                 for first, chosen in ((first, torch.as_tensor(np.asarray(
                     order[first:first + batch_size])))
                     for first in range(start_position, len(order), batch_size))]
@@ -100,13 +99,13 @@ def optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
 def bare_train(model, opts, data: InMemory, labels: np.ndarray, batch: int,
                execution: Execution) -> float:
     order = np.arange(len(labels))
-    batches = list(data.train_batches(order, labels, 0, batch))
+    batches = list(data.train_batches(order, 0, batch))
     criterion = nn.CrossEntropyLoss()
     model.train()
     start = time.perf_counter()
     for b in batches:
         with torch.autocast("cpu", dtype=execution.dtype, enabled=execution.precision != "fp32"):
-            loss = criterion(model(b.images), b.targets)
+            loss = criterion(model(b.images), torch.from_numpy(labels[b.indices.numpy()]))
         for opt in opts:
             opt.zero_grad(set_to_none=True)
         loss.backward()

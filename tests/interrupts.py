@@ -133,10 +133,9 @@ class _Watched:
     def __getattr__(self, name: str):
         return getattr(self._pipelines, name)
 
-    def train_batches(self, order, targets, epoch: int, batch_size: int,
+    def train_batches(self, order, epoch: int, batch_size: int,
                       start_position: int = 0) -> Iterator:
-        for batch in self._pipelines.train_batches(order, targets, epoch, batch_size,
-                                                   start_position):
+        for batch in self._pipelines.train_batches(order, epoch, batch_size, start_position):
             number = self._numbers[epoch] = self._numbers.get(epoch, 0) + 1
             self._before(epoch, number)
             self._after(epoch, number, batch.indices)

@@ -3,7 +3,6 @@ must pass, shared by the loader tests."""
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,9 +15,8 @@ def feature_pass(pipes, indices, batch_size=4):
     return torch.cat([b.images for b in batches]), torch.cat([b.indices for b in batches]), batches
 
 
-def train_pass(pipes, order, epoch, batch_size=4, start_position=0, targets=None):
-    targets = np.arange(len(pipes.source)) % 3 if targets is None else targets
-    batches = list(pipes.train_batches(order, targets, epoch, batch_size, start_position))
+def train_pass(pipes, order, epoch, batch_size=4, start_position=0):
+    batches = list(pipes.train_batches(order, epoch, batch_size, start_position))
     return (torch.cat([b.images for b in batches]), torch.cat([b.indices for b in batches]),
             batches)
 

@@ -127,11 +127,10 @@ def test_rotated_train_crops_are_the_torchvision_loader_crops_turned_the_same_wa
     assert (dali_images - unrotated).abs().mean() > 10 * LEVEL
 
 
-def test_train_pass_follows_the_order_with_repeats_and_labels(tree):
-    targets = np.arange(13) * 10 % 7
-    images, got, batches = train_pass(dali(tree), ORDER, epoch=0, targets=targets)
+def test_train_pass_follows_the_order_with_repeats(tree):
+    images, got, batches = train_pass(dali(tree), ORDER, epoch=0)
     assert got.tolist() == ORDER
-    assert torch.cat([b.targets for b in batches]).tolist() == targets[ORDER].tolist()
+    assert all(len(b.views) == 1 and b.images is b.views[0] for b in batches)
     assert [b.next_position for b in batches] == [4, 8, 11]
     assert images.shape == (len(ORDER), 3, CROP, CROP)
     assert not torch.equal(images[0], images[1])  # one image, two positions, two crops
@@ -149,7 +148,7 @@ def test_train_pass_is_reproducible_whatever_the_threads_and_batching(tree):
 def test_resume_from_a_position_repeats_the_uninterrupted_tail(tree, start):
     pipes = dali(tree)
     full, _, _ = train_pass(pipes, ORDER, epoch=4)
-    batches = list(pipes.train_batches(ORDER, np.zeros(13), 4, 4, start))
+    batches = list(pipes.train_batches(ORDER, 4, 4, start))
     assert [b.next_position for b in batches] == [min(p, 11) for p in range(start + 4, 15, 4)]
     tail = [b.images for b in batches] or [torch.empty(0, 3, CROP, CROP)]
     assert torch.equal(torch.cat(tail), full[start:])
@@ -174,7 +173,7 @@ def test_out_of_range_indices_and_positions_are_refused(tree):
     with pytest.raises(IndexError, match="outside 0..12"):
         list(pipes.feature_batches([0, 13], 4))
     with pytest.raises(ValueError, match="start_position"):
-        list(pipes.train_batches(ORDER, np.zeros(13), 0, 4, start_position=12))
+        list(pipes.train_batches(ORDER, 0, 4, start_position=12))
 
 
 def test_dali_is_the_default_and_its_absence_names_the_fallback(tree, monkeypatch):
@@ -223,8 +222,7 @@ def test_an_image_only_dali_rejects_costs_its_batch_nothing_else(tree_with_bad_f
     broken = pipes.source.relpaths.index("b/060_huffman.jpg")
     good = [i for i, rel in enumerate(pipes.source.relpaths) if rel not in bad]
     order = [good[0], broken, good[1], good[2], broken, good[3], good[4]]
-    images, _, batches = train_pass(pipes, order, epoch=0, batch_size=3,
-                                    targets=np.zeros(12, dtype=np.int64))
+    images, _, batches = train_pass(pipes, order, epoch=0, batch_size=3)
     assert [b.indices.tolist() for b in batches] == [[good[0], good[1]], [good[2], good[3]],
                                                      [good[4]]]
     assert [b.next_position for b in batches] == [3, 6, 7]
@@ -232,7 +230,7 @@ def test_an_image_only_dali_rejects_costs_its_batch_nothing_else(tree_with_bad_f
     # The batch decoded one image at a time after the failure holds the usual crops, and
     # the next pass does not feed DALI the broken image again.
     caplog.clear()
-    clean = torch.cat([b.images for b in pipes.train_batches(order, np.zeros(12), 0, 1)])
+    clean = torch.cat([b.images for b in pipes.train_batches(order, 0, 1)])
     assert torch.equal(images, clean)
     assert "DALI failed" not in caplog.text
 

@@ -54,11 +54,10 @@ def test_feature_crops_depend_only_on_the_image(tree):
 ORDER = [3, 3, 0, 12, 5, 3, 7, 7, 2, 9, 11]  # repeats, as a balanced sampler makes them
 
 
-def test_train_pass_follows_the_order_with_repeats_and_labels(tree):
-    targets = np.arange(13) * 10 % 7
-    images, got, batches = train_pass(pipelines(tree), ORDER, epoch=0, targets=targets)
+def test_train_pass_follows_the_order_with_repeats(tree):
+    images, got, batches = train_pass(pipelines(tree), ORDER, epoch=0)
     assert got.tolist() == ORDER
-    assert torch.cat([b.targets for b in batches]).tolist() == targets[ORDER].tolist()
+    assert all(len(b.views) == 1 and b.images is b.views[0] for b in batches)
     assert [b.next_position for b in batches] == [4, 8, 11]
     assert images.shape == (len(ORDER), 3, CROP, CROP)
     # The same image at two positions of one epoch gets two different augmentations.
@@ -86,7 +85,7 @@ def test_augmentation_changes_with_epoch_and_seed(tree):
 @pytest.mark.parametrize("start", [0, 5, 8, 11])
 def test_resume_from_a_position_repeats_the_uninterrupted_tail(tree, start):
     full, _, _ = train_pass(pipelines(tree), ORDER, epoch=4)
-    batches = list(pipelines(tree).train_batches(ORDER, np.zeros(13), 4, 4, start))
+    batches = list(pipelines(tree).train_batches(ORDER, 4, 4, start))
     assert [b.next_position for b in batches] == [min(p, 11) for p in range(start + 4, 15, 4)]
     tail = [b.images for b in batches] or [torch.empty(0, 3, CROP, CROP)]
     assert torch.equal(torch.cat(tail), full[start:])
@@ -98,9 +97,7 @@ def test_out_of_range_indices_and_positions_are_refused(tree):
     with pytest.raises(IndexError, match="outside 0..12"):
         list(pipes.feature_batches([0, 13], 4))
     with pytest.raises(ValueError, match="start_position"):
-        list(pipes.train_batches(ORDER, np.zeros(13), 0, 4, start_position=12))
-    with pytest.raises(ValueError, match="one label per image"):
-        list(pipes.train_batches(ORDER, np.zeros(5), 0, 4))
+        list(pipes.train_batches(ORDER, 0, 4, start_position=12))
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +122,7 @@ def test_train_pass_skips_bad_files_but_keeps_counting_positions(tree_with_bad_f
     zero = pipes.source.relpaths.index("a/000_zero.jpg")
     good = [i for i, rel in enumerate(pipes.source.relpaths) if rel not in bad]
     order = [good[0], zero, good[1], zero, good[2], good[3]]
-    batches = list(pipes.train_batches(order, np.zeros(11), 0, 2))
+    batches = list(pipes.train_batches(order, 0, 2))
     assert [b.indices.tolist() for b in batches] == [[good[0]], [good[1]], good[2:4]]
     assert [b.next_position for b in batches] == [2, 4, 6]
     assert list(pipes.bad_indices) == [zero]

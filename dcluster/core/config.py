@@ -64,6 +64,15 @@ class DataConfig:
                                   "[-r, r] degrees about their centre (corners black) before "
                                   "the crop (the MMDC code's MNIST recipe: 25); 0: never.",
                                   bounds="[0, 180]", since="cd5361f", legacy=0.0)
+    crops: list[dict[str, Any]] = key([], "Multi-crop training (SwAV, DeepCluster-v2): groups "
+                                      "{size, count, scale: [min, max]}; each training batch "
+                                      "then holds sum(count) views, group by group, each its "
+                                      "own random resized crop of that area-fraction range "
+                                      "(with the flip and rotation above) resized to size, e.g. "
+                                      "[{size: 224, count: 2, scale: [0.14, 1.0]}, {size: 96, "
+                                      "count: 6, scale: [0.05, 0.14]}]; empty: the one "
+                                      "training crop of crop_size and min_scale.",
+                                      since="ac73824", legacy=[])
     workers: int = key(2, "torchvision: decoding processes (0: the main process); dali: "
                        "threads.", bounds=">= 0", hashed=False)
     max_bad_fraction: float = key(0.01, "Fraction of unreadable images tolerated per pass "
@@ -499,6 +508,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
               "of that global batch on any number of processes")
     check_key(all(side > 0 for side in cfg.data.crop_sides), "data.crop_sides",
               cfg.data.crop_sides, "must hold positive sides in pixels")
+    validate_crops(cfg.data)
     check_key(cfg.data.resize_size >= cfg.data.crop_size, "data.resize_size",
            cfg.data.resize_size, f"must be at least data.crop_size ({cfg.data.crop_size})")
     check_key(bool(cfg.name) and "/" not in cfg.name and cfg.name not in (".", ".."), "name",
@@ -520,6 +530,30 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         for name, path in unreachable_paths(cfg):
             check_key(False, name, path, "does not exist (or is not a "
                       f"{'file' if name == 'eval.val_labels' else 'directory'})")
+
+
+CROP_GROUP_FIELDS = ("size", "count", "scale")
+
+
+def validate_crops(data: DataConfig) -> None:
+    """Each group of data.crops: {size >= 1, count >= 1, scale: [min, max]} with
+    0 < min <= max <= 1, each problem named by its key (data.crops[1].scale)."""
+    for number, group in enumerate(data.crops):
+        name = f"data.crops[{number}]"
+        check_key(isinstance(group, dict) and set(group) == set(CROP_GROUP_FIELDS), name, group,
+                  "must be a mapping of exactly size, count and scale "
+                  "({size: 96, count: 6, scale: [0.05, 0.14]})")
+        for field_name in ("size", "count"):
+            value = group[field_name]
+            check_key(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                      f"{name}.{field_name}", value, "must be an integer of at least 1")
+        scale = group["scale"]
+        check_key(isinstance(scale, (list, tuple)) and len(scale) == 2
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+                  and 0 < scale[0] <= scale[1] <= 1, f"{name}.scale", scale,
+                  "must be [min, max] area fractions with 0 < min <= max <= 1")
+    check_key(not data.crops or not data.crop_sides, "data.crops", data.crops,
+              "groups are random resized crops of their scale: leave data.crop_sides empty")
 
 
 def validate_sharded(cfg: Config) -> None:

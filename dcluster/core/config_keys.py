@@ -109,7 +109,7 @@ class Declared:
 
 
 def _type_name(kind: Any) -> str:
-    return kind.__name__ if isinstance(kind, type) else str(kind)
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
 
 
 @lru_cache(maxsize=None)

@@ -6,12 +6,14 @@ Every random draw of the training augmentation comes from a generator seeded wit
 crop an image gets does not depend on which worker decoded it, on how many workers there are,
 or on whether the epoch was resumed half way. The position makes two copies of one image in
 an epoch get different crops; the index keeps ranks whose lists share positions apart.
+With multi-crop (``data.crops``) the view number joins the key, so the views of one image
+differ and each is still a pure function of (seed, epoch, position, index, view).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -47,6 +49,7 @@ class Augmentation:
     flip: bool = True
     crop_sides: tuple[int, ...] = ()  # empty: the random resized crop of min_scale
     rotation_degrees: float = 0.0
+    max_scale: float = 1.0  # upper bound of the area fraction (a data.crops group's)
 
     @classmethod
     def of(cls, cfg: DataConfig) -> "Augmentation":
@@ -58,16 +61,44 @@ class Augmentation:
 
     def sample(self, rng: np.random.Generator, height: int, width: int) -> CropParams:
         return sample_crop(rng, height, width, self.min_scale, self.flip, self.crop_sides,
-                           self.rotation_degrees)
+                           self.rotation_degrees, self.max_scale)
 
 
-def sample_generator(seed: int, epoch: int, position: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, position, index])
+@dataclass(frozen=True)
+class View:
+    """One training view: its side, its augmentation, and the number that keys its randomness
+    (None: the single training crop, keyed as before multi-crop existed)."""
+    size: int
+    augmentation: Augmentation
+    number: Optional[int] = None
+
+
+def training_views(cfg: DataConfig) -> tuple[View, ...]:
+    """The views of each training image: the one crop of crop_size without ``data.crops``,
+    else each group's ``count`` views in the declared order, numbered 0, 1, ... over all
+    groups, each the random resized crop of its group's scale range (the flip and rotation
+    of the single crop kept)."""
+    base = Augmentation.of(cfg)
+    if not cfg.crops:
+        return (View(cfg.crop_size, base),)
+    views = []
+    for group in cfg.crops:
+        low, high = group["scale"]
+        augmentation = replace(base, min_scale=float(low), max_scale=float(high), crop_sides=())
+        views += [View(int(group["size"]), augmentation)] * int(group["count"])
+    return tuple(replace(view, number=number) for number, view in enumerate(views))
+
+
+def sample_generator(seed: int, epoch: int, position: int, index: int,
+                     view: Optional[int] = None) -> np.random.Generator:
+    """The generator of one sample's draws; ``view`` (multi-crop) keys one view of it."""
+    key = [seed, epoch, position, index] if view is None else [seed, epoch, position, index, view]
+    return np.random.default_rng(key)
 
 
 def sample_crop(rng: np.random.Generator, height: int, width: int, min_scale: float,
                 flip: bool = True, crop_sides: Sequence[int] = (),
-                rotation_degrees: float = 0.0) -> CropParams:
+                rotation_degrees: float = 0.0, max_scale: float = 1.0) -> CropParams:
     """torchvision's RandomResizedCrop.get_params drawing from ``rng`` (or, with
     ``crop_sides``, RandomChoice over RandomCrop of those sides), then the flip coin (tossed
     even when ``flip`` is false, so that switching flips off keeps every box), then the angle
@@ -75,7 +106,7 @@ def sample_crop(rng: np.random.Generator, height: int, width: int, min_scale: fl
     of a run without rotation are those of the releases before it).
     """
     box = (square_box(rng, height, width, crop_sides) if crop_sides
-           else resized_crop_box(rng, height, width, min_scale))
+           else resized_crop_box(rng, height, width, min_scale, max_scale))
     heads = bool(rng.random() < 0.5)
     angle = float(rng.uniform(-rotation_degrees, rotation_degrees)) if rotation_degrees else 0.0
     return CropParams(*box, flip=flip and heads, angle=angle)
@@ -91,15 +122,15 @@ def square_box(rng: np.random.Generator, height: int, width: int,
 
 
 def resized_crop_box(rng: np.random.Generator, height: int, width: int,
-                     min_scale: float) -> tuple[int, int, int, int]:
+                     min_scale: float, max_scale: float = 1.0) -> tuple[int, int, int, int]:
     """(top, left, height, width) of RandomResizedCrop: area fraction uniform in
-    (min_scale, 1), aspect ratio log-uniform in RATIO_RANGE, retried until the box fits, with
+    (min_scale, max_scale), aspect ratio log-uniform in RATIO_RANGE, retried until the box fits, with
     the centre crop clamped to RATIO_RANGE as the fallback."""
     area = height * width
     log_ratio = (math.log(RATIO_RANGE[0]), math.log(RATIO_RANGE[1]))
     box = None
     for _ in range(_CROP_ATTEMPTS):
-        target_area = area * rng.uniform(min_scale, 1.0)
+        target_area = area * rng.uniform(min_scale, max_scale)
         aspect = math.exp(rng.uniform(*log_ratio))
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))

@@ -55,8 +55,8 @@ from dcluster.data.badfiles import BadImageBudget, Unreadable, load_or_unreadabl
 from dcluster.data.decode import BadImageError, decode_rgb, peek_size
 from dcluster.data.pipelines import FeatureBatch, TrainBatch, as_index_array, check_train_inputs
 from dcluster.data.source import ImageSource
-from dcluster.data.crops import (Augmentation, center_crop_origin, normalization,
-                                 resized_shorter_side, sample_generator)
+from dcluster.data.crops import (Augmentation, View, center_crop_origin, normalization,
+                                 resized_shorter_side, sample_generator, training_views)
 
 log = logging.getLogger("dcluster.data")
 
@@ -88,11 +88,13 @@ def feature_recipe(resize_size: int, crop: int) -> Recipe:
     return args
 
 
-def train_recipe(augmentation: Augmentation, seed: int, epoch: int) -> Recipe:
+def train_recipe(augmentation: Augmentation, seed: int, epoch: int,
+                 view: Optional[int] = None) -> Recipe:
     """TrainTransform's rotation, crop and flip, drawn from the same generator (the angle is
-    fed only to a graph that rotates: see _define)."""
+    fed only to a graph that rotates: see _define); ``view`` keys one view of multi-crop."""
     def args(height: int, width: int, position: int, index: int) -> dict[str, np.ndarray]:
-        p = augmentation.sample(sample_generator(seed, epoch, position, index), height, width)
+        p = augmentation.sample(sample_generator(seed, epoch, position, index, view),
+                                height, width)
         fed = {"anchor": np.array([p.left, p.top], np.float32),  # DALI's "WH" order
                "shape": np.array([p.width, p.height], np.float32),
                "mirror": np.array(int(p.flip), np.int32)}
@@ -102,15 +104,53 @@ def train_recipe(augmentation: Augmentation, seed: int, epoch: int) -> Recipe:
     return args
 
 
+def multicrop_recipe(views: Sequence[View], seed: int, epoch: int) -> Recipe:
+    """Multi-crop (``data.crops``): each view's train_recipe under its own names (anchor0,
+    shape0, mirror0, anchor1...), as MultiViewTransform draws them."""
+    singles = [train_recipe(view.augmentation, seed, epoch, view.number) for view in views]
+
+    def args(height: int, width: int, position: int, index: int) -> dict[str, np.ndarray]:
+        fed: dict[str, np.ndarray] = {}
+        for number, single in enumerate(singles):
+            fed.update({f"{name}{number}": value
+                        for name, value in single(height, width, position, index).items()})
+        return fed
+    return args
+
+
+def _multicrop_views(encoded, common: dict, view_sizes: Sequence[int], rotate: bool) -> list:
+    """The views of a multi-crop training graph, each (before normalisation) with its mirror
+    flag: the image is decoded whole once, then each view rotated (if ``rotate``), cut out
+    (fn.slice of the fed window) and resized to its side."""
+    whole = fn.decoders.image(encoded, **common)
+    window = dict(normalized_anchor=False, normalized_shape=False)
+    views = []
+    for number, size in enumerate(view_sizes):
+        anchor = fn.external_source(name=f"anchor{number}", dtype=types.FLOAT, ndim=1)
+        shape = fn.external_source(name=f"shape{number}", dtype=types.FLOAT, ndim=1)
+        mirror = fn.external_source(name=f"mirror{number}", dtype=types.INT32, ndim=0)
+        image = whole
+        if rotate:
+            angle = fn.external_source(name=f"angle{number}", dtype=types.FLOAT, ndim=0)
+            image = fn.rotate(whole, angle=angle, keep_size=True, fill_value=0,
+                              interp_type=types.INTERP_LINEAR)
+        image = fn.resize(fn.slice(image, anchor, shape, **window), size=[size, size],
+                          antialias=True, interp_type=types.INTERP_LINEAR)
+        views.append((image, mirror))
+    return views
+
+
 def _define(kind: str, batch_size: int, threads: int, device_id: Optional[int], crop: int,
-            grayscale_stats: bool, roi_decode: bool = True, rotate: bool = False) -> Pipeline:
+            grayscale_stats: bool, roi_decode: bool = True, rotate: bool = False,
+            view_sizes: Sequence[int] = ()) -> Pipeline:
     """The DALI graph of one pass kind; ``device_id`` None runs it all on the CPU.
     ``roi_decode`` False: the training crop is cut from the fully decoded image (fn.slice,
     the same anchor and shape in the same "WH" order) instead of decoding only its window,
     for GPUs whose window decode is broken (:func:`probe_roi_decode`). ``rotate``: the whole
     decoded image is first rotated by the fed angle (fn.rotate: counter-clockwise on the
     screen, as torchvision's rotate; the canvas kept, corners black), so the window cannot be
-    decoded alone."""
+    decoded alone. ``view_sizes`` (multi-crop training): one output per view, of these sides
+    (see :func:`_multicrop_views`); empty: the one output of side ``crop``."""
     mean, std = normalization(grayscale_stats)
     decoder = "cpu" if device_id is None else "mixed"
     pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id,
@@ -121,7 +161,9 @@ def _define(kind: str, batch_size: int, threads: int, device_id: Optional[int], 
         common = dict(device=decoder, output_type=types.RGB, adjust_orientation=False)
         if decoder == "mixed":
             common.update(hw_decoder_load=HW_DECODER_LOAD)
-        if kind == _TRAIN:
+        if kind == _TRAIN and view_sizes:
+            views = _multicrop_views(encoded, common, view_sizes, rotate)
+        elif kind == _TRAIN:
             anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)
             shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)
             mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
@@ -137,16 +179,17 @@ def _define(kind: str, batch_size: int, threads: int, device_id: Optional[int], 
                 images = fn.slice(fn.decoders.image(encoded, **common), anchor, shape, **window)
             images = fn.resize(images, size=[crop, crop], antialias=True,
                                interp_type=types.INTERP_LINEAR)
+            views = [(images, mirror)]
         else:
             roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
             roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
             images = fn.decoders.image(encoded, **common)
             images = fn.resize(images, size=[crop, crop], roi_start=roi_start, roi_end=roi_end,
                                antialias=True, interp_type=types.INTERP_LINEAR)
-            mirror = 0
-        pipe.set_outputs(fn.crop_mirror_normalize(
+            views = [(images, 0)]
+        pipe.set_outputs(*(fn.crop_mirror_normalize(
             images, mirror=mirror, mean=[m * 255 for m in mean], std=[s * 255 for s in std],
-            output_layout="CHW", dtype=types.FLOAT))
+            output_layout="CHW", dtype=types.FLOAT) for images, mirror in views))
     pipe.build()
     return pipe
 
@@ -225,10 +268,10 @@ class _Runner:
         self.pipe.schedule_run()
         self.pending += 1
 
-    def result(self) -> torch.Tensor:
+    def result(self) -> list[torch.Tensor]:
+        """The batch's outputs: one (B, 3, size, size) tensor per view."""
         self.pending -= 1
-        (images,) = self.pipe.outputs()
-        return _owned_copy(images.as_tensor())
+        return [_owned_copy(images.as_tensor()) for images in self.pipe.outputs()]
 
 
 def _owned_copy(images) -> torch.Tensor:
@@ -244,7 +287,7 @@ def _owned_copy(images) -> torch.Tensor:
 
 @dataclass
 class _Decoded:
-    images: torch.Tensor
+    views: list[torch.Tensor]  # one per output of the graph
     indices: torch.Tensor
     end_position: int
 
@@ -273,15 +316,16 @@ class _Pass:
         if not chunk.samples:
             return None
         try:
-            images, samples = self.runner.result(), chunk.samples
+            views, samples = self.runner.result(), chunk.samples
         except RuntimeError as err:
-            images, samples = self._recover(chunk, err)
+            views, samples = self._recover(chunk, err)
             if not samples:
                 return None
         indices = torch.tensor([s.index for s in samples], dtype=torch.int64)
-        return _Decoded(images, indices, chunk.end_position)
+        return _Decoded(views, indices, chunk.end_position)
 
-    def _recover(self, chunk: _Chunk, err: RuntimeError) -> tuple[torch.Tensor, list[_Sample]]:
+    def _recover(self, chunk: _Chunk,
+                 err: RuntimeError) -> tuple[list[torch.Tensor], list[_Sample]]:
         """After DALI failed a batch: decode its images one by one on a fresh pipeline, record
         the ones that fail, and feed the fresh pipeline the batches that were in flight."""
         log.warning("DALI failed a batch of %d images (%s); decoding them one by one to find "
@@ -302,7 +346,9 @@ class _Pass:
         for later in self.in_flight:
             if later.samples:
                 self.runner.submit(later.samples)
-        return (torch.cat(images) if images else torch.empty(0)), good
+        if not images:
+            return [torch.empty(0)], good
+        return [torch.cat(view) for view in zip(*images)], good
 
     def drain(self) -> bool:
         """Collect what is still in flight (a pass abandoned half way), so the pipeline can
@@ -345,22 +391,26 @@ class DaliPipelines:
         array = as_index_array(indices, len(self.source), "feature pass indices")
         recipe = feature_recipe(self.cfg.resize_size, self.cfg.crop_size)
         for batch in self._run(_FEATURE, recipe, array, 0, batch_size):
-            yield FeatureBatch(images=batch.images, indices=batch.indices)
+            yield FeatureBatch(images=batch.views[0], indices=batch.indices)
 
-    def train_batches(self, order: Sequence[int], targets: np.ndarray, epoch: int,
-                      batch_size: int, start_position: int = 0) -> Iterator[TrainBatch]:
+    def train_batches(self, order: Sequence[int], epoch: int, batch_size: int,
+                      start_position: int = 0) -> Iterator[TrainBatch]:
         """As TorchvisionPipelines.train_batches, with the same crops up to decoder rounding."""
-        array, labels = check_train_inputs(order, targets, start_position, len(self.source))
-        recipe = train_recipe(Augmentation.of(self.cfg), self.seed, epoch)
+        array = check_train_inputs(order, start_position, len(self.source))
+        if self.cfg.crops:
+            recipe = multicrop_recipe(training_views(self.cfg), self.seed, epoch)
+        else:
+            recipe = train_recipe(Augmentation.of(self.cfg), self.seed, epoch)
         for batch in self._run(_TRAIN, recipe, array, start_position, batch_size):
-            yield TrainBatch(images=batch.images,
-                             targets=torch.from_numpy(labels[batch.indices.numpy()]),
-                             indices=batch.indices, next_position=batch.end_position)
+            yield TrainBatch(views=batch.views, indices=batch.indices,
+                             next_position=batch.end_position)
 
     def _new_runner(self, kind: str, batch_size: int, recipe: Recipe) -> _Runner:
+        sizes = [view.size for view in training_views(self.cfg)] if self.cfg.crops else []
         return _Runner(lambda: _define(kind, batch_size, self.threads, self.device_id,
                                        self.cfg.crop_size, self.cfg.grayscale_stats,
-                                       self.roi_decode, Augmentation.of(self.cfg).rotates),
+                                       self.roi_decode, Augmentation.of(self.cfg).rotates,
+                                       sizes if kind == _TRAIN else ()),
                        recipe)
 
     def _run(self, kind: str, recipe: Recipe, indices: np.ndarray, start: int,
@@ -495,7 +545,7 @@ def _probe_main(device_id: Optional[int]) -> None:
     samples = [_Sample(i, encoded, recipe(256, 320, i, i)) for i in range(4)]
     runner = _Runner(lambda: _define(_TRAIN, len(samples), 1, device_id, 224, False), recipe)
     runner.submit(samples)
-    images = runner.result()
+    (images,) = runner.result()
     assert tuple(images.shape) == (4, 3, 224, 224), images.shape
     print("window decode ok")
 

@@ -23,12 +23,20 @@ class FeatureBatch:
 
 @dataclass
 class TrainBatch:
-    images: torch.Tensor  # float32 (B, 3, crop, crop), augmented, normalised
-    targets: torch.Tensor  # int64 (B,), pseudo-label of each image
+    """The augmented views of a batch's images; no labels: a loss reads its own targets by
+    ``indices`` (``labels[batch.indices]``)."""
+    # float32 (B, 3, size, size) each, augmented, normalised: one view (crop_size) without
+    # data.crops, else sum(count) views, group by group in the declared order
+    views: list[torch.Tensor]
     indices: torch.Tensor  # int64 (B,), global indices, following the order given
     # Position in the order just after this batch: pass it as ``start_position`` to resume
     # after this batch (the batch sizes alone do not tell it once bad images are skipped).
     next_position: int
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The first view (the only one without data.crops)."""
+        return self.views[0]
 
 
 class Pipelines(Protocol):
@@ -41,8 +49,8 @@ class Pipelines(Protocol):
     def feature_batches(self, indices: Sequence[int], batch_size: int) -> Iterator[FeatureBatch]:
         ...
 
-    def train_batches(self, order: Sequence[int], targets: np.ndarray, epoch: int,
-                      batch_size: int, start_position: int = 0) -> Iterator[TrainBatch]:
+    def train_batches(self, order: Sequence[int], epoch: int, batch_size: int,
+                      start_position: int = 0) -> Iterator[TrainBatch]:
         ...
 
 
@@ -63,15 +71,10 @@ def as_index_array(indices: Sequence[int], size: int, what: str) -> np.ndarray:
     return array
 
 
-def check_train_inputs(order: Sequence[int], targets: np.ndarray, start_position: int,
-                       size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training order and the per-image labels as int64 arrays, checked against the
-    ``size`` images of the source, before a loader spends any time decoding."""
+def check_train_inputs(order: Sequence[int], start_position: int, size: int) -> np.ndarray:
+    """The training order as an int64 array, checked against the ``size`` images of the
+    source (and ``start_position`` against it), before a loader spends any time decoding."""
     array = as_index_array(order, size, "training order")
-    labels = np.asarray(targets, dtype=np.int64)
-    if labels.shape != (size,):
-        raise ValueError(f"targets must hold one label per image ({size}), "
-                         f"got shape {labels.shape}")
     if not 0 <= start_position <= len(array):
         raise ValueError(f"start_position {start_position} is outside 0..{len(array)}")
-    return array, labels
+    return array

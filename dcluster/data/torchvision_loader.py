@@ -15,16 +15,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from dcluster.core.config import DataConfig
 from dcluster.data.badfiles import BadImageBudget, Unreadable, load_or_unreadable
-from dcluster.data.crops import Augmentation
+from dcluster.data.crops import training_views
 from dcluster.data.decode import decode_rgb
 from dcluster.data.pipelines import FeatureBatch, TrainBatch, as_index_array, check_train_inputs
 from dcluster.data.source import ImageSource
-from dcluster.data.transforms import FeatureTransform, SampleTransform, TrainTransform
+from dcluster.data.transforms import (FeatureTransform, MultiViewTransform, SampleTransform,
+                                      TrainTransform)
 
 
 class _Decoded(NamedTuple):
     index: int
-    image: torch.Tensor
+    image: Union[torch.Tensor, tuple[torch.Tensor, ...]]  # a tuple: one tensor per view
 
 
 _Sample = Union[_Decoded, Unreadable]
@@ -53,19 +54,28 @@ class _PositionDataset(Dataset):
 
 
 class _Collated(NamedTuple):
-    images: torch.Tensor
+    views: list[torch.Tensor]  # one (B, 3, size, size) per view; one view but multi-crop
     indices: torch.Tensor
     unreadable: list[Unreadable]
     positions: int  # how many positions of the list this batch covers, readable or not
 
+    @property
+    def images(self) -> torch.Tensor:
+        return self.views[0]
+
 
 def _collate(samples: list[_Sample]) -> _Collated:
     decoded = [s for s in samples if isinstance(s, _Decoded)]
-    images = (torch.stack([s.image for s in decoded]) if decoded
-              else torch.empty(0, 3, 0, 0))
+    if not decoded:
+        views = [torch.empty(0, 3, 0, 0)]
+    elif isinstance(decoded[0].image, tuple):
+        views = [torch.stack([s.image[view] for s in decoded])
+                 for view in range(len(decoded[0].image))]
+    else:
+        views = [torch.stack([s.image for s in decoded])]
     indices = torch.tensor([s.index for s in decoded], dtype=torch.int64)
     unreadable = [s for s in samples if isinstance(s, Unreadable)]
-    return _Collated(images, indices, unreadable, len(samples))
+    return _Collated(views, indices, unreadable, len(samples))
 
 
 class TorchvisionPipelines:
@@ -80,8 +90,13 @@ class TorchvisionPipelines:
     def feature_transform(self) -> FeatureTransform:
         return FeatureTransform(self.cfg.resize_size, self.cfg.crop_size, self.cfg.grayscale_stats)
 
-    def train_transform(self, epoch: int) -> TrainTransform:
-        return TrainTransform(self.cfg.crop_size, Augmentation.of(self.cfg), self.seed, epoch,
+    def train_transform(self, epoch: int) -> SampleTransform:
+        """The one training crop, or with ``data.crops`` every view of an image."""
+        views = training_views(self.cfg)
+        if self.cfg.crops:
+            return MultiViewTransform(views, self.seed, epoch, self.cfg.grayscale_stats)
+        (view,) = views
+        return TrainTransform(view.size, view.augmentation, self.seed, epoch,
                               self.cfg.grayscale_stats)
 
     def feature_batches(self, indices: Sequence[int], batch_size: int) -> Iterator[FeatureBatch]:
@@ -89,18 +104,16 @@ class TorchvisionPipelines:
         for batch in self._batches(array, 0, self.feature_transform(), batch_size):
             yield FeatureBatch(images=batch.images, indices=batch.indices)
 
-    def train_batches(self, order: Sequence[int], targets: np.ndarray, epoch: int,
-                      batch_size: int, start_position: int = 0) -> Iterator[TrainBatch]:
-        """``targets[i]`` is the pseudo-label of global index ``i``; positions before
-        ``start_position`` are skipped, the others keep the crops they get in a full pass."""
-        array, targets = check_train_inputs(order, targets, start_position, len(self.source))
+    def train_batches(self, order: Sequence[int], epoch: int, batch_size: int,
+                      start_position: int = 0) -> Iterator[TrainBatch]:
+        """Positions before ``start_position`` are skipped, the others keep the crops they get
+        in a full pass."""
+        array = check_train_inputs(order, start_position, len(self.source))
         position = start_position
         for batch in self._batches(array, start_position, self.train_transform(epoch),
                                    batch_size):
             position += batch.positions
-            yield TrainBatch(images=batch.images,
-                             targets=torch.from_numpy(targets[batch.indices.numpy()]),
-                             indices=batch.indices, next_position=position)
+            yield TrainBatch(views=batch.views, indices=batch.indices, next_position=position)
 
     def _batches(self, indices: np.ndarray, start: int, transform: SampleTransform,
                  batch_size: int) -> Iterator[_Collated]:

@@ -2,20 +2,22 @@
 ops), with the crop windows of dcluster/data/crops.py: the same augmentations as DALI's."""
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Optional, Protocol, Sequence, Union
 
 import torch
 import torchvision.transforms.functional as F
 from PIL import Image
 
-from dcluster.data.crops import (Augmentation, center_crop_origin, normalization,
+from dcluster.data.crops import (Augmentation, View, center_crop_origin, normalization,
                                  resized_shorter_side, sample_generator)
 
 
 class SampleTransform(Protocol):
-    """Image to normalised tensor; ``position`` and ``index`` key any randomness."""
+    """Image to normalised tensor (a tuple of them: one per view, for multi-crop);
+    ``position`` and ``index`` key any randomness."""
 
-    def __call__(self, image: Image.Image, position: int, index: int) -> torch.Tensor: ...
+    def __call__(self, image: Image.Image, position: int,
+                 index: int) -> Union[torch.Tensor, tuple[torch.Tensor, ...]]: ...
 
 
 class _Normalize:
@@ -29,18 +31,19 @@ class _Normalize:
 
 class TrainTransform(_Normalize):
     """The ``augmentation``'s rotation of the whole image, then its crop window resized to
-    ``crop_size``, then its horizontal flip."""
+    ``crop_size``, then its horizontal flip; ``view`` (multi-crop) keys the draws of one view."""
 
     def __init__(self, crop_size: int, augmentation: Augmentation, seed: int, epoch: int,
-                 grayscale_stats: bool = False) -> None:
+                 grayscale_stats: bool = False, view: Optional[int] = None) -> None:
         super().__init__(grayscale_stats)
         self.crop_size = crop_size
         self.augmentation = augmentation
         self.seed = seed
         self.epoch = epoch
+        self.view = view
 
     def __call__(self, image: Image.Image, position: int, index: int) -> torch.Tensor:
-        rng = sample_generator(self.seed, self.epoch, position, index)
+        rng = sample_generator(self.seed, self.epoch, position, index, self.view)
         p = self.augmentation.sample(rng, image.height, image.width)
         if p.angle:
             image = F.rotate(image, p.angle, interpolation=F.InterpolationMode.BILINEAR, fill=0)
@@ -50,6 +53,18 @@ class TrainTransform(_Normalize):
         if p.flip:
             image = F.hflip(image)
         return self.to_tensor(image)
+
+
+class MultiViewTransform:
+    """Multi-crop (``data.crops``): one TrainTransform per view, each keyed by its number."""
+
+    def __init__(self, views: Sequence[View], seed: int, epoch: int,
+                 grayscale_stats: bool = False) -> None:
+        self.views = [TrainTransform(v.size, v.augmentation, seed, epoch, grayscale_stats,
+                                     v.number) for v in views]
+
+    def __call__(self, image: Image.Image, position: int, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(view(image, position, index) for view in self.views)
 
 
 class FeatureTransform(_Normalize):

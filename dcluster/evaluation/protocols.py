@@ -97,9 +97,9 @@ def linear_protocol(target: EvalTarget, net: Network, env: Env,
     def train_batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = derived_rng(cfg.seed, epoch, "linear_order").permutation(train.indices)
         mine = rank_slice(order, env.rank, env.world_size)
-        for batch in train.pipelines.train_batches(mine, train.source.targets, epoch,
-                                                   lc.batch_size):
-            yield _frozen(tap, batch.images, env), batch.targets.to(env.device)
+        for batch in train.pipelines.train_batches(mine, epoch, lc.batch_size):
+            targets = torch.from_numpy(train.source.targets[batch.indices.numpy()])
+            yield _frozen(tap, batch.images, env), targets.to(env.device)
 
     def val_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in val.pipelines.feature_batches(own_share(val.indices, env), lc.batch_size):
