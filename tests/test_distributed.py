@@ -14,7 +14,7 @@ from dcluster.clustering.distributed_stage import (cluster_shards, gather_reduce
                                                    spread_labels)
 from dcluster.clustering.kmeans import run_kmeans
 from dcluster.clustering.pca import l2_normalize
-from dcluster.clustering.sharded_kmeans import sharded_kmeans, split_empty_clusters
+from dcluster.clustering.engine import split_empty_clusters
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import ClusteringConfig, ConfigError
 from dcluster.parallel.distributed import (Env, detect_env, expand_nodelist, my_indices,
@@ -278,7 +278,7 @@ def sphere_points(n: int = 10000, dim: int = 16) -> np.ndarray:
 def sharded_worker(out: Path, k: int, comm: Comm) -> None:
     x = sphere_points()
     lo, hi = shard_bounds(len(x), comm.world_size)[comm.rank: comm.rank + 2]
-    km = sharded_kmeans(x[lo:hi], k, seed=5, niter=20, comm=comm)
+    km = run_kmeans(x[lo:hi], k, seed=5, niter=20, device="cpu", backend="faiss", comm=comm)
     np.savez(out / f"rank{comm.rank}.npz", labels=km.labels, centroids=km.centroids,
              objective=km.objective, sizes=km.sizes)
 
@@ -303,7 +303,7 @@ def test_sharded_kmeans_reseeds_empty_clusters():
     """Three distinct points, many copies each, k = 5: initial centroids coincide, so clusters
     go empty and must be split off the populated ones."""
     x = np.repeat(np.eye(3, 4, dtype=np.float32), 50, axis=0)
-    km = sharded_kmeans(x, 5, seed=0, niter=5, comm=SINGLE)
+    km = run_kmeans(x, 5, seed=0, niter=5, device="cpu", backend="faiss", comm=SINGLE)
     assert km.n_reseeded > 0 and km.sizes.sum() == len(x)
     # every point sits on a centroid, up to the split perturbation (1/1024 of a unit vector)
     assert km.objective < len(x) * 1e-5

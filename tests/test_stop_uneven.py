@@ -27,7 +27,7 @@ from dcluster.data import build_pipelines, open_source
 from dcluster.parallel.distributed import Env
 from dcluster.models import build_model
 from dcluster.runtime.optimize import EpochProgress, StepLoop, data_parallel, sgd
-from dcluster.runtime.passes import run_pass
+from dcluster.runtime.passes import run_pass as train_plan
 from dcluster.runtime.stages import BatchLoss, PassPlan
 from dcluster.runtime.stop import StopPoints, StopRequest
 from helpers import assert_same_weights
@@ -99,7 +99,7 @@ def train_pass(images: Path, out: Path, every_iterations: int, stop_at: Optional
                                                      poll_every=poll_every), comm)
         loader = SignalAtBatch(pipelines, stop_at if comm.rank == 0 else None)
         while True:
-            pause = run_pass(StepLoop(env.device, "never", False, stops), loader, plan, "train",
+            pause = train_plan(StepLoop(env.device, "never", False, stops), loader, plan, "train",
                              0, BATCH, done)
             pauses.append(pause.signum if pause else None)
             if pause is None or pause.signum:
