@@ -165,7 +165,8 @@ def test_lars_first_step_matches_a_hand_computation_for_a_weight_and_a_bias():
     optimizer = LARS([{"params": [weight]},
                       {"params": [bias], "lars": False, "weight_decay": 0.0}],
                      lr=lr, momentum=0.9, weight_decay=wd, eta=eta)
-    weight.grad, bias.grad = torch.tensor(gw, dtype=torch.float64), torch.tensor(gb, dtype=torch.float64)
+    weight.grad = torch.tensor(gw, dtype=torch.float64)
+    bias.grad = torch.tensor(gb, dtype=torch.float64)
     optimizer.step()
 
     w_flat, g_flat = sum(w0, []), sum(gw, [])
