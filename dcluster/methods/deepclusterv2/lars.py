@@ -12,7 +12,7 @@ scaling mode (``clip=False``), for a weight w with gradient g, weight decay wd, 
     buf = m * buf + d        (buf = d at the first step, as torch's SGD)
     w = w - lr * buf
 
-The paper's equation (6) is the same ratio with the weight decay inside. Unlike apex, which
+The LARS paper's local learning rate has this form, its weight decay inside. Unlike apex, which
 applies it to every tensor, the tensors of a group marked ``lars=False`` (biases and
 normalisation weights, :func:`lars_param_groups`) take neither the ratio nor weight decay,
 as the LARS paper's successors do (SimCLR, BYOL): their norms say nothing of a layer's scale.
