@@ -70,7 +70,8 @@ class DeepClusterV2Net(nn.Module):
         return embeddings, [head(embeddings) for head in self.prototypes]
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit embeddings of one view's images (for the memory bank; call in eval mode)."""
+        """Unit embeddings of one view's images: :meth:`forward`'s for a single view, without
+        the prototype scores (the memory bank's first filling, evaluation)."""
         return F.normalize(self.projection(self.backbone.representation(images)), dim=1)
 
     @torch.no_grad()
