@@ -57,13 +57,19 @@ class Clustering:
 
 
 def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm] = None,
-          init: Optional[np.ndarray] = None, sample: int = 0) -> Clustering:
+          init: Optional[np.ndarray] = None, sample: int = 0,
+          spherical: bool = False) -> Clustering:
     """k-means of the union of every rank's rows (``data``; a rank may hold none) into ``k``
     clusters; with ``comm`` call it on every rank with the same ``k``, ``niter`` and ``seed``.
 
     ``init`` (k, d) replaces the seeded draw of initial centroids (k-means++ seeds, say);
     ``sample`` > 0 trains on that many rows drawn at random (one process only; FAISS's
-    ``max_points_per_centroid``), the final assignment covering every row."""
+    ``max_points_per_centroid``), the final assignment covering every row.
+
+    ``spherical``: spherical k-means of unit rows (DeepCluster-v2's, on L2-normalised
+    embeddings): every update ends by scaling each centroid to unit norm (after any split).
+    The assignment is left as it is: between unit vectors ||x - c||^2 = 2 - 2 x.c, so the
+    nearest centroid in L2 is the one of largest dot product."""
     started = time.perf_counter()
     total = _sum(comm, np.array([data.count()], dtype=np.int64))[0]
     if not 1 <= k <= total:
@@ -97,6 +103,9 @@ def lloyd(data: Assigner, k: int, *, niter: int, seed: int, comm: Optional[Comm]
         centroids = (packed[:k, :-1] / np.maximum(sizes, 1)[:, None]).astype(np.float32)
         split = split_empty_clusters(centroids, sizes, rng)
         n_reseeded += split
+        if spherical:
+            # a floor for a cluster whose rows cancel out (antipodal pairs): it stays zero
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
         log.debug("iteration %d: objective %.6g", iteration, packed[k, 0])
         # converged: the same objective as the last step and no split, so the centroids are
         # (up to ties) a fixed point and later iterations would repeat this one. FAISS stops
