@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import dcluster.core.config
 import dcluster.methods.deepcluster.method
+import dcluster.methods.deepclusterv2.method
 import dcluster.harness
 import dcluster.runtime.checkpoint
 from dcluster.runtime.checkpoint import SIDECAR_SUFFIX, checkpoint_name
@@ -27,6 +28,7 @@ def parse_point(text: str) -> tuple[str, int, int]:
     """'startup:0', 'features:N', 'clustering:N', 'train:E:B', 'report:E' or 'checkpoint:E'
     as (stage, N or E, B). startup: as `dcluster train` reads its config, before the run
     handles stop signals. N counts this process's DeepCluster feature passes / clusterings
+    (DeepCluster-v2's bank passes)
     from 0; E is the epoch, counted from 0 (the log's epoch E + 1), and B (from 1) the
     training batch this process was given in that epoch (counted over all the epoch's
     training passes: MMDC has two). report: inside epoch E's report, its line logged and its
@@ -59,6 +61,9 @@ def interrupt_at(text: str, send: Callable[[], None]) -> None:
     method = dcluster.methods.deepcluster.method
     method.extract_features = counting("features", method.extract_features)
     method.cluster_shards = counting("clustering", method.cluster_shards)
+    # DeepCluster-v2's feature pass: the bank's missing rows, one per epoch
+    v2 = dcluster.methods.deepclusterv2.method
+    v2.extract_features = counting("features", v2.extract_features)
     if stage == "train":
         _wrap_train_batches(lambda e, b: e == epoch and b == batch and send())
     if stage == "report":  # the harness numbers an epoch's assignments file from 1

@@ -12,7 +12,7 @@ import torch
 
 from dcluster.runtime.checkpoint import load_checkpoint, shard_path
 from dcluster.parallel.distributed import shard_bounds
-from dcluster.methods.deepcluster.feature_bank import STAMP_EPOCH, stamp_epoch
+from dcluster.runtime.feature_bank import STAMP_EPOCH, stamp_epoch
 from ranks import describe
 from reference_runs import (BANK, EPOCHS, IMAGES, Run, assert_same_run, new_dir, orders_of,
                             run_pair, train_args)

@@ -4,7 +4,6 @@ against hand computations, the lr schedule's landmarks, the multi-resolution for
 the config's validation."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from pathlib import Path
@@ -13,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.core.config import ConfigError, ModelConfig
-from dcluster.methods.deepclusterv2.config import DeepClusterV2Config, check
+from dcluster.core.config import ConfigError, DeepClusterV2Config, ModelConfig, load_config
 from dcluster.methods.deepclusterv2.lars import LARS, lars_param_groups
 from dcluster.methods.deepclusterv2.loss import prototype_loss
 from dcluster.methods.deepclusterv2.model import build
@@ -254,16 +252,18 @@ def test_a_linear_projection_and_sizes_a_body_cannot_pool_are_handled():
               view_sizes=[16])
 
 
-@pytest.mark.parametrize("change, named", [
-    (dict(temperature=0.0), "deepclusterv2.temperature"),
-    (dict(kmeans_iters=0), "deepclusterv2.kmeans_iters"),
-    (dict(prototypes=[]), "deepclusterv2.prototypes"),
-    (dict(prototypes=[3000, 1]), "deepclusterv2.prototypes"),
-    (dict(crops_for_assign=[0, 0]), "deepclusterv2.crops_for_assign"),
-    (dict(crops_for_assign=[-1]), "deepclusterv2.crops_for_assign"),
-    (dict(lars_eta=0.0), "deepclusterv2.lars_eta"),
+@pytest.mark.parametrize("override, named", [
+    ("deepclusterv2.temperature=0.0", "deepclusterv2.temperature"),
+    ("deepclusterv2.kmeans_iters=0", "deepclusterv2.kmeans_iters"),
+    ("deepclusterv2.prototypes=[]", "deepclusterv2.prototypes"),
+    ("deepclusterv2.prototypes=[3000,1]", "deepclusterv2.prototypes"),
+    ("deepclusterv2.crops_for_assign=[0,0]", "deepclusterv2.crops_for_assign"),
+    ("deepclusterv2.crops_for_assign=[-1]", "deepclusterv2.crops_for_assign"),
+    ("deepclusterv2.crops_for_assign=[0,1]", "deepclusterv2.crops_for_assign"),  # one view
+    ("deepclusterv2.lars_eta=0.0", "deepclusterv2.lars_eta"),
 ])
-def test_config_check_names_the_bad_key(change, named):
-    check(DeepClusterV2Config())  # the defaults pass
+def test_config_check_names_the_bad_key(override, named):
+    base = ["name=v2", "method=deepclusterv2", "deepclusterv2.crops_for_assign=[0]"]
+    load_config(None, base, check_paths=False)  # these pass
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        check(dataclasses.replace(DeepClusterV2Config(), **change))
+        load_config(None, [*base, override], check_paths=False)

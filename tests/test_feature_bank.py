@@ -1,4 +1,4 @@
-"""The feature bank of clustering.features=training_pass (dcluster/methods/deepcluster/feature_bank.py): rows
+"""The feature bank of clustering.features=training_pass (dcluster/runtime/feature_bank.py): rows
 routed across real gloo ranks to the rank that owns them, the newest draw kept, the rule for
 rows the sampler did not draw, its shard files read back by another number of ranks, and its
 reduced-precision storage against the float32 PCA subspace."""
@@ -17,7 +17,7 @@ from dcluster.parallel.collectives import Comm
 from dcluster.core.config import BankConfig, ClusteringConfig, ModelConfig
 from dcluster.parallel.distributed import Env, shard_bounds
 from dcluster.runtime.extract import ShardFeatures
-from dcluster.methods.deepcluster.feature_bank import (NEVER, STAMP_EPOCH, FeatureBank, TrainingFeatureTap,
+from dcluster.runtime.feature_bank import (NEVER, STAMP_EPOCH, FeatureBank, TrainingFeatureTap,
                                    stamp_epoch)
 from dcluster.models import build_model
 from dcluster.runtime.sampler import balanced_order, rank_slice

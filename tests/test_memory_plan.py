@@ -199,7 +199,7 @@ def test_a_failed_page_lock_is_an_error_naming_the_size():
 
 def test_a_bank_with_automatic_memory_lives_with_a_cpu_device():
     from dcluster.runtime.extract import ShardFeatures
-    from dcluster.methods.deepcluster.feature_bank import FeatureBank
+    from dcluster.runtime.feature_bank import FeatureBank
 
     bank = FeatureBank(10, Comm(Env(0, 1, 0, CPU)), BankConfig(), CPU)
     assert BankConfig().memory == "auto" and bank.storage is None

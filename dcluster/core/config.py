@@ -150,7 +150,7 @@ _BANK = ("clustering.features", "training_pass")  # the bank's keys change resul
 
 @dataclass
 class BankConfig:
-    """The feature bank of clustering.features=training_pass (dcluster/methods/deepcluster/feature_bank.py)."""
+    """The feature bank of clustering.features=training_pass (dcluster/runtime/feature_bank.py)."""
     max_age: int = key(1, "A row the training passes have not rewritten for more than this "
                        "many epochs is recomputed (centre crop, eval mode) before the "
                        "clustering; 1: every image the last epoch did not draw.", bounds="> 0",
@@ -298,6 +298,39 @@ class MMDCConfig:
                                  bounds=">= 1", when=_MMDC)
 
 
+_V2 = ("method", "deepclusterv2")  # its keys change results only then
+
+
+@dataclass
+class DeepClusterV2Config:
+    """DeepCluster-v2 (SwAV paper, appendix; dcluster/methods/deepclusterv2/): spherical
+    k-means of a memory bank of embeddings into frozen prototypes, predicted from every view
+    of an image. Defaults: swav's DeepCluster-v2 scripts (scripts/deepclusterv2_800ep_
+    pretrain.sh; its base lr 4.8 and weight decay 1e-6 are optim.lr and optim.weight_decay)."""
+    feat_dim: int = key(128, "Dimension of the L2-normalised embedding (the projection "
+                        "head's output).", bounds="> 0", when=_V2)
+    hidden_mlp: int = key(2048, "Hidden width of the projection head (Linear-BN-ReLU-"
+                          "Linear); 0: one Linear projection.", bounds=">= 0", when=_V2)
+    prototypes: list[int] = key([3000, 3000, 3000], "Clusters of each clustering head: one "
+                                "k-means and one frozen prototype layer per entry.", when=_V2)
+    temperature: float = key(0.1, "Prototype scores (cosines) are divided by it before the "
+                             "cross-entropy.", bounds="> 0", when=_V2)
+    kmeans_iters: int = key(10, "Iterations of each epoch's spherical k-means.",
+                            bounds=">= 1", when=_V2)
+    crops_for_assign: list[int] = key([0, 1], "The views whose embeddings fill the memory "
+                                      "bank; the heads take them in turn (head h clusters "
+                                      "view crops_for_assign[h % len]).", when=_V2)
+    warmup_epochs: int = key(10, "Epochs of linear lr warm-up from start_warmup to optim.lr.",
+                             bounds=">= 0", when=_V2)
+    start_warmup: float = key(0.3, "The lr at the first step of the warm-up.", bounds=">= 0",
+                              when=_V2)
+    final_lr: float = key(0.0048, "The lr the cosine decay ends at, at the last step.",
+                          bounds=">= 0", when=_V2)
+    lars_eta: float = key(0.001, "LARS trust coefficient: a weight's lr is scaled by "
+                          "eta * ||w|| / (||g|| + weight_decay * ||w||).", bounds="> 0",
+                          when=_V2)
+
+
 @execution_only
 @dataclass
 class KnnEvalConfig:
@@ -405,6 +438,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     mmdc: MMDCConfig = field(default_factory=MMDCConfig)
+    deepclusterv2: DeepClusterV2Config = field(default_factory=DeepClusterV2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -521,6 +555,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         check_key(cfg.clustering.features == "extra_pass", "clustering.features",
                   cfg.clustering.features, "training_pass is DeepCluster's (method=deepcluster); "
                   "MMDC assigns its targets from its own passes")
+    if cfg.method == "deepclusterv2":
+        validate_deepclusterv2(cfg)
     check_key(not cfg.eval.val_labels or bool(cfg.eval.val_path), "eval.val_labels",
               cfg.eval.val_labels, "labels the images of eval.val_path: set it too")
     check_key(cfg.slurm.signal_delay_s < cfg.slurm.time_min * 60, "slurm.signal_delay_s",
@@ -590,6 +626,23 @@ def validate_mmdc(cfg: Config) -> None:
     batch_key = "optim.global_batch" if cfg.optim.global_batch else "optim.batch_size"
     batch = cfg.optim.global_batch or cfg.optim.batch_size
     check_key(batch >= 2, batch_key, batch, "must be at least 2 for method=mmdc")
+
+
+def validate_deepclusterv2(cfg: Config) -> None:
+    """The list-valued keys a bound cannot express, and the views they name."""
+    v2 = cfg.deepclusterv2
+    check_key(len(v2.prototypes) > 0 and all(k >= 2 for k in v2.prototypes),
+              "deepclusterv2.prototypes", v2.prototypes,
+              "must hold at least one head, each of at least 2 clusters")
+    views = sum(group["count"] for group in cfg.data.crops) if cfg.data.crops else 1
+    check_key(len(v2.crops_for_assign) > 0 and len(set(v2.crops_for_assign)) ==
+              len(v2.crops_for_assign) and all(0 <= v < views for v in v2.crops_for_assign),
+              "deepclusterv2.crops_for_assign", v2.crops_for_assign,
+              f"must name at least one view, each once, by its position among the {views} "
+              "view(s) data.crops declares (0 = the first)")
+    check_key(cfg.clustering.features == "extra_pass", "clustering.features",
+              cfg.clustering.features, "training_pass is DeepCluster's (method=deepcluster); "
+              "DeepCluster-v2 always clusters its training pass's memory bank")
 
 
 def flatten(cfg: Config) -> dict[str, Any]:

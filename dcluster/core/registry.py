@@ -4,4 +4,4 @@ itself (its ``SPEC``); dcluster/methods/__init__.py collects them and checks tha
 these."""
 from __future__ import annotations
 
-METHOD_NAMES: tuple[str, ...] = ("deepcluster", "mmdc")
+METHOD_NAMES: tuple[str, ...] = ("deepcluster", "mmdc", "deepclusterv2")

@@ -4,10 +4,11 @@ export` build or rebuild for a config's ``method``."""
 from __future__ import annotations
 
 from dcluster.core.config import ConfigError
-from dcluster.methods import deepcluster, mmdc
+from dcluster.methods import deepcluster, deepclusterv2, mmdc
 from dcluster.methods.spec import MethodSpec
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (deepcluster.SPEC, mmdc.SPEC)}
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (deepcluster.SPEC, mmdc.SPEC,
+                                                               deepclusterv2.SPEC)}
 
 
 def method_spec(name: str) -> MethodSpec:

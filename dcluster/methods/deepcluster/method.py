@@ -8,7 +8,7 @@ inside them: nothing here knows whether the epoch is new or resumed.
 
 The features of my shard come from the paper's extra pass (clustering.features=extra_pass),
 or from the feature bank the last epoch's training forward filled (training_pass), with
-only its too-old rows recomputed (dcluster/methods/deepcluster/feature_bank.py).
+only its too-old rows recomputed (dcluster/runtime/feature_bank.py).
 
 Each step lives in its own module; this one wires them together. The same code runs for one
 process and for many: with one, every collective is the identity (dcluster/parallel/collectives.py).
@@ -30,7 +30,7 @@ from dcluster.core.config import Config, OptimConfig, check_key
 from dcluster.parallel.distributed import my_indices
 from dcluster.evaluation.network import Network
 from dcluster.runtime.extract import ShardFeatures, extract_features
-from dcluster.methods.deepcluster.feature_bank import FeatureBank, TrainingFeatureTap
+from dcluster.runtime.feature_bank import FeatureBank, TrainingFeatureTap
 from dcluster.runtime.context import RunContext
 from dcluster.core.metric_spec import Metric
 from dcluster.core.metrics import clustering_accuracy, nmi

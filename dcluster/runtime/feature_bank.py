@@ -1,6 +1,7 @@
-"""The feature bank of ``clustering.features=training_pass``: the clustering features the
-training forward already computed, so that an epoch needs no second pass over the data (the
-paper's extra pass takes about a third of an epoch; SwAV's DeepClusterV2 keeps such a bank).
+"""The feature bank: the features the training forward already computed, so that an epoch
+needs no second pass over the data to cluster them. DeepCluster's
+``clustering.features=training_pass`` keeps one (the paper's extra pass takes about a third
+of an epoch), and DeepCluster-v2 one per view it clusters (its memory bank).
 
 Rows are sharded across ranks by global index, exactly as the extra pass shards its images
 (contiguous ranges, distributed.shard_bounds), so the clustering stage reads the bank as it
@@ -26,7 +27,7 @@ ranks reads the overlapping parts of the old shards.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
@@ -117,12 +118,13 @@ class FeatureBank:
         self._outbox.release()
 
     @contextmanager
-    def recording(self, epoch: int, capacity: int, tap: "TrainingFeatureTap") -> Iterator[None]:
+    def recording(self, epoch: int, capacity: int,
+                  tap: Optional["TrainingFeatureTap"] = None) -> Iterator[None]:
         """Around a run of a training pass of at most ``capacity`` images: the outbox ready
-        and ``tap`` reading each forward (:meth:`record` takes what it read), then the rows'
+        (and ``tap``, if given, reading each forward for :meth:`record`), then the rows'
         delivery to the ranks that own them."""
         self.begin_pass(epoch, capacity)
-        with tap:
+        with tap if tap is not None else nullcontext():
             yield
         self.end_pass()
 
