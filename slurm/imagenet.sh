@@ -13,7 +13,8 @@
 #   IMAGENET       ImageNet's root [/datasets/imagenet]: train/ (class folders), val/ (the 50,000
 #                  images as they ship) and LOC_val_solution.csv (or pass eval.val_labels=...)
 #   PRESET         alexnet | vgg16 | resnet50 [resnet50]: configs/deepcluster_<PRESET>_imagenet.yaml
-#   RUNS_ROOT      where the run directory goes [runs]; on shared storage
+#   RUNS_ROOT      where the run directory goes [runs, under the current directory]; on shared
+#                  storage
 #   NAME           the run's name [deepcluster_<PRESET>_<SIZE>]
 #   TIME_MIN       minutes per job [4320 to train, requeued after it; 600 to evaluate]
 #
@@ -51,7 +52,7 @@ if [ -n "${DCLUSTER_VENV:-}" ]; then
     source "$DCLUSTER_VENV/bin/activate"
 fi
 PRESET=${PRESET:-resnet50}
-CONFIG="configs/deepcluster_${PRESET}_imagenet.yaml"
+CONFIG="$(cd "$(dirname "$0")/.." && pwd)/configs/deepcluster_${PRESET}_imagenet.yaml"
 IMAGENET=${IMAGENET:-/datasets/imagenet}
 RUNS_ROOT=${RUNS_ROOT:-runs}
 NAME=${NAME:-deepcluster_${PRESET}_${SIZE}}
