@@ -5,11 +5,12 @@ build, not a user on a cluster.
 What is checked, honestly:
 - ``cu13``: exactly README's command, ``pip install -c constraints.txt -e '.[cu13]'``, against
   the package index: torch 2.14.1 (CUDA 13.0) with its CUDA packages, FAISS, DALI, the rest.
-- ``cu12``: README installs torch from download.pytorch.org/whl/cu126, which CI cannot reach.
-  A metadata-only stand-in wheel ``torch 2.14.1+cu126`` (and ``torchvision 0.29.1+cu126``),
-  with no dependencies, takes its place: the check proves that the FAISS and DALI builds and
-  every other pin resolve beside that torch; the real cu126 wheel's own ``nvidia-*-cu12``
-  pins are not checked.
+- ``cu12``: README installs torch from download.pytorch.org/whl/cu126, which CI cannot reach,
+  then ``pip install -c constraints.txt -e '.[cu12]'``. A metadata-only stand-in wheel
+  ``torch 2.14.1+cu126`` (and ``torchvision 0.29.1+cu126``), with no dependencies, takes its
+  place, under constraints.txt and the stand-ins' pins: the check proves that the FAISS and
+  DALI builds and every other pin resolve beside that torch; the real cu126 wheel's own
+  ``nvidia-*-cu12`` pins are not checked.
 
 Exit 0 when every profile resolves, 1 (naming the profile and pip's last lines) otherwise.
 The last line of output is one JSON object (profile -> seconds, packages, key versions).
@@ -49,14 +50,16 @@ def stub_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] 
     return path
 
 
-def cu12_stand_ins(folder: Path) -> Path:
+def cu12_stand_ins(folder: Path, project: Path) -> Path:
     """The stand-in cu126 torch and torchvision wheels in ``folder``, and a constraints file
-    that selects them; returns the constraints file."""
+    that selects them under the project's constraints.txt (README's cu12 command passes it:
+    ``==2.14.1`` admits ``2.14.1+cu126``); returns the constraints file."""
     stub_wheel(folder, "torch", CU12_TORCH["torch"])
     stub_wheel(folder, "torchvision", CU12_TORCH["torchvision"],
                (f"torch=={CU12_TORCH['torch']}",))
     constraints = folder / "cu12-constraints.txt"
-    constraints.write_text("".join(f"{name}=={version}\n" for name, version in CU12_TORCH.items()))
+    constraints.write_text((project / "constraints.txt").read_text() + "".join(
+        f"{name}=={version}\n" for name, version in CU12_TORCH.items()))
     return constraints
 
 
@@ -93,7 +96,7 @@ def main() -> int:
         def run(profile: str) -> tuple[int, str, float]:
             pip_args = list(args.pip_args)
             if profile == "cu12":
-                constraints = cu12_stand_ins(folder)
+                constraints = cu12_stand_ins(folder, project)
                 pip_args += ["--find-links", str(folder)]
             else:
                 constraints = project / "constraints.txt"

@@ -184,3 +184,27 @@ def test_repository_paths_are_found_in_prose_and_commands():
 ])
 def test_github_slug(heading, slug):
     assert github_slug(heading) == slug
+
+
+def test_readme_demo_numbers_are_results_md_numbers():
+    """README quotes the demo (the epoch-40 line, the first and last epochs of the table);
+    docs/results.md holds the runs: the two must not drift apart (issue #32, item 7)."""
+    readme = README.read_text(encoding="utf-8")
+    results = (DOCS / "results.md").read_text(encoding="utf-8")
+    section = results.split("## The demo (`make demo`)", 1)[1].split("\n## ", 1)[0]
+
+    def row(label: str) -> list[str]:
+        [line] = [ln for ln in section.splitlines() if ln.startswith(f"| {label} |")]
+        return [cell.strip() for cell in line.strip("|").split("|")[1:]]
+
+    nmi, probe = row("NMI(classes) of the 30 clusters"), row("kmeans-C NMI (k=10 probe)")
+    quoted = re.search(r"NMI\(classes\) rose\s+from (\S+) at epoch 1 to (\S+) at epoch 40 and "
+                       r"the k = 10 probe from (\S+) to (\S+) ", readme)
+    assert quoted and list(quoted.groups()) == [nmi[0], nmi[-1], probe[0], probe[-1]]
+    # the epoch-40 line README shows is the other CPU's run results.md gives in its text
+    line = re.search(r"epoch 40/40 \| loss (\d\.\d{3})\d \|.*?NMI\(classes\) (\S+) .*?"
+                     r"kmeans-C NMI (\S+) ", readme.replace("\n", " "))
+    assert line, "README's epoch-40 line"
+    loss, nmi40, probe40 = line.groups()
+    assert re.search(rf"/ {loss}, NMI\(classes\) [\d. /]*{nmi40} and kmeans-C NMI\s[\d. /\n]*"
+                     rf"{probe40} at the same epochs", section), (loss, nmi40, probe40)

@@ -115,7 +115,8 @@ DALI_BUILDS = {
 PROFILES = {
     "cpu": "pip install -c constraints.txt -e '.[cpu]'",
     "cu12": ("pip install torch==2.14.1 torchvision==0.29.1 --index-url "
-             "https://download.pytorch.org/whl/cu126 && pip install -e '.[cu12]'"),
+             "https://download.pytorch.org/whl/cu126 && "
+             "pip install -c constraints.txt -e '.[cu12]'"),
     "cu13": "pip install -c constraints.txt -e '.[cu13]'",
 }
 
