@@ -263,7 +263,8 @@ def test_a_linear_projection_and_sizes_a_body_cannot_pool_are_handled():
     ("deepclusterv2.lars_eta=0.0", "deepclusterv2.lars_eta"),
 ])
 def test_config_check_names_the_bad_key(override, named):
-    base = ["name=v2", "method=deepclusterv2", "deepclusterv2.crops_for_assign=[0]"]
+    base = ["name=v2", "data.path=/nowhere", "method=deepclusterv2",
+            "deepclusterv2.crops_for_assign=[0]"]
     load_config(None, base, check_paths=False)  # these pass
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config(None, [*base, override], check_paths=False)

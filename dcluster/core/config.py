@@ -298,7 +298,9 @@ class MMDCConfig:
                                  bounds=">= 1", when=_MMDC)
 
 
-_V2 = ("method", "deepclusterv2")  # its keys change results only then
+# its keys change results only under method=deepclusterv2, and came with it (e8dd5d4): the
+# method did not exist before, so their legacy values are their defaults
+_V2_KEY: dict[str, Any] = {"when": ("method", "deepclusterv2"), "since": "e8dd5d4"}
 
 
 @dataclass
@@ -308,27 +310,29 @@ class DeepClusterV2Config:
     of an image. Defaults: swav's DeepCluster-v2 scripts (scripts/deepclusterv2_800ep_
     pretrain.sh; its base lr 4.8 and weight decay 1e-6 are optim.lr and optim.weight_decay)."""
     feat_dim: int = key(128, "Dimension of the L2-normalised embedding (the projection "
-                        "head's output).", bounds="> 0", when=_V2)
+                        "head's output).", bounds="> 0", **_V2_KEY, legacy=128)
     hidden_mlp: int = key(2048, "Hidden width of the projection head (Linear-BN-ReLU-"
-                          "Linear); 0: one Linear projection.", bounds=">= 0", when=_V2)
+                          "Linear); 0: one Linear projection.", bounds=">= 0", **_V2_KEY,
+                          legacy=2048)
     prototypes: list[int] = key([3000, 3000, 3000], "Clusters of each clustering head: one "
-                                "k-means and one frozen prototype layer per entry.", when=_V2)
+                                "k-means and one frozen prototype layer per entry.",
+                                **_V2_KEY, legacy=[3000, 3000, 3000])
     temperature: float = key(0.1, "Prototype scores (cosines) are divided by it before the "
-                             "cross-entropy.", bounds="> 0", when=_V2)
+                             "cross-entropy.", bounds="> 0", **_V2_KEY, legacy=0.1)
     kmeans_iters: int = key(10, "Iterations of each epoch's spherical k-means.",
-                            bounds=">= 1", when=_V2)
-    crops_for_assign: list[int] = key([0, 1], "The views whose embeddings fill the memory "
-                                      "bank; the heads take them in turn (head h clusters "
-                                      "view crops_for_assign[h % len]).", when=_V2)
+                            bounds=">= 1", **_V2_KEY, legacy=10)
+    crops_for_assign: list[int] = key([0, 1], "The views (positions among data.crops') whose "
+                                      "embeddings fill the memory banks, one bank each; head "
+                                      "h clusters bank h % len.", **_V2_KEY, legacy=[0, 1])
     warmup_epochs: int = key(10, "Epochs of linear lr warm-up from start_warmup to optim.lr.",
-                             bounds=">= 0", when=_V2)
+                             bounds=">= 0", **_V2_KEY, legacy=10)
     start_warmup: float = key(0.3, "The lr at the first step of the warm-up.", bounds=">= 0",
-                              when=_V2)
+                              **_V2_KEY, legacy=0.3)
     final_lr: float = key(0.0048, "The lr the cosine decay ends at, at the last step.",
-                          bounds=">= 0", when=_V2)
+                          bounds=">= 0", **_V2_KEY, legacy=0.0048)
     lars_eta: float = key(0.001, "LARS trust coefficient: a weight's lr is scaled by "
                           "eta * ||w|| / (||g|| + weight_decay * ||w||).", bounds="> 0",
-                          when=_V2)
+                          **_V2_KEY, legacy=0.001)
 
 
 @execution_only
