@@ -97,7 +97,7 @@ CASES = [
     # two ranks, epoch 1: signalled as its 3rd training batch is read, stopped after it
     (2, "train:1:3", (1, 4), "inside epoch 2, after its iteration 3"),
     # two ranks, epoch 1's bank pass: a stop between two steps redoes the epoch
-    (2, "features:1", (1, 0), "at the start of epoch 2"),
+    (2, "features:1", (1, 0), "after epoch 1"),
     # one process, epoch 0: after its 5th training batch
     (1, "train:0:5", (0, 6), "inside epoch 1, after its iteration 5"),
 ]

@@ -38,7 +38,7 @@ def mmdc_run(digits_subset, runs):
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="dcluster")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    add_parser(parser.add_subparsers(dest="command", required=True), METHODS)
     args = parser.parse_args(list(argv))
     return args.func(args)
 
