@@ -148,7 +148,9 @@ def test_each_view_draws_its_groups_scale_from_its_own_key():
     ("[{size: 24, count: 0, scale: [0.1, 1.0]}]", "data.crops[0].count", "at least 1"),
     ("[{size: 24, count: 2}]", "data.crops[0]", "size, count and scale"),
     ("[{size: 24, count: 2, scale: [0.1, 1.0], ratio: 1}]", "data.crops[0]", "size, count"),
-], ids=["min-above-max", "zero-min", "max-above-1", "size", "count", "no-scale", "unknown"])
+    ("[{size: 24, count: 2, scale: [0.1, 1.0]}, 3]", "data.crops[1]", "must be a mapping"),
+], ids=["min-above-max", "zero-min", "max-above-1", "size", "count", "no-scale", "unknown",
+        "not-a-mapping"])
 def test_a_bad_crops_value_is_one_line_naming_its_key(crops, key, why, tmp_path, capsys):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
         load_config(None, [f"data.path={tmp_path}", "name=x", f"data.crops={crops}"])
@@ -159,6 +161,13 @@ def test_a_bad_crops_value_is_one_line_naming_its_key(crops, key, why, tmp_path,
     [line] = [line for line in err.splitlines() if ": error: " in line]
     assert f"'{key}'" in line and why in line, line
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_group_in_a_yaml_file_is_named_too(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("data:\n  crops: [{size: 24, count: 2, scale: [0.1, 1.0]}, 7]\n")
+    with pytest.raises(ConfigError, match=re.escape("preset.yaml: config key 'data.crops[1]' = 7")):
+        load_config(preset, [f"data.path={tmp_path}", "name=x"])
 
 
 def test_crops_and_crop_sides_are_not_combined(tmp_path):
