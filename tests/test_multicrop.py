@@ -14,7 +14,7 @@ from dcluster.data import FolderSource
 from dcluster.data.crops import Augmentation, sample_crop, sample_generator, training_views
 from dcluster.data.dali_loader import DaliPipelines
 from dcluster.data.torchvision_loader import TorchvisionPipelines
-from images import write_photo_tree
+from images import jpeg_bytes, photo, write_photo_tree
 
 CROP = 24
 CLASSES = {"ant": 4, "bee": 5, "cat": 4}  # 13 images: batches of 4 leave a partial one
@@ -183,3 +183,22 @@ def test_a_good_crops_value_loads_as_plain_groups(tmp_path):
     assert cfg.data.crops == [{"size": 224, "count": 2, "scale": [0.14, 1.0]},
                               {"size": 96, "count": 6, "scale": [0.05, 0.14]}]
     assert [v.size for v in training_views(cfg.data)] == [224] * 2 + [96] * 6
+
+
+def test_an_image_only_dali_rejects_leaves_every_view_of_the_others(tmp_path):
+    """After DALI fails a batch, decoding it image by image keeps each view of the good ones."""
+    root = write_photo_tree(tmp_path / "photos", {"a": 5})
+    data = jpeg_bytes(photo(3))
+    dht = data.find(b"\xff\xc4")  # the counts of the first Huffman table zeroed
+    (root / "a" / "900_huffman.jpg").write_bytes(data[:dht + 5] + bytes(16) + data[dht + 21:])
+    pipes = DaliPipelines(FolderSource(root), config(root, 2, crops=GROUPS,
+                                                     max_bad_fraction=0.5), 0)
+    broken = pipes.source.relpaths.index("a/900_huffman.jpg")
+    order = [0, broken, 1, 2, broken, 3, 4]
+    views, batches, indices = views_of(pipes, order, epoch=0, batch_size=3)
+    assert [b.indices.tolist() for b in batches] == [[0, 1], [2, 3], [4]]
+    assert [b.next_position for b in batches] == [3, 6, 7]
+    assert list(pipes.bad_indices) == [broken]
+    assert [tuple(v.shape) for v in views] == [(5, 3, s, s) for s in SIZES]
+    clean, _, _ = views_of(pipes, order, epoch=0, batch_size=1)
+    assert all(torch.equal(a, b) for a, b in zip(views, clean))
