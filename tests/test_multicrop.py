@@ -14,7 +14,7 @@ from dcluster.data import FolderSource
 from dcluster.data.crops import Augmentation, sample_crop, sample_generator, training_views
 from dcluster.data.dali_loader import DaliPipelines
 from dcluster.data.torchvision_loader import TorchvisionPipelines
-from images import write_photo_tree
+from images import jpeg_bytes, photo, write_photo_tree
 
 CROP = 24
 CLASSES = {"ant": 4, "bee": 5, "cat": 4}  # 13 images: batches of 4 leave a partial one
@@ -148,7 +148,9 @@ def test_each_view_draws_its_groups_scale_from_its_own_key():
     ("[{size: 24, count: 0, scale: [0.1, 1.0]}]", "data.crops[0].count", "at least 1"),
     ("[{size: 24, count: 2}]", "data.crops[0]", "size, count and scale"),
     ("[{size: 24, count: 2, scale: [0.1, 1.0], ratio: 1}]", "data.crops[0]", "size, count"),
-], ids=["min-above-max", "zero-min", "max-above-1", "size", "count", "no-scale", "unknown"])
+    ("[{size: 24, count: 2, scale: [0.1, 1.0]}, 3]", "data.crops[1]", "must be a mapping"),
+], ids=["min-above-max", "zero-min", "max-above-1", "size", "count", "no-scale", "unknown",
+        "not-a-mapping"])
 def test_a_bad_crops_value_is_one_line_naming_its_key(crops, key, why, tmp_path, capsys):
     with pytest.raises(ConfigError, match=re.escape(f"'{key}'")):
         load_config(None, [f"data.path={tmp_path}", "name=x", f"data.crops={crops}"])
@@ -159,6 +161,13 @@ def test_a_bad_crops_value_is_one_line_naming_its_key(crops, key, why, tmp_path,
     [line] = [line for line in err.splitlines() if ": error: " in line]
     assert f"'{key}'" in line and why in line, line
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_group_in_a_yaml_file_is_named_too(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("data:\n  crops: [{size: 24, count: 2, scale: [0.1, 1.0]}, 7]\n")
+    with pytest.raises(ConfigError, match=re.escape("preset.yaml: config key 'data.crops[1]' = 7")):
+        load_config(preset, [f"data.path={tmp_path}", "name=x"])
 
 
 def test_crops_and_crop_sides_are_not_combined(tmp_path):
@@ -174,3 +183,22 @@ def test_a_good_crops_value_loads_as_plain_groups(tmp_path):
     assert cfg.data.crops == [{"size": 224, "count": 2, "scale": [0.14, 1.0]},
                               {"size": 96, "count": 6, "scale": [0.05, 0.14]}]
     assert [v.size for v in training_views(cfg.data)] == [224] * 2 + [96] * 6
+
+
+def test_an_image_only_dali_rejects_leaves_every_view_of_the_others(tmp_path):
+    """After DALI fails a batch, decoding it image by image keeps each view of the good ones."""
+    root = write_photo_tree(tmp_path / "photos", {"a": 5})
+    data = jpeg_bytes(photo(3))
+    dht = data.find(b"\xff\xc4")  # the counts of the first Huffman table zeroed
+    (root / "a" / "900_huffman.jpg").write_bytes(data[:dht + 5] + bytes(16) + data[dht + 21:])
+    pipes = DaliPipelines(FolderSource(root), config(root, 2, crops=GROUPS,
+                                                     max_bad_fraction=0.5), 0)
+    broken = pipes.source.relpaths.index("a/900_huffman.jpg")
+    order = [0, broken, 1, 2, broken, 3, 4]
+    views, batches, indices = views_of(pipes, order, epoch=0, batch_size=3)
+    assert [b.indices.tolist() for b in batches] == [[0, 1], [2, 3], [4]]
+    assert [b.next_position for b in batches] == [3, 6, 7]
+    assert list(pipes.bad_indices) == [broken]
+    assert [tuple(v.shape) for v in views] == [(5, 3, s, s) for s in SIZES]
+    clean, _, _ = views_of(pipes, order, epoch=0, batch_size=1)
+    assert all(torch.equal(a, b) for a, b in zip(views, clean))

@@ -476,12 +476,31 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         name = f"{err.full_key}" if getattr(err, "full_key", None) else str(err)
         raise ConfigError(f"{source}: unknown config key '{name}'{_did_you_mean(name)}") from None
     except ValidationError as err:
+        item = _list_item(other, str(err.full_key))
+        if item is not None:  # OmegaConf names a bad item of a list by its position alone
+            listed = item[0].split("[")[0]
+            raise ConfigError(f"{source}: config key '{item[0]}' = {item[1]!r}: must be a "
+                              f"mapping ({listed} is {_expected_type(listed)})") from None
         raise ConfigError(
             f"{source}: key '{err.full_key}' has value {err.value!r} of the wrong type "
             f"(expected {_expected_type(str(err.full_key))})"
         ) from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {err}") from None
+
+
+def _list_item(other: Any, position: str) -> Optional[tuple[str, Any]]:
+    """('data.crops[1]', its value) for an error OmegaConf names only '1': the first item at
+    that position, not a mapping, of a list of mappings that ``other`` sets."""
+    if not position.isdigit():
+        return None
+    set_keys = flatten_mapping(OmegaConf.to_container(OmegaConf.create(other)))  # type: ignore
+    for name, declared in declarations(Config).items():
+        value = set_keys.get(name)
+        if (declared.type.startswith("list[dict") and isinstance(value, list)
+                and int(position) < len(value) and not isinstance(value[int(position)], dict)):
+            return f"{name}[{position}]", value[int(position)]
+    return None
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),

@@ -124,8 +124,8 @@ def square_box(rng: np.random.Generator, height: int, width: int,
 def resized_crop_box(rng: np.random.Generator, height: int, width: int,
                      min_scale: float, max_scale: float = 1.0) -> tuple[int, int, int, int]:
     """(top, left, height, width) of RandomResizedCrop: area fraction uniform in
-    (min_scale, max_scale), aspect ratio log-uniform in RATIO_RANGE, retried until the box fits, with
-    the centre crop clamped to RATIO_RANGE as the fallback."""
+    (min_scale, max_scale), aspect ratio log-uniform in RATIO_RANGE, retried until the box
+    fits, with the centre crop clamped to RATIO_RANGE as the fallback."""
     area = height * width
     log_ratio = (math.log(RATIO_RANGE[0]), math.log(RATIO_RANGE[1]))
     box = None

@@ -8,6 +8,9 @@ same per-sample generator as the torchvision loader (``transforms.sample_crop`` 
 in batch mode (``feed_input``), so the batches are exactly our batches: the partial last one
 included, nothing padded, nothing reordered. DALI then decodes (nvJPEG on a GPU process,
 libjpeg-turbo on CPU; one graph, a device choice), crops, resizes, flips and normalises.
+With multi-crop (``data.crops``) the training graph decodes each image once and has one output
+per view, each cut from its own fed window (anchor0, shape0, mirror0, anchor1...; the
+generator keyed by the view number too, as MultiViewTransform's).
 
 Fed ahead: the reader threads read and check the bytes of the next ``_PREFETCH`` batches in
 the background while DALI decodes the ``_PREFETCH`` batches it was handed (its prefetch queue
