@@ -158,4 +158,3 @@ def test_a_format_4_mid_epoch_checkpoint_resumes_to_the_same_weights(straight, s
     resumed = train(small_demo_config("name=periodic", "epochs=3"))
     assert resumed.history[-1]["epoch"] == 3.0
     assert_same_weights(final_weights(straight), final_weights(resumed))
-
