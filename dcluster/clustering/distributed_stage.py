@@ -222,8 +222,8 @@ def pca_whiten_l2(features: Features, indices: np.ndarray, n_images: int,
                   device: Optional[torch.device] = None) -> ReducedRows:
     """The paper's preprocessing of every rank's features of its shard (rows of
     ``features``, an array or a tensor on any device, belong to the global ``indices``):
-    PCA to ``cfg.pca_dim`` fitted on all ranks' rows, whitening, L2 normalisation; call on
-    every rank. ``device`` is this rank's device: the PCA runs there, on rows streamed from
+    PCA to ``cfg.pca_dim`` fitted on all ranks' rows, whitening and L2 normalisation (each
+    as ``cfg`` asks: ``whiten``, ``l2_normalize``); call on every rank. ``device`` is this rank's device: the PCA runs there, on rows streamed from
     host memory if the memory plan put them there (default: where the rows are). gather mode
     stacks the reduced rows on rank 0 (:func:`gather_reduced`), sharded mode leaves each
     rank its own."""
