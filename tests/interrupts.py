@@ -60,7 +60,7 @@ def interrupt_at(text: str, send: Callable[[], None]) -> None:
         _call_first(dcluster.core.config, "load_config", lambda *args, **kwargs: send())
     method = dcluster.methods.deepcluster.method
     method.extract_features = counting("features", method.extract_features)
-    method.cluster_shards = counting("clustering", method.cluster_shards)
+    method.kmeans = counting("clustering", method.kmeans)
     # DeepCluster-v2's feature pass: the bank's missing rows, one per epoch
     v2 = dcluster.methods.deepclusterv2.method
     v2.extract_features = counting("features", v2.extract_features)
@@ -96,15 +96,15 @@ def record_orders(directory: Path, rank: int) -> None:
             out.write(" ".join(map(str, indices.tolist())) + "\n")
 
     _wrap_train_batches(lambda e, b: None, note)
-    cluster_shards = dcluster.methods.deepcluster.method.cluster_shards
+    kmeans = dcluster.methods.deepcluster.method.kmeans
 
     def noting_clustering(*args, **kwargs):
-        result = cluster_shards(*args, **kwargs)
+        result = kmeans(*args, **kwargs)
         with open(directory / f"clusterings-rank{rank}.txt", "a") as out:
             out.write(f"{result.backend}\n")
         return result
 
-    dcluster.methods.deepcluster.method.cluster_shards = noting_clustering
+    dcluster.methods.deepcluster.method.kmeans = noting_clustering
 
 
 def clusterings(directory: Path, rank: int = 0) -> int:

@@ -189,7 +189,7 @@ def sampled_stage_worker(out: Path, comm: Comm) -> None:
     cfg = dataclasses.replace(STAGE_CFG, pca_sample=300)
     gathered = gather_reduced(features, indices, N_IMAGES, cfg, comm, seed=11)
     if comm.is_main:
-        np.save(out / f"sampled_matrix_{comm.world_size}.npy", gathered[0])
+        np.save(out / f"sampled_matrix_{comm.world_size}.npy", gathered.rows)
 
 
 def test_sampled_pca_fit_is_the_same_on_two_ranks_as_on_one(tmp_path):
@@ -231,8 +231,8 @@ def run_stage(out: Path, comm: Comm) -> None:
         np.save(out / f"{mode}_labels_rank{comm.rank}.npy", result.labels)
     gathered = gather_reduced(features, indices, N_IMAGES, STAGE_CFG, comm)
     if comm.is_main:
-        np.save(out / "matrix.npy", gathered[0])
-        np.save(out / "indices.npy", np.flatnonzero(gathered[1]))
+        np.save(out / "matrix.npy", gathered.rows)
+        np.save(out / "indices.npy", np.flatnonzero(gathered.present))
 
 
 def test_two_ranks_gather_the_same_matrix_and_labels_as_one(tmp_path):

@@ -132,3 +132,18 @@ def test_kmeans_labels_helper_matches_run_kmeans():
     x, _ = blobs(3, 600)
     np.testing.assert_array_equal(kmeans_labels(x, 3, seed=5, niter=7, device="cpu"),
                                   run_kmeans(x, 3, seed=5, niter=7, device="cpu").labels)
+
+
+def test_a_chosen_backend_is_used_as_it_is_without_detecting_the_machine(monkeypatch):
+    """A run resolves its backend once (DeepCluster.__init__) and passes the Backend down:
+    run_kmeans then neither detects the hardware nor checks FAISS's build again, and clusters
+    as it does from the config's strings."""
+    import dcluster.clustering.kmeans as kmeans
+
+    x, _ = blobs(3, 600)
+    chosen = kmeans.machine_backend("torch", "cpu")
+    from_strings = run_kmeans(x, 3, seed=5, niter=7, device="cpu", backend="torch")
+    monkeypatch.setattr(kmeans, "detect", lambda: pytest.fail("the machine detected again"))
+    result = run_kmeans(x, 3, seed=5, niter=7, backend=chosen)
+    assert result.backend == from_strings.backend
+    np.testing.assert_array_equal(result.labels, from_strings.labels)

@@ -16,12 +16,13 @@ import dcluster.clustering.assign as assign
 import dcluster.clustering.kmeans as kmeans
 from dcluster.clustering.assign import TorchAssign, faiss_cpu
 from dcluster.clustering.backend import Backend, BackendError, choose_backend
-from dcluster.clustering.distributed_stage import cluster_shards
+from dcluster.clustering.distributed_stage import cluster_shards, pca_whiten_l2
+from dcluster.clustering.distributed_stage import kmeans as stage_kmeans
 from dcluster.clustering.engine import lloyd
 from dcluster.clustering.kmeans import assigner_for, run_kmeans
 from dcluster.parallel.collectives import Comm
 from dcluster.core.config import ClusteringConfig
-from dcluster.parallel.distributed import shard_bounds
+from dcluster.parallel.distributed import Env, shard_bounds
 from dcluster.parallel.hardware import FAISS_BUILDS, GPU
 from dcluster.core.metrics import nmi
 from ranks import spawn_ranks
@@ -128,6 +129,25 @@ def test_backends_agree_in_gather_and_sharded_mode_over_gloo_ranks(tmp_path, wor
         faiss_run, torch_run = run["faiss"][0], run["torch"][0]
         assert nmi(faiss_run["labels"], torch_run["labels"]) >= 0.999
         assert abs(float(torch_run["objective"]) / float(faiss_run["objective"]) - 1) <= 1e-3
+
+
+@pytest.mark.parametrize("mode", ["gather", "sharded"])
+def test_the_stage_in_two_steps_with_the_runs_backend_detects_nothing(monkeypatch, mode):
+    """DeepCluster's clustering step, pca_whiten_l2 then kmeans with the Backend its run
+    resolved once: the labels of the one-call stage from the config's strings, and no
+    hardware detection on the way."""
+    x = points(600)
+    cfg = ClusteringConfig(k=8, pca_dim=16, niter=5, pca_sample=0, device="cpu",
+                           backend="torch", mode=mode)
+    comm, indices = Comm(Env(0, 1, 0, CPU)), np.arange(len(x))
+    reference = cluster_shards(x, indices, len(x), cfg, comm, seed=3, device=CPU)
+    chosen = kmeans.machine_backend(cfg.backend, cfg.device)
+    monkeypatch.setattr(kmeans, "detect", lambda: pytest.fail("the machine detected again"))
+    reduced = pca_whiten_l2(x, indices, len(x), cfg, comm, seed=3, device=CPU)
+    assert reduced.mode == mode and reduced.rows.shape == (len(x), 16)
+    result = stage_kmeans(reduced, cfg, comm, seed=3, device=CPU, backend=chosen)
+    assert np.array_equal(result.labels, reference.labels)
+    assert result.objective == reference.objective
 
 
 def test_empty_clusters_are_split_identically_on_every_rank(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from dcluster.clustering.backend import Backend
 from dcluster.runtime.checkpoint import load_checkpoint, save_checkpoint
 from dcluster.cli import main
 from dcluster.core.config import load_config
@@ -25,9 +26,14 @@ def straight(demo_digits, tmp_path_factory):
                             "epochs=3"))
 
 
-def test_two_epochs_end_to_end(small_demo_config):
+def test_two_epochs_end_to_end(small_demo_config, monkeypatch):
     cfg = small_demo_config()
+    chosen, given = record_kmeans_backends(monkeypatch)
     result = train(cfg)
+    # the hardware and FAISS's build detected once, when the method was built, and that
+    # Backend given to every clustering of the run
+    assert len(chosen) == 1 and len(given) == 2
+    assert all(backend is chosen[0] for backend in given)
     assert [h["epoch"] for h in result.history] == [1.0, 2.0]
     for h in result.history:
         assert np.isfinite(h["loss"]) and 0.0 <= h["nmi_classes"] <= 1.0
@@ -44,6 +50,27 @@ def test_two_epochs_end_to_end(small_demo_config):
     assert mlflow_run.data.params["clustering.k"] == "10"
     assert {"loss", "nmi_classes", "nmi_prev", "objective"} <= mlflow_run.data.metrics.keys()
     assert (run / "plots" / "nmi_curves.png").stat().st_size > 0
+
+
+def record_kmeans_backends(monkeypatch) -> tuple[list[Backend], list[Backend]]:
+    """The Backends DeepCluster chooses (machine_backend) and those its clusterings get."""
+    import dcluster.methods.deepcluster.method as method
+
+    chosen: list[Backend] = []
+    given: list[Backend] = []
+    machine_backend, kmeans = method.machine_backend, method.kmeans
+
+    def choosing(*args):
+        chosen.append(machine_backend(*args))
+        return chosen[-1]
+
+    def clustering(x, cfg, comm, seed, device, backend):
+        given.append(backend)
+        return kmeans(x, cfg, comm, seed, device, backend)
+
+    monkeypatch.setattr(method, "machine_backend", choosing)
+    monkeypatch.setattr(method, "kmeans", clustering)
+    return chosen, given
 
 
 def test_resume_reproduces_the_uninterrupted_run(small_demo_config, straight):

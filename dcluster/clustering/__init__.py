@@ -2,7 +2,8 @@
 
 Preprocessing follows the paper's section 3.4: PCA to 256 dimensions, whitening, L2
 normalisation, then k-means on every point (the engine: engine.py). The epoch's stage, with
-that preprocessing across ranks, is :func:`dcluster.clustering.distributed_stage.cluster_shards`; it hands the
+that preprocessing across ranks, is :func:`dcluster.clustering.distributed_stage.pca_whiten_l2`
+then :func:`dcluster.clustering.distributed_stage.kmeans`, which in gather mode hands rank 0's
 reduced vectors to :func:`cluster_reduced` here.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from dcluster.clustering.backend import Backend
 from dcluster.clustering.engine import Clustering
 from dcluster.clustering.kmeans import run_kmeans
 from dcluster.clustering.kmeanspp import kmeanspp_centroids
@@ -26,15 +28,18 @@ __all__ = ["Clustering", "cluster_reduced", "kmeans_labels"]
 
 
 def cluster_reduced(x: np.ndarray, cfg: ClusteringConfig, seed: int,
-                    own_device: Optional[torch.device] = None) -> Clustering:
+                    own_device: Optional[torch.device] = None,
+                    backend: Optional[Backend] = None) -> Clustering:
     """Pseudo-labels of the rows of ``x``, vectors already reduced (PCA, whitening, L2) by
     the stage; ``seed`` seeds k-means (the stage passes a different one each epoch). k-means
-    assigns on ``own_device`` (this process's device), or on the node's GPUs with
+    assigns with ``backend`` (the run's, resolved once; default: chosen from ``cfg`` for this
+    call) on ``own_device`` (this process's device), or on the node's GPUs with
     ``clustering.gpus=node``."""
     if cfg.method == "kmeans":
         result = run_kmeans(x, cfg.k, seed=seed, niter=cfg.niter,
                             max_points_per_centroid=cfg.max_points_per_centroid,
-                            device=cfg.device, backend=cfg.backend, own_device=own_device,
+                            device=cfg.device, backend=cfg.backend if backend is None else backend,
+                            own_device=own_device,
                             node_gpus=cfg.gpus == "node")
     elif cfg.method == "pic":
         pic = run_pic(x, sigma=cfg.pic.sigma, alpha=cfg.pic.alpha, knn=cfg.pic.knn,

@@ -14,6 +14,10 @@ Raw features never move: a 4096-d row is 16 times a 256-d one. Instead:
    or PIC and broadcasts the N labels. sharded mode: Lloyd iterations across the ranks
    (the same engine, engine.py), and the ranks exchange their labels.
 
+Steps 1-3 (and the gather of step 4) are :func:`pca_whiten_l2`, the clustering of step 4 is
+:func:`kmeans`: the paper's section 3.4 as two calls, with :class:`ReducedRows`, the reduced
+rows where the mode leaves them, between them. :func:`cluster_shards` is the two in one.
+
 Features may be numpy arrays or torch tensors on any device (the feature pass leaves them
 on the GPU that computed them); the PCA runs where they are, and only the reduced 256-d rows
 reach host memory, where the assignment backends and the collectives take them. While rank 0
@@ -28,14 +32,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
 
 from dcluster.clustering import cluster_reduced
 from dcluster.clustering.assign import release_torch_gpu_cache
+from dcluster.clustering.backend import Backend
 from dcluster.clustering.engine import Clustering
 from dcluster.clustering.kmeans import run_kmeans
 from dcluster.clustering.pca import (Features, PCAStats, PCATransform, as_rows, column_sums,
@@ -179,18 +185,77 @@ def broadcast_transform(fitted: Optional[PCATransform], dim: int, out_dim: int, 
     return fitted
 
 
+@dataclass
+class ReducedRows:
+    """The stage's vectors between its two steps (PCA, whitening, L2 done; not yet
+    clustered), where the mode leaves them, with what :func:`kmeans` needs to give every rank
+    the N labels. No raw feature row is in it.
+
+    gather mode: ``rows`` is rank 0's stacked matrix of every rank's rows in global index
+    order and ``present`` the images they belong to (bool (N,)); both None on the other
+    ranks, which only wait for the labels. sharded mode: ``rows`` are this rank's own rows
+    and ``indices`` their global indices (its labels go back to those images)."""
+    mode: Literal["gather", "sharded"]
+    rows: Optional[np.ndarray]
+    n_images: int
+    present: Optional[np.ndarray] = None  # gather mode, rank 0
+    indices: Optional[np.ndarray] = None  # sharded mode
+
+
+@contextmanager
+def stage_step() -> Iterator[None]:
+    """The numerics and memory of each step of the stage: full float32
+    (:func:`full_float32`) inside, and the cached GPU memory given back after it, also on an
+    exception: the step's blocks and resident rows are garbage then, and the memory goes back
+    to the GPU before FAISS, training or the monitor's search allocates. After
+    :func:`pca_whiten_l2` in gather mode this is what leaves the waiting ranks' GPUs to rank
+    0's k-means (``clustering.gpus=node``)."""
+    try:
+        with full_float32():
+            yield
+    finally:
+        release_torch_gpu_cache()
+
+
+def pca_whiten_l2(features: Features, indices: np.ndarray, n_images: int,
+                  cfg: ClusteringConfig, comm: Comm, seed: int = 0,
+                  device: Optional[torch.device] = None) -> ReducedRows:
+    """The paper's preprocessing of every rank's features of its shard (rows of
+    ``features``, an array or a tensor on any device, belong to the global ``indices``):
+    PCA to ``cfg.pca_dim`` fitted on all ranks' rows, whitening and L2 normalisation (each
+    as ``cfg`` asks: ``whiten``, ``l2_normalize``); call on every rank. ``device`` is this rank's device: the PCA runs there, on rows streamed from
+    host memory if the memory plan put them there (default: where the rows are). gather mode
+    stacks the reduced rows on rank 0 (:func:`gather_reduced`), sharded mode leaves each
+    rank its own."""
+    with stage_step():
+        if cfg.mode == "sharded":
+            _, x, transform = shared_transform(features, cfg, comm, seed, device)
+            return ReducedRows("sharded", reduce_rows(x, transform, cfg), n_images,
+                               indices=indices)
+        return gather_reduced(features, indices, n_images, cfg, comm, seed, device)
+
+
+def shared_transform(features: Features, cfg: ClusteringConfig, comm: Comm, seed: int,
+                     device: Optional[torch.device]
+                     ) -> tuple[RowLayout, Features, PCATransform]:
+    """The ranks' row layout, this rank's rows as (n, dim) and the transform every rank
+    applies (:func:`fit_shared_transform`): what both modes start from."""
+    layout = row_layout(features, comm)
+    x = rows_of(features, layout)
+    return layout, x, fit_shared_transform(x, layout, cfg, comm, seed, device)
+
+
 def gather_reduced(features: Features, indices: np.ndarray, n_images: int,
                    cfg: ClusteringConfig, comm: Comm, seed: int = 0,
-                   device: Optional[torch.device] = None) -> Optional[tuple[np.ndarray, np.ndarray]]:
+                   device: Optional[torch.device] = None) -> ReducedRows:
     """Reduce every rank's rows and stack them on rank 0 in global index order, with the mask
-    of the images they belong to (bool (N,)); None on the other ranks. Rank 0 writes its own
-    rows straight into the stacked matrix, so its peak is that matrix (N x 256 float32) or the
-    d x d statistics before it, never both. Only the vectors travel, not their indices: each
-    rank owns a known contiguous shard, so naming the few images it has no row for suffices."""
-    layout = row_layout(features, comm)
+    of the images they belong to (bool (N,)); both None on the other ranks. Rank 0 writes its
+    own rows straight into the stacked matrix, so its peak is that matrix (N x 256 float32) or
+    the d x d statistics before it, never both. Only the vectors travel, not their indices:
+    each rank owns a known contiguous shard, so naming the few images it has no row for
+    suffices."""
     present = present_mask(indices, n_images, comm)
-    x = rows_of(features, layout)
-    transform = fit_shared_transform(x, layout, cfg, comm, seed, device)  # d x d stats freed
+    layout, x, transform = shared_transform(features, cfg, comm, seed, device)  # d x d freed
     stacked = own = None
     if comm.is_main:
         release_freed_host_memory()
@@ -198,13 +263,12 @@ def gather_reduced(features: Features, indices: np.ndarray, n_images: int,
         own = stacked[: layout.counts[0]]
     reduced = reduce_rows(x, transform, cfg, out=own)
     stacked = comm.gather_rows(reduced, layout.counts, stacked)
-    if stacked is None:
-        return None
-    release_freed_host_memory()  # the gather rounds' buffers
-    log.debug("gathered %d x %d vectors on rank 0 (%.1f MB, %.1f MB of them from other ranks)",
-              *stacked.shape, stacked.nbytes / 1e6,
-              (layout.total - layout.counts[0]) * stacked.shape[1] * 4 / 1e6)
-    return stacked, present
+    if stacked is not None:
+        release_freed_host_memory()  # the gather rounds' buffers
+        log.debug("gathered %d x %d vectors on rank 0 (%.1f MB, %.1f MB of them from other "
+                  "ranks)", *stacked.shape, stacked.nbytes / 1e6,
+                  (layout.total - layout.counts[0]) * stacked.shape[1] * 4 / 1e6)
+    return ReducedRows("gather", stacked, n_images, present=present)
 
 
 def present_mask(indices: np.ndarray, n_images: int, comm: Comm) -> Optional[np.ndarray]:
@@ -275,52 +339,44 @@ def _libc() -> Optional[ctypes.CDLL]:
 
 
 def sharded_kmeans(x: np.ndarray, k: int, seed: int, cfg: ClusteringConfig, comm: Comm,
-                   device: torch.device) -> Clustering:
+                   device: torch.device, backend: Optional[Backend] = None) -> Clustering:
     """k-means of every rank's rows ``x`` (float32, host memory), each rank assigning its own
-    on its ``device`` with the configured backend (never its peers' GPUs, whatever
-    ``clustering.gpus``); the labels are this rank's rows'."""
-    return run_kmeans(x, k, seed=seed, niter=cfg.niter, device=cfg.device, backend=cfg.backend,
-                      comm=comm, own_device=device)
+    on its ``device`` with ``backend`` (the run's, resolved once; default: chosen from
+    ``cfg`` for this call), never on its peers' GPUs, whatever ``clustering.gpus``; the labels
+    are this rank's rows'."""
+    return run_kmeans(x, k, seed=seed, niter=cfg.niter, device=cfg.device,
+                      backend=cfg.backend if backend is None else backend, comm=comm,
+                      own_device=device)
 
 
-def cluster_shards(features: Features, indices: np.ndarray, n_images: int,
-                   cfg: ClusteringConfig, comm: Comm, seed: int,
-                   device: torch.device) -> Clustering:
-    """Pseudo-labels of all N images from every rank's features of its shard (rows of
-    ``features``, an array or a tensor on any device, belong to the global ``indices``); call
-    on every rank. ``device`` is this rank's device: the PCA runs there, on rows streamed
-    from host memory if the memory plan put them there, and sharded mode assigns on it. The
-    stage runs in full float32 (:func:`full_float32`). The result is the same on every rank;
-    its labels are the N images', -1 for those without a row."""
-    try:
-        with full_float32():
-            return _cluster_shards(features, indices, n_images, cfg, comm, seed, device)
-    finally:
-        # the stage's blocks and resident rows are garbage now: their cached memory goes
-        # back to the GPU before training (or the monitor's FAISS search) allocates
-        release_torch_gpu_cache()
+def kmeans(x: ReducedRows, cfg: ClusteringConfig, comm: Comm, seed: int,
+           device: Optional[torch.device] = None,
+           backend: Optional[Backend] = None) -> Clustering:
+    """The pseudo-labels of all N images from the reduced rows of :func:`pca_whiten_l2`:
+    ``cfg.k``-means (or PIC, ``clustering.method=pic``, in gather mode) seeded by ``seed``;
+    call on every rank. gather mode: rank 0 clusters the stacked rows while the other ranks
+    wait on the host, then broadcasts; sharded mode: Lloyd iterations across the ranks, each
+    assigning its own rows on its ``device``. ``backend`` is the run's k-means backend,
+    resolved once (default: chosen from ``cfg`` for this call). The result is the same on
+    every rank; its labels are the N images', -1 for those without a row."""
+    with stage_step():
+        if x.mode == "sharded":
+            result = sharded_kmeans(x.rows, cfg.k, seed, cfg, comm, device, backend)
+            result.labels = spread_labels(result.labels, x.indices, x.n_images, comm)
+            return result
+        return clustered_on_rank0(x, cfg, comm, seed, device, backend)
 
 
-def _cluster_shards(features: Features, indices: np.ndarray, n_images: int,
-                    cfg: ClusteringConfig, comm: Comm, seed: int,
-                    device: torch.device) -> Clustering:
-    if cfg.mode == "sharded":
-        layout = row_layout(features, comm)
-        x = rows_of(features, layout)
-        reduced = reduce_rows(x, fit_shared_transform(x, layout, cfg, comm, seed, device), cfg)
-        result = sharded_kmeans(reduced, cfg.k, seed, cfg, comm, device)
-        result.labels = spread_labels(result.labels, indices, n_images, comm)
-        return result
-    gathered = gather_reduced(features, indices, n_images, cfg, comm, seed, device)
-    labels = np.empty(n_images, dtype=np.int64)
+def clustered_on_rank0(x: ReducedRows, cfg: ClusteringConfig, comm: Comm, seed: int,
+                       device: Optional[torch.device], backend: Optional[Backend]) -> Clustering:
+    """gather mode's clustering: rank 0 clusters its stacked rows, every rank receives the N
+    labels and the result's statistics."""
+    labels = np.empty(x.n_images, dtype=np.int64)
     result = None
-    if gathered is None:
-        release_torch_gpu_cache()  # with clustering.gpus=node, rank 0's k-means runs here
-    else:
-        stacked, present = gathered
-        result = cluster_reduced(stacked, cfg, seed, device)
+    if x.rows is not None:
+        result = cluster_reduced(x.rows, cfg, seed, device, backend)
         labels.fill(-1)
-        labels[present] = result.labels
+        labels[x.present] = result.labels
         result.labels = None  # the N labels travel apart, as an array
     # on the host: an NCCL broadcast would occupy the waiting ranks' GPUs for the
     # minutes rank 0's k-means works on them
@@ -329,3 +385,13 @@ def _cluster_shards(features: Features, indices: np.ndarray, n_images: int,
     result = host.broadcast_object(result)
     result.labels = labels
     return result
+
+
+def cluster_shards(features: Features, indices: np.ndarray, n_images: int,
+                   cfg: ClusteringConfig, comm: Comm, seed: int,
+                   device: torch.device, backend: Optional[Backend] = None) -> Clustering:
+    """The whole stage in one call, :func:`pca_whiten_l2` then :func:`kmeans` (both seeded
+    by ``seed``), for callers that do not need the reduced rows in between (the benchmarks,
+    the tests). The reduced rows are freed when it returns."""
+    return kmeans(pca_whiten_l2(features, indices, n_images, cfg, comm, seed, device), cfg,
+                  comm, seed, device, backend)

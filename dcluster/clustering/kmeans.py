@@ -26,7 +26,7 @@ from dcluster.parallel.hardware import detect
 log = logging.getLogger(__name__)
 
 __all__ = ["as_points", "available_gpus", "resolve_gpus", "flat_l2_index", "machine_backend",
-           "machine_backend_rows", "assigner_for", "run_kmeans"]
+           "resolve_backend", "machine_backend_rows", "assigner_for", "run_kmeans"]
 
 
 def available_gpus() -> int:
@@ -54,9 +54,17 @@ def flat_l2_index(d: int, ngpu: int) -> faiss.Index:
 
 
 def machine_backend(backend: str = "auto", device: str = "auto") -> Backend:
-    """:func:`choose_backend` for this machine's GPUs and FAISS build."""
+    """:func:`choose_backend` for this machine's GPUs and FAISS build: a detection of the
+    hardware and of FAISS's build, which a run does once (DeepCluster's method) and then
+    passes the :class:`Backend` down."""
     hw = detect()
     return choose_backend(backend, device, hw.gpus, hw.faiss, available_gpus())
+
+
+def resolve_backend(backend: str | Backend, device: str = "auto") -> Backend:
+    """``backend`` as it is when already chosen (a run's, resolved once: ``device`` is in it
+    then), else :func:`machine_backend` for ``clustering.backend`` and ``device``."""
+    return backend if isinstance(backend, Backend) else machine_backend(backend, device)
 
 
 def machine_backend_rows(backend: str = "auto", device: str = "auto") -> list[tuple[str, str]]:
@@ -95,7 +103,7 @@ def assigner_for(x: np.ndarray, backend: Backend, own_device: Optional[torch.dev
 
 def run_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
                max_points_per_centroid: int = 0, device: str = "auto",
-               init: Optional[np.ndarray] = None, backend: str = "auto",
+               init: Optional[np.ndarray] = None, backend: str | Backend = "auto",
                comm: Optional[Comm] = None, own_device: Optional[torch.device] = None,
                node_gpus: bool = False) -> Clustering:
     """Cluster the rows of ``x`` into ``k`` groups; with ``comm``, the union of every rank's
@@ -106,11 +114,13 @@ def run_kmeans(x: np.ndarray, k: int, *, seed: int, niter: int = 20,
     on a random k * max_points_per_centroid of them, as FAISS would by default. ``seed``
     seeds the initial centroids and the splits; callers vary it per epoch so that
     clusterings are not correlated through their initialisation. ``init`` (k, d), if given,
-    replaces the random initial centroids (k-means++ seeds, say: see kmeanspp.py)."""
+    replaces the random initial centroids (k-means++ seeds, say: see kmeanspp.py).
+    ``backend`` is ``clustering.backend`` (chosen for ``device`` on this machine at each
+    call) or an already chosen :class:`Backend`, used as it is (:func:`resolve_backend`)."""
     x = as_points(x)
     if comm is None and x.shape[0] == 0:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k} for 0 points")
-    chosen = machine_backend(backend, device)
+    chosen = resolve_backend(backend, device)
     data = assigner_for(x, chosen, own_device, node_gpus)
     log.debug("k-means backend: %s (%s)", data.name, chosen.reason)
     return lloyd(data, k, niter=niter, seed=seed, comm=comm, init=init,

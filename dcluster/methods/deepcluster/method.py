@@ -1,6 +1,6 @@
 """DeepCluster (Caron et al., ECCV 2018, section 3) on the run harness. One epoch, top to bottom (stages()):
 
-    features of my shard -> PCA/whiten/L2 + k-means across ranks -> fresh head
+    features of my shard -> PCA/whiten/L2 -> k-means across ranks -> fresh head
     -> balanced order, my slice -> train (DDP) -> (the harness:) report -> checkpoint
 
 The harness runs these stages (stages.py), and stops, checkpoints and resumes between and
@@ -23,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dcluster.clustering.distributed_stage import (cluster_shards, global_mean, row_layout,
-                                                   rows_of, sharded_kmeans, spread_labels)
+from dcluster.clustering.backend import Backend
+from dcluster.clustering.distributed_stage import (global_mean, kmeans, pca_whiten_l2,
+                                                   row_layout, rows_of, sharded_kmeans,
+                                                   spread_labels)
+from dcluster.clustering.kmeans import machine_backend
 from dcluster.clustering.pca import l2_normalize
 from dcluster.core.config import Config, OptimConfig, check_key
 from dcluster.parallel.distributed import my_indices
@@ -75,6 +78,9 @@ class DeepCluster:
         self.body_optimizer = body_optimizer(self.model, cfg.optim, lr, env.device)
         self.head = Head(self.model, lambda params: sgd(params, cfg.optim, lr, env.device))
         self.net: nn.Module = self.model
+        # the hardware and FAISS's build detected once for the run (the start-up log's
+        # "k-means backend" row, dcluster/train.py), not at every clustering
+        self.kmeans_backend = machine_backend(cfg.clustering.backend, cfg.clustering.device)
         self.bank: Optional[FeatureBank] = None
         self.shard: Optional[ShardFeatures] = None  # the features the clustering step clusters
         # an epoch clusters the features it starts with (the extra pass), or those of the
@@ -130,12 +136,15 @@ class DeepCluster:
         self.shard = self.features_to_cluster(epoch.number, epoch.metrics)
 
     def cluster(self, epoch: Epoch) -> None:
-        """2. PCA/whitening/L2 and k-means across ranks: every rank gets all N labels, and a
-        fresh head for them."""
+        """2. The paper's section 3.4 across ranks: PCA to 256 dimensions, whitening and L2
+        normalisation of every rank's rows, then k-means: every rank gets all N labels, and
+        a fresh head for them."""
         ctx, cfg, shard, metrics = self.ctx, self.ctx.cfg, self.shard, epoch.metrics
-        result = cluster_shards(shard.features, shard.indices, len(ctx.source), cfg.clustering,
-                                ctx.comm, derived_seed(cfg.seed, epoch.number, "kmeans"),
-                                ctx.device)
+        seed = derived_seed(cfg.seed, epoch.number, "kmeans")
+        x = pca_whiten_l2(shard.features, shard.indices, len(ctx.source), cfg.clustering,
+                          ctx.comm, seed, ctx.device)
+        result = kmeans(x, cfg.clustering, ctx.comm, seed, ctx.device, self.kmeans_backend)
+        del x  # gather mode: rank 0's N x 256 matrix, not to sit beside the probe's rows
         ctx.clusters.update(result.labels, result.n_clusters, epoch.number)
         metrics.update(objective=result.objective, n_clusters=result.n_clusters,
                        n_empty=result.n_empty, n_reseeded=result.n_reseeded,
@@ -144,7 +153,8 @@ class DeepCluster:
                   result.backend, result.n_clusters, result.objective, result.n_empty,
                   result.n_reseeded)
         if cfg.eval.class_kmeans and ctx.source.targets is not None:
-            metrics.update(class_probe(shard, ctx.source.targets, ctx, epoch.number))
+            metrics.update(class_probe(shard, ctx.source.targets, ctx, epoch.number,
+                                       self.kmeans_backend))
         self.shard = None
         # drawn from (seed, epoch) so it is the same on every rank, and re-wrapped so that
         # DDP synchronises it
@@ -236,17 +246,18 @@ class Head:
 
 
 def class_probe(shard: ShardFeatures, targets: np.ndarray, ctx: RunContext,
-                epoch: int) -> dict[str, float]:
+                epoch: int, backend: Backend) -> dict[str, float]:
     """k-means with k = number of classes on this epoch's features (centred, L2-normalised,
     not whitened: whitening lifts noise directions to unit variance), scored against the
     classes. A label-free measure of feature quality that, unlike NMI of the pseudo-labels,
-    does not depend on k. Sharded k-means, so the raw features stay on their ranks."""
+    does not depend on k. Sharded k-means (with the run's ``backend``), so the raw features
+    stay on their ranks."""
     comm, cfg = ctx.comm, ctx.cfg
     x = rows_of(shard.host_features(), row_layout(shard.features, comm))
     x = l2_normalize(x - global_mean(x, comm))
     n_classes = int(targets.max()) + 1
     km = sharded_kmeans(x, n_classes, derived_seed(cfg.seed, epoch, "probe"), cfg.clustering,
-                        comm, ctx.device)
+                        comm, ctx.device, backend)
     pred = spread_labels(km.labels, shard.indices, len(targets), comm)
     keep = pred >= 0
     return {"probe_nmi": nmi(pred[keep], targets[keep]),

@@ -22,7 +22,7 @@ import torch
 
 from dcluster.clustering.assign import as_points
 from dcluster.clustering.engine import Clustering, lloyd
-from dcluster.clustering.kmeans import assigner_for, machine_backend
+from dcluster.clustering.kmeans import assigner_for, resolve_backend
 from dcluster.parallel.collectives import Comm
 
 UNIT_TOLERANCE = 1e-3
@@ -48,5 +48,5 @@ def spherical_kmeans(x: np.ndarray, k: int, *, iters: int, seed: int,
     if not np.all(np.abs(norms - 1.0) <= UNIT_TOLERANCE):
         worst = float(norms[np.argmax(np.abs(norms - 1.0))])
         raise ValueError(f"spherical k-means needs L2-normalised rows; a row has norm {worst:.6g}")
-    data = assigner_for(x, machine_backend(backend, device), own_device)
+    data = assigner_for(x, resolve_backend(backend, device), own_device)
     return lloyd(data, k, niter=iters, seed=seed, comm=comm, init=init, spherical=True)
