@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcluster.clustering.distributed_stage import spread_labels
+from dcluster.clustering.kmeans import machine_backend
 from dcluster.core.config import BankConfig, Config, ConfigError, check_key
 from dcluster.core.metric_spec import Metric
 from dcluster.core.metrics import nmi
@@ -100,20 +101,22 @@ class DeepClusterV2:
         n_images = len(ctx.source)
         self.mine = my_indices(n_images, env)
         model: nn.Module = build(cfg.model, v2, cfg.data.crop_size, view_sizes(cfg))
-        if env.world_size > 1 and env.device.type == "cuda":
-            # statistics over the global batch, as swav's; SyncBatchNorm runs on GPUs only
-            # (torch/nn/modules/batchnorm.py: "expected input tensor to be on GPU")
+        # statistics over the global batch, as swav's; SyncBatchNorm runs on GPUs only
+        # (torch/nn/modules/batchnorm.py: "expected input tensor to be on GPU")
+        synced = env.world_size > 1 and env.device.type == "cuda"
+        if synced:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model: DeepClusterV2Net = ctx.execution.prepare(model)
         log.info("DeepCluster-v2: %d images, %d view(s) %s, heads %s, embedding %d, "
                  "BatchNorm %s", n_images, len(view_sizes(cfg)), view_sizes(cfg),
-                 v2.prototypes, v2.feat_dim, "synchronised across ranks"
-                 if isinstance(model, nn.SyncBatchNorm) or env.device.type == "cuda"
-                 and env.world_size > 1 else "per rank")
+                 v2.prototypes, v2.feat_dim, "synchronised across ranks" if synced
+                 else "per rank")
         self.optimizer = LARS(lars_param_groups(self.model), lr=ctx.batch.lr,
                               momentum=cfg.optim.momentum,
                               weight_decay=cfg.optim.weight_decay, eta=v2.lars_eta)
         self.net = data_parallel(self.model, env, cfg=cfg.distributed)
+        # what assigns the banks' rows to centroids: chosen once for the run
+        self.kmeans_backend = machine_backend(cfg.clustering.backend, cfg.clustering.device)
         self.banks = [FeatureBank(n_images, ctx.comm, BANK, env.device)
                       for _ in v2.crops_for_assign]
         self.assignments = Assignments(len(v2.prototypes), n_images)
@@ -175,8 +178,7 @@ class DeepClusterV2:
             result = spherical_kmeans(
                 shard.host_features(), k, iters=v2.kmeans_iters,
                 seed=derived_seed(ctx.cfg.seed, epoch.number, "kmeans", head), comm=ctx.comm,
-                backend=ctx.cfg.clustering.backend, device=ctx.cfg.clustering.device,
-                own_device=ctx.device)
+                backend=self.kmeans_backend, own_device=ctx.device)
             self.model.set_prototypes(head, result.centroids)
             labels = spread_labels(result.labels, shard.indices, n_images, ctx.comm)
             self.assignments.labels[head] = np.where(labels >= 0, labels, UNASSIGNED)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dcluster.clustering.assign import as_points
+from dcluster.clustering.backend import Backend
 from dcluster.clustering.engine import Clustering, lloyd
 from dcluster.clustering.kmeans import assigner_for, resolve_backend
 from dcluster.parallel.collectives import Comm
@@ -32,7 +33,7 @@ bank) are within it; an unset bank row (zeros) or unnormalised features are not.
 
 def spherical_kmeans(x: np.ndarray, k: int, *, iters: int, seed: int,
                      comm: Optional[Comm] = None, init: Optional[np.ndarray] = None,
-                     backend: str = "auto", device: str = "auto",
+                     backend: str | Backend = "auto", device: str = "auto",
                      own_device: Optional[torch.device] = None) -> Clustering:
     """Spherical k-means of the union of every rank's unit rows ``x`` ((n_local, d),
     n_local may be 0) into ``k`` clusters; with ``comm`` call it on every rank with the same
