@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -74,6 +75,18 @@ def run_pair(patches: list[str], args: list[str], logs: Path) -> list[RankOutcom
     port = free_port()
     return run_ranks([rank_command(*patches, *args)] * 2,
                      [torchrun_env(r, 2, "127.0.0.1", port) for r in range(2)], logs)
+
+
+def start_run(ranks: int, args: list[str], orders: Path, logs: Path,
+              interrupt: Optional[str] = None) -> list[RankOutcome]:
+    """The run in one process or as two ranks, recording their training orders; rank 0
+    sends itself SIGUSR2 at ``interrupt``."""
+    patches = ["--record-orders", str(orders)]
+    if interrupt:
+        patches = ["--interrupt", interrupt, *patches]
+    if ranks == 1:
+        return [run_single(rank_command(*patches, *args), logs)]
+    return run_pair(patches, args, logs)
 
 
 def interrupted_command(point: str, signame: str, orders: Path, args: list[str]) -> list[str]:

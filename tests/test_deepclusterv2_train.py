@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
 from dcluster.runtime.checkpoint import load_checkpoint, shard_path
-from ranks import RankOutcome, describe, rank_command
+from ranks import describe
 from reference_runs import (IMAGES, Run, assert_same_run, new_dir, orders_of, reference_run,
-                            run_pair, run_single)
+                            start_run)
 
 EPOCHS = 2
 BATCH = 32
@@ -112,10 +111,10 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(ranks, point, checkpo
     name = "stopped"
     args = v2_args(digits_subset, tmp_path / "runs", name)
     run = Run(tmp_path / "runs" / name, new_dir(tmp_path / "orders"), EPOCHS)
-    stopped = start(ranks, args, run.orders, tmp_path / "stopped", interrupt=point)
+    stopped = start_run(ranks, args, run.orders, tmp_path / "stopped", interrupt=point)
     assert [o.returncode for o in stopped] == [140] * ranks, describe(stopped)
     assert run.checkpoint_names()[-1] == run.checkpoint(*checkpoint).name, run.checkpoint_names()
-    resumed = start(ranks, args, run.orders, tmp_path / "resumed")
+    resumed = start_run(ranks, args, run.orders, tmp_path / "resumed")
     assert [o.returncode for o in resumed] == [0] * ranks, describe(resumed)
     assert f"resuming from {run.checkpoint(*checkpoint).resolve()} {resume_log}" in \
         resumed[0].output, resumed[0].output[-4000:]
@@ -123,13 +122,3 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_result(ranks, point, checkpo
     assert np.array_equal(run.final()["assignments"]["labels"],
                           reference.final()["assignments"]["labels"])
     assert_same_banks(reference, run, ranks)
-
-
-def start(ranks: int, args: list[str], orders: Path, logs: Path,
-          interrupt: Optional[str] = None) -> list[RankOutcome]:
-    patches = ["--record-orders", str(orders)]
-    if interrupt:
-        patches = ["--interrupt", interrupt, *patches]
-    if ranks == 1:
-        return [run_single(rank_command(*patches, *args), logs)]
-    return run_pair(patches, args, logs)

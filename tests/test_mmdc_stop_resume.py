@@ -11,17 +11,14 @@ in two. Signals are sent by rank 0 to itself before a chosen training batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
 
 from dcluster.runtime.checkpoint import load_checkpoint
-from ranks import RankOutcome, describe, rank_command
+from ranks import describe
 from reference_runs import (IMAGES, MMDC_EPOCHS, MMDC_OPTIMIZERS, MMDC_RANK_BATCHES, MMDC_REFINE,
-                            Run, assert_same_run, mmdc_train_args, new_dir, orders_of, run_pair,
-                            run_single)
+                            Run, assert_same_run, mmdc_train_args, new_dir, orders_of, start_run)
 
 EPOCHS = MMDC_EPOCHS + MMDC_REFINE
 
@@ -68,7 +65,7 @@ def test_a_stopped_mmdc_run_resumes_to_the_uninterrupted_result(case, request, d
     args = mmdc_train_args(digits_subset, tmp_path / "runs", name)
     run = Run(tmp_path / "runs" / name, new_dir(tmp_path / "orders"), EPOCHS)
 
-    stopped = start(case.ranks, args, run.orders, tmp_path / "stopped", interrupt=case.point)
+    stopped = start_run(case.ranks, args, run.orders, tmp_path / "stopped", interrupt=case.point)
     assert [o.returncode for o in stopped] == [140] * case.ranks, describe(stopped)
     epoch, step = case.checkpoint
     checkpoint = run.checkpoint(epoch, step)
@@ -80,20 +77,8 @@ def test_a_stopped_mmdc_run_resumes_to_the_uninterrupted_result(case, request, d
     # the targets merged from every rank's own images: still a permutation of the draws
     assert np.array_equal(np.sort(payload["targets"]["assignment"]), np.arange(IMAGES))
 
-    resumed = start(case.ranks, args, run.orders, tmp_path / "resumed")
+    resumed = start_run(case.ranks, args, run.orders, tmp_path / "resumed")
     assert [o.returncode for o in resumed] == [0] * case.ranks, describe(resumed)
     assert f"resuming from {checkpoint.resolve()} {case.resume_log}" in resumed[0].output, \
         resumed[0].output[-4000:]
     assert_same_run(reference, run, MMDC_OPTIMIZERS)
-
-
-def start(ranks: int, args: list[str], orders: Path, logs: Path,
-          interrupt: Optional[str] = None) -> list[RankOutcome]:
-    """The run in one process or as two ranks, recording their training orders; rank 0
-    sends itself SIGUSR2 at ``interrupt``."""
-    patches = ["--record-orders", str(orders)]
-    if interrupt:
-        patches = ["--interrupt", interrupt, *patches]
-    if ranks == 1:
-        return [run_single(rank_command(*patches, *args), logs)]
-    return run_pair(patches, args, logs)

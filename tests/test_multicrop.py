@@ -173,7 +173,7 @@ def test_a_bad_group_in_a_yaml_file_is_named_too(tmp_path):
 def test_crops_and_crop_sides_are_not_combined(tmp_path):
     with pytest.raises(ConfigError, match="'data.crops'.*crop_sides"):
         load_config(None, [f"data.path={tmp_path}", "name=x", "data.crop_sides=[16]",
-                           f"data.crops=[{{size: 24, count: 2, scale: [0.1, 1.0]}}]"])
+                           "data.crops=[{size: 24, count: 2, scale: [0.1, 1.0]}]"])
 
 
 def test_a_good_crops_value_loads_as_plain_groups(tmp_path):
