@@ -1,4 +1,5 @@
-"""The run harness: what a training run does whatever its method (DeepCluster, MMDC).
+"""The run harness: what a training run does whatever its method (DeepCluster, MMDC,
+DeepCluster-v2).
 
 It owns the run directory, the data, resuming (newest valid checkpoint, a named one, or
 never), the RNG streams, the epoch's stages with their stop points and checkpoints, the epoch
