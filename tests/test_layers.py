@@ -149,3 +149,30 @@ def test_every_method_folder_is_a_choice_of_the_config_and_declares_itself():
                      for path in (REPO / "dcluster" / "methods").glob("*/__init__.py"))
     assert sorted(METHODS) == folders and tuple(METHODS) == METHOD_NAMES
     assert all(spec.name == name for name, spec in METHODS.items())
+
+
+# where a shared module may still name a method: the config schema's method sections and the
+# choices of the key `method` (docs/architecture.md, "Layers")
+NAMES_METHODS = {"dcluster/core/config.py", "dcluster/core/registry.py"}
+
+
+def names_a_method(path: Path, methods: tuple[str, ...]) -> list[str]:
+    """Where ``path`` names a method: a string equal to its name, or an attribute of that name
+    (``cfg.mmdc``): "file:line"."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        named = (node.value if isinstance(node, ast.Constant) and isinstance(node.value, str)
+                 else node.attr if isinstance(node, ast.Attribute) else None)
+        if named in methods:
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def test_no_shared_module_names_a_method():
+    from dcluster.core.registry import METHOD_NAMES
+
+    shared = [path for path in sorted(REPO.glob("dcluster/**/*.py"))
+              if "methods" not in path.relative_to(REPO).parts
+              and str(path.relative_to(REPO)) not in NAMES_METHODS]
+    assert [hit for path in shared for hit in names_a_method(path, METHOD_NAMES)] == []
+    assert names_a_method(REPO / "dcluster" / "core" / "config.py", METHOD_NAMES)  # it sees one
