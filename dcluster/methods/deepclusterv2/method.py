@@ -38,7 +38,6 @@ from dcluster.methods.deepclusterv2.loss import UNASSIGNED, prototype_loss
 from dcluster.methods.deepclusterv2.model import DeepClusterV2Net, build
 from dcluster.methods.deepclusterv2.schedule import lr_at
 from dcluster.methods.deepclusterv2.spherical_kmeans import spherical_kmeans
-from dcluster.parallel.distributed import my_indices
 from dcluster.runtime.context import RunContext
 from dcluster.runtime.extract import extract_features
 from dcluster.runtime.feature_bank import FeatureBank
@@ -99,7 +98,6 @@ class DeepClusterV2:
         self.ctx, self.v2 = ctx, v2
         self.epochs = cfg.epochs
         n_images = len(ctx.source)
-        self.mine = my_indices(n_images, env)
         model: nn.Module = build(cfg.model, v2, cfg.data.crop_size, view_sizes(cfg))
         # statistics over the global batch, as swav's; SyncBatchNorm runs on GPUs only
         # (torch/nn/modules/batchnorm.py: "expected input tensor to be on GPU")
