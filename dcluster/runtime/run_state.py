@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
+from dcluster.core.batch import BatchPlan
 from dcluster.runtime.checkpoint import CheckpointError, load_shard
 from dcluster.core.config_settings import describe_changes, recorded_settings, setting_changes
 from dcluster.runtime.optimize import EpochProgress
