@@ -1,9 +1,10 @@
 """DeepCluster-v2 on the run harness, with real `dcluster train` processes: a tiny run (400
 digits, 3 multi-crop views, 2 heads, 2 epochs) on two gloo ranks trains on disjoint slices of
 one order, and a stop signal at each kind of stop point of its epoch (during the bank's
-feature pass, before a training step, in one process and on two ranks) checkpoints where the
-epoch stands; the same command then ends with the uninterrupted run's weights (prototypes
-included), LARS momentum, assignments, memory banks, epoch records and training orders."""
+feature pass, before a training step) checkpoints where the epoch stands; the same command
+then ends with the uninterrupted run's weights (prototypes included), LARS momentum,
+assignments, memory banks, epoch records and training orders. Two ranks only: one process
+is the same harness, which the MMDC and DeepCluster tests stop and resume in one process."""
 from __future__ import annotations
 
 import math
@@ -35,14 +36,6 @@ def v2_args(data: Path, runs: Path, name: str) -> list[str]:
             "{size: 16, count: 1, scale: [0.25, 0.6]}]",
             "tracking.enabled=false", "tracking.plots=false", "threads=1",
             "distributed.timeout_s=60", "checkpoint.keep_last=100"]
-
-
-@pytest.fixture(scope="module")
-def v2_reference(digits_subset, tmp_path_factory) -> Run:
-    """The tiny run never stopped, one process."""
-    tmp = tmp_path_factory.mktemp("v2_reference")
-    return reference_run(tmp, v2_args(digits_subset, tmp / "runs", "v2_reference"),
-                         "v2_reference", 1, EPOCHS)
 
 
 @pytest.fixture(scope="module")
@@ -92,22 +85,20 @@ def assert_same_banks(reference: Run, run: Run, ranks: int) -> None:
         assert np.array_equal(stamps, want_stamps) and torch.equal(rows, want_rows)
 
 
+RANKS = 2
 CASES = [
-    # two ranks, epoch 1: signalled as its 3rd training batch is read, stopped after it
-    (2, "train:1:3", (1, 4), "inside epoch 2, after its iteration 3"),
-    # two ranks, epoch 1's bank pass: a stop between two steps redoes the epoch
-    (2, "features:1", (1, 0), "after epoch 1"),
-    # one process, epoch 0: after its 5th training batch
-    (1, "train:0:5", (0, 6), "inside epoch 1, after its iteration 5"),
+    # epoch 1: signalled as its 3rd training batch is read, stopped after it
+    ("train:1:3", (1, 4), "inside epoch 2, after its iteration 3"),
+    # epoch 1's bank pass: a stop between two steps redoes the epoch
+    ("features:1", (1, 0), "after epoch 1"),
 ]
 
 
-@pytest.mark.parametrize("ranks, point, checkpoint, resume_log", CASES,
-                         ids=[f"{c[0]}ranks-{c[1]}" for c in CASES])
-def test_a_stopped_run_resumes_to_the_uninterrupted_result(ranks, point, checkpoint, resume_log,
-                                                           request, digits_subset, tmp_path):
-    reference: Run = request.getfixturevalue(
-        "v2_pair_reference" if ranks == 2 else "v2_reference")
+@pytest.mark.parametrize("point, checkpoint, resume_log", CASES, ids=[c[0] for c in CASES])
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(point, checkpoint, resume_log,
+                                                           v2_pair_reference, digits_subset,
+                                                           tmp_path):
+    reference, ranks = v2_pair_reference, RANKS
     name = "stopped"
     args = v2_args(digits_subset, tmp_path / "runs", name)
     run = Run(tmp_path / "runs" / name, new_dir(tmp_path / "orders"), EPOCHS)
