@@ -15,7 +15,7 @@ from dcluster.core.config import Config
 from dcluster.parallel.distributed import detect_env, process_group
 from dcluster.parallel.hardware import require_fitting_build
 from dcluster.harness import RunResult, run_method
-from dcluster.methods import method_spec
+from dcluster.methods import METHODS
 from dcluster.runtime.stop import StopRequest
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,6 @@ def train(cfg: Config) -> RunResult:
     for what, how in machine_backend_rows(cfg.clustering.backend, cfg.clustering.device):
         log.info("%s: %s", what, how)
     env = detect_env()
-    method = method_spec(cfg.method).build
+    method = METHODS[cfg.method].build
     with process_group(env, cfg.distributed), StopRequest() as stop_request:
         return run_method(cfg, env, Comm(env, timeout_s=cfg.distributed.timeout_s), stop_request, method)

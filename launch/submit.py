@@ -20,7 +20,7 @@ from submitit import SlurmExecutor
 
 from dcluster.core.batch import plan_batch
 from dcluster.core.config import Config, SlurmConfig, load_config, to_yaml, unreachable_paths
-from dcluster.methods import METHODS, method_spec
+from dcluster.methods import METHODS
 from dcluster.core.rundir import prepare_run_dir
 from dcluster.harness import preflight
 from launch.job import EvalJob, TrainJob
@@ -111,7 +111,7 @@ def checked_before_queueing(cfg: Config) -> list[str]:
     unchecked = [f"{name} {path}: not reachable from here (its existence, the image count "
                  "against clustering.k / mmdc.k, its files)" for name, path in missing]
     if not any(name == "data.path" for name, _ in missing):
-        preflight(cfg, method_spec(cfg.method).build, world_size(cfg.slurm))
+        preflight(cfg, METHODS[cfg.method].build, world_size(cfg.slurm))
     else:
         plan_batch(cfg.optim, world_size(cfg.slurm))
     unchecked.append("the nodes' GPUs against the installed torch/FAISS builds: checked when "

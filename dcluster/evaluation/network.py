@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dcluster.runtime.checkpoint import CheckpointError
-from dcluster.core.config import Config, ConfigError
+from dcluster.core.config import Config
 from dcluster.models import DeepClusterNet
 from dcluster.core.seeding import seed_everything
 
@@ -40,13 +40,6 @@ class NetworkRecipe(Protocol):
     def eval_network(self) -> Callable[[Config, Optional[dict[str, Any]]], Network]: ...
 
 
-def recipe_for(recipes: Mapping[str, NetworkRecipe], cfg: Config) -> NetworkRecipe:
-    if cfg.method not in recipes:
-        raise ConfigError(f"config key 'method' = {cfg.method!r}: unknown; available: "
-                          f"{', '.join(recipes)}")
-    return recipes[cfg.method]
-
-
 def describe_network(cfg: Config) -> str:
     """One phrase naming a config's network, for error messages."""
     return (f"{cfg.method} {cfg.model.arch} (width {cfg.model.width}, fc_dim "
@@ -56,9 +49,11 @@ def describe_network(cfg: Config) -> str:
 def load_network(cfg: Config, payload: Optional[dict[str, Any]], device: torch.device,
                  recipes: Mapping[str, NetworkRecipe]) -> Network:
     """The network of ``cfg.method`` (rebuilt by its recipe among ``recipes``) with
-    ``payload["model"]`` loaded; without a payload, as initialised from cfg.seed."""
+    ``payload["model"]`` loaded; without a payload, as initialised from cfg.seed. The
+    config's ``method`` names one of them: its choices are the method folders
+    (tests/test_layers.py)."""
     seed_everything(cfg.seed)
-    net = recipe_for(recipes, cfg).eval_network(cfg, payload)
+    net = recipes[cfg.method].eval_network(cfg, payload)
     if payload is not None:
         try:
             net.module.load_state_dict(payload["model"])

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from dcluster.runtime.checkpoint import CheckpointError, load_checkpoint, load_latest
 from dcluster.core.config import Config, ConfigError, flatten, load_config
-from dcluster.evaluation.network import NetworkRecipe, describe_network, recipe_for
+from dcluster.evaluation.network import NetworkRecipe, describe_network
 from dcluster.runtime.run_state import upgraded
 
 CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -76,7 +76,7 @@ def resolve_target(target: str | Path, overrides: Sequence[str],
     # the store and run directory are where the run is now, wherever it was trained from
     here = f"runs_root={run_dir.parent}"
     cfg = load_config(config, [here, *overrides])
-    check_same_network(load_config(config, [here]), cfg, checkpoint, recipe_for(recipes, cfg))
+    check_same_network(load_config(config, [here]), cfg, checkpoint, recipes[cfg.method])
     return EvalTarget(cfg, upgraded(payload), checkpoint, run_dir)
 
 

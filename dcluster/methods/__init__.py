@@ -3,16 +3,9 @@ imported here by name: what `dcluster train`, the Slurm job, `dcluster eval` and
 export` build or rebuild for a config's ``method``."""
 from __future__ import annotations
 
-from dcluster.core.config import ConfigError
 from dcluster.methods import deepcluster, deepclusterv2, mmdc
 from dcluster.methods.spec import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (deepcluster.SPEC, mmdc.SPEC,
                                                                deepclusterv2.SPEC)}
 
-
-def method_spec(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise ConfigError(f"config key 'method' = {name!r}: unknown; available: "
-                          f"{', '.join(METHODS)}")
-    return METHODS[name]
