@@ -48,7 +48,8 @@ def test_clusters_of_a_run_go_to_json_and_to_a_run_nested_in_mlflow(mmdc_run):
     assert path == mmdc_run.run_dir / "eval" / "clusters_e000001.json"
     record = json.loads(path.read_text())
     assert record["epoch"] == 1 and record["method"] == "mmdc" and record["settings"]["k"] == 10
-    assert {"nmi", "acc", "head_nmi", "head_acc"} == record["metrics"].keys()
+    assert {"nmi", "acc", "head_nmi", "head_acc", "embed_nmi", "embed_acc"
+            } == record["metrics"].keys()
     assert all(0.0 <= v <= 1.0 for v in record["metrics"].values())
 
     client = MlflowClient(tracking_uri(result.target.cfg))

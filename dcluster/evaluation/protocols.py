@@ -58,20 +58,29 @@ def clusters_protocol(target: EvalTarget, net: Network, env: Env,
                       comm: Comm) -> Optional[Outcome]:
     """k-means (k = classes) on the penultimate features of every image; for a network that
     clusters by itself also its own clusters (MMDC's nearest mixture components: paper
-    Table I), as ``head_*``. Sharded: each rank keeps its rows (clusters.py)."""
+    Table I), as ``head_*``, and the same k-means on the embedding it clusters in, as
+    ``embed_*`` (DeepCluster-v2 clusters its projection head's output, not the backbone's
+    features: the two can differ by far). Sharded: each rank keeps its rows (clusters.py)."""
     cfg = target.cfg
     images = all_labelled(cfg)
     features, labels = _penultimate(net, images, target, env)
-    metrics = kmeans_scores(features, labels,
-                            derived_seed(cfg.seed, target.epoch, "eval_kmeans"), comm,
-                            env.device, cfg.clustering.niter, cfg.clustering.device,
-                            cfg.clustering.backend)
+
+    def probe(rows: np.ndarray, rows_labels: np.ndarray) -> dict[str, float]:
+        return kmeans_scores(rows, rows_labels,
+                             derived_seed(cfg.seed, target.epoch, "eval_kmeans"), comm,
+                             env.device, cfg.clustering.niter, cfg.clustering.device,
+                             cfg.clustering.backend)
+
+    metrics = probe(features, labels)
     own = net.own_clusters
     if own is not None:
         embedded, indices = shard_features(net.module, images, cfg.eval.batch_size, env,
                                            cfg.progress, compute=own.embed)
-        scores = scores_on_main(own.assign(embedded), images.source.targets[indices], comm)
+        own_labels = images.source.targets[indices]
+        scores = scores_on_main(own.assign(embedded), own_labels, comm)
         metrics.update({f"head_{key}": value for key, value in (scores or {}).items()})
+        metrics.update({f"embed_{key}": value
+                        for key, value in probe(embedded, own_labels).items()})
     n_images = int(comm.all_reduce_sum(np.array([len(labels)], dtype=np.int64))[0])
     if not comm.is_main:
         return None
