@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dcluster.core.config import Config, load_config  # noqa: E402
+from dcluster.methods import Config, load_config  # noqa: E402
 from dcluster.models import DeepClusterNet, build_model  # noqa: E402
 from dcluster.parallel.memory_plan import WORKING_SET, place_rows  # noqa: E402
 from dcluster.parallel.memory_plan import Memory as PlanMemory  # noqa: E402

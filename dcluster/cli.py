@@ -20,7 +20,7 @@ log = logging.getLogger("dcluster")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dcluster.core.config import load_config
+    from dcluster.methods import load_config
     from dcluster.train import train
 
     from dcluster.runtime.stop import TrainingStopped
@@ -68,9 +68,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from dcluster.methods import Config
     from dcluster.reporting.contact_sheet import sheet_of_run
 
-    path = sheet_of_run(Path(args.run), args.epoch, Path(args.out) if args.out else None)
+    path = sheet_of_run(Path(args.run), Config, args.epoch,
+                        Path(args.out) if args.out else None)
     print(f"contact sheet of the clusters: {path}")
     return 0
 
@@ -122,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcluster", description="DeepCluster training, data preparation and diagnostics")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    from dcluster.core.config_reference import help_text
+    from dcluster.config_reference import help_text
 
     p = sub.add_parser("train", help="train DeepCluster from a YAML config", epilog=help_text(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_submit_parser(sub)
     from dcluster.evaluation.cli import add_parser as add_eval_parser
-    from dcluster.methods import METHODS
+    from dcluster.methods import METHODS, Config
 
-    add_eval_parser(sub, METHODS)
+    add_eval_parser(sub, METHODS, Config)
     p = sub.add_parser("show", help="pictures of a run: what its clusters hold")
     p.add_argument("what", choices=("clusters",), help="clusters: a contact sheet of sample "
                    "images of the largest, smallest and random clusters")

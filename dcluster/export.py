@@ -145,9 +145,9 @@ def export_backbone(target: str | Path, out: str | Path) -> tuple[str, Path]:
     model.arch where torchvision has no such network."""
     from dcluster.evaluation.network import load_network
     from dcluster.evaluation.target import resolve_target
-    from dcluster.methods import METHODS
+    from dcluster.methods import METHODS, Config
 
-    resolved = resolve_target(target, (), METHODS)
+    resolved = resolve_target(target, (), METHODS, Config)
     if resolved.payload is None:
         raise ExportError(f"{target}: a config holds no trained weights; export a run "
                           "directory or a checkpoint")

@@ -361,7 +361,7 @@ def resume(ctx: RunContext, method: Method, progress: RunProgress,
     if path is None:
         return None
     payload = upgraded(found[0] if found else load_checkpoint(Path(path)))
-    check_compatible(payload, settings, fingerprint, path)
+    check_compatible(payload, settings, fingerprint, path, type(cfg))
     restore_objects(payload, objects, Path(path))
     method.after_restore()
     restore_rng_state(payload["rng"])

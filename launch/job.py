@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import submitit
 
-from dcluster.core.config import load_config
+from dcluster.methods import load_config
 
 log = logging.getLogger("dcluster.launch")
 
@@ -61,8 +61,8 @@ class EvalJob:
         """The JSON file rank 0 wrote (None on the other ranks)."""
         from dcluster.core.logs import configure_logging
         from dcluster.evaluation.protocols import evaluate
-        from dcluster.methods import METHODS
+        from dcluster.methods import METHODS, Config
 
         configure_logging()
-        done = evaluate(self.protocol, self.target, METHODS, self.overrides)
+        done = evaluate(self.protocol, self.target, METHODS, Config, self.overrides)
         return None if done is None else str(done[1])

@@ -19,8 +19,8 @@ import submitit
 from submitit import SlurmExecutor
 
 from dcluster.core.batch import plan_batch
-from dcluster.core.config import Config, SlurmConfig, load_config, to_yaml, unreachable_paths
-from dcluster.methods import METHODS
+from dcluster.core.config import SlurmConfig, to_yaml, unreachable_paths
+from dcluster.methods import METHODS, Config, load_config
 from dcluster.core.rundir import prepare_run_dir
 from dcluster.harness import preflight
 from launch.job import EvalJob, TrainJob
@@ -155,7 +155,7 @@ def submit_eval(protocol: str, target: str, overrides: Sequence[str],
     read here first, so that a wrong one is refused before anything is queued."""
     from dcluster.evaluation.target import resolve_target
 
-    resolved = resolve_target(target, overrides, METHODS)
+    resolved = resolve_target(target, overrides, METHODS, Config)
     cfg = resolved.cfg
     home = resolved.run_dir if resolved.run_dir is not None else Path(cfg.runs_root) / cfg.name
     log_dir = Path(cfg.slurm.log_dir) if cfg.slurm.log_dir else home / "slurm"

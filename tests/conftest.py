@@ -5,7 +5,7 @@ from typing import Callable
 
 import pytest
 
-from dcluster.core.config import Config
+from dcluster.methods import Config
 from dcluster.data.demo import make_demo_dataset
 from helpers import small_demo
 

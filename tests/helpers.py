@@ -6,7 +6,7 @@ from typing import Mapping
 
 import torch
 
-from dcluster.core.config import Config, load_config
+from dcluster.methods import Config, load_config
 from dcluster.core.logs import configure_logging
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -4,8 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcluster.core.config import ConfigError, load_config
+from dcluster.core.config import ConfigError
 from dcluster.core.config_settings import config_hash, hashed_settings, setting_changes
+from dcluster.methods import Config, load_config
 from dcluster.models import build_model
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -107,7 +108,7 @@ def test_hash_ignores_execution_only_keys(data_dir):
     b = load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}", "epochs=99", "data.workers=3"])
     c = load_config(CONFIGS / "demo.yaml", [f"data.path={data_dir}", "clustering.k=11"])
     assert config_hash(a) == config_hash(b) != config_hash(c)
-    assert setting_changes(hashed_settings(a), hashed_settings(c)) == [("clustering.k", 30, 11)]
+    assert setting_changes(hashed_settings(a), hashed_settings(c), Config) == [("clustering.k", 30, 11)]
 
 
 @pytest.mark.parametrize("override, key", [

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from dcluster.cli import build_parser
-from dcluster.core.config import Config, ConfigError, keys_in_yaml_file
+from dcluster.core.config import ConfigError, keys_in_yaml_file
+from dcluster.methods import Config
 from dcluster.core.config_keys import NO_LEGACY, Key, SameAs, declarations, key
-from dcluster.core.config_reference import PAGE, reference_markdown
+from dcluster.config_reference import PAGE, reference_markdown
 from dcluster.core.config_settings import (HASH_ONLY_RELEASES, hashed_settings, setting_changes,
                                       settings_behind_hash, with_legacy)
 
@@ -28,7 +29,7 @@ RELEASE_HASHES = [("3645733", "c5c5d252974a653b", 46), ("482ef12", "f9fe4814bbbe
 
 def test_the_committed_reference_is_the_generated_one():
     assert PAGE.read_text() == reference_markdown(), \
-        "docs/configuration.md is out of date: run python -m dcluster.core.config_reference"
+        "docs/configuration.md is out of date: run python -m dcluster.config_reference"
 
 
 def test_the_reference_has_one_table_per_section_holding_all_its_keys():
@@ -66,7 +67,7 @@ def test_defaults_pass_their_own_checks_and_legacy_values_theirs():
 def test_a_hashed_key_added_since_the_first_release_declares_its_legacy_value():
     """The contributor rule: a key that the frozen release's config.yaml lacks (added since)
     and that changes results must say which value reproduces the behaviour before it."""
-    frozen = keys_in_yaml_file(FROZEN_CONFIG)
+    frozen = keys_in_yaml_file(FROZEN_CONFIG, Config)
     for name, declared in DECLARED.items():
         if declared.key.hashed and (name not in frozen or declared.key.since):
             assert declared.key.legacy is not NO_LEGACY, f"{name}: declare legacy="
@@ -78,26 +79,26 @@ def test_a_hashed_key_added_since_the_first_release_declares_its_legacy_value():
 
 @pytest.mark.parametrize("release, old_hash, hashed_keys", RELEASE_HASHES)
 def test_each_old_releases_hash_is_found_from_todays_defaults(release, old_hash, hashed_keys):
-    found = settings_behind_hash(old_hash, hashed_settings(Config()))
+    found = settings_behind_hash(old_hash, hashed_settings(Config()), Config)
     assert found is not None and len(found) == hashed_keys
-    assert set(with_legacy(found)) == set(hashed_settings(Config()))
+    assert set(with_legacy(found, Config)) == set(hashed_settings(Config()))
 
 
 def test_keys_an_old_checkpoint_lacks_count_at_their_legacy_values():
     now = hashed_settings(Config())
     before_the_bank = {name: value for name, value in now.items()
                        if not name.startswith("clustering.bank.") and name != "clustering.features"}
-    assert setting_changes(before_the_bank, now) == []  # momentum's legacy 0.0: bank not in use
+    assert setting_changes(before_the_bank, now, Config) == []  # momentum's legacy 0.0: bank not in use
     bank_on = dict(now, **{"clustering.features": "training_pass"})
     assert ("clustering.bank.momentum", 0.0, 0.9) in setting_changes(
-        dict(before_the_bank, **{"clustering.features": "training_pass"}), bank_on)
+        dict(before_the_bank, **{"clustering.features": "training_pass"}), bank_on, Config)
     # MMDC's keys only count under method=mmdc, PIC's under clustering.method=pic
     other_mmdc = dict(now, **{"mmdc.k": 7, "clustering.pic.knn": 9})
-    assert setting_changes(other_mmdc, now) == []
+    assert setting_changes(other_mmdc, now, Config) == []
     as_mmdc = dict(now, method="mmdc")
-    assert setting_changes(dict(other_mmdc, method="mmdc"), as_mmdc) == [("mmdc.k", 7, 10)]
+    assert setting_changes(dict(other_mmdc, method="mmdc"), as_mmdc, Config) == [("mmdc.k", 7, 10)]
     before_extract = {name: value for name, value in now.items() if name != "extract.batch_size"}
-    assert setting_changes(before_extract, now) == [("extract.batch_size", 256, 512)]
+    assert setting_changes(before_extract, now, Config) == [("extract.batch_size", 256, 512)]
 
 
 @pytest.mark.parametrize("bounds, value, problem", [
@@ -129,4 +130,4 @@ def test_a_field_without_a_declaration_is_refused():
 def test_recorded_settings_without_a_first_release_key_are_a_config_error():
     recorded = {n: v for n, v in hashed_settings(Config()).items() if n != "clustering.k"}
     with pytest.raises(ConfigError, match="'clustering.k' is missing"):
-        with_legacy(recorded)
+        with_legacy(recorded, Config)

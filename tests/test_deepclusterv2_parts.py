@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.core.config import ConfigError, DeepClusterV2Config, ModelConfig, load_config
+from dcluster.core.config import ConfigError, ModelConfig
+from dcluster.methods import load_config
+from dcluster.methods.deepclusterv2.config import DeepClusterV2Config
 from dcluster.methods.deepclusterv2.lars import LARS, lars_param_groups
 from dcluster.methods.deepclusterv2.loss import prototype_loss
 from dcluster.methods.deepclusterv2.model import build

@@ -15,7 +15,7 @@ from torch import nn
 
 from dcluster.runtime.checkpoint import load_checkpoint
 from dcluster.parallel.collectives import Comm
-from dcluster.core.config import Config
+from dcluster.methods import Config
 from dcluster.parallel.distributed import Env
 from dcluster.harness import Checkpointer, EpochRunner
 from dcluster.runtime.context import RunContext

@@ -9,10 +9,10 @@ import pytest
 from mlflow import MlflowClient
 
 from dcluster.runtime.checkpoint import CheckpointError
-from dcluster.core.config import ConfigError, load_config
+from dcluster.core.config import ConfigError
 from dcluster.evaluation.cli import add_parser
 from dcluster.evaluation.protocols import evaluate
-from dcluster.methods import METHODS
+from dcluster.methods import METHODS, Config, load_config
 from dcluster.core.logs import configure_logging
 from dcluster.train import train
 from dcluster.reporting.mlflow_store import tracking_uri
@@ -38,13 +38,13 @@ def mmdc_run(digits_subset, runs):
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="dcluster")
-    add_parser(parser.add_subparsers(dest="command", required=True), METHODS)
+    add_parser(parser.add_subparsers(dest="command", required=True), METHODS, Config)
     args = parser.parse_args(list(argv))
     return args.func(args)
 
 
 def test_clusters_of_a_run_go_to_json_and_to_a_run_nested_in_mlflow(mmdc_run):
-    result, path = evaluate("clusters", mmdc_run.run_dir, METHODS)
+    result, path = evaluate("clusters", mmdc_run.run_dir, METHODS, Config)
     assert path == mmdc_run.run_dir / "eval" / "clusters_e000001.json"
     record = json.loads(path.read_text())
     assert record["epoch"] == 1 and record["method"] == "mmdc" and record["settings"]["k"] == 10
@@ -78,7 +78,7 @@ def test_knn_on_a_checkpoint_file_and_linear_probe_via_the_cli(mmdc_run, tmp_pat
 
 
 def test_a_config_evaluates_the_untrained_network(digits_subset, runs):
-    result, path = evaluate("knn", CONFIGS / "demo.yaml", METHODS, [
+    result, path = evaluate("knn", CONFIGS / "demo.yaml", METHODS, Config, [
         f"data.path={digits_subset}", f"runs_root={runs}", "tracking.enabled=false", *TINY])
     assert result.target.epoch == 0 and "random init" in result.target.describe()
     assert path == runs / "eval" / "demo-random-init" / "knn_e000000.json"
@@ -88,7 +88,7 @@ def test_a_deepcluster_checkpoint_is_read_with_its_head(digits_subset, runs):
     run = train(load_config(CONFIGS / "demo.yaml", [
         f"data.path={digits_subset}", f"runs_root={runs}", "name=dc", "epochs=1",
         "clustering.k=20", "clustering.pca_dim=8", "tracking.enabled=false", *TINY]))
-    result, _ = evaluate("clusters", run.checkpoint, METHODS)
+    result, _ = evaluate("clusters", run.checkpoint, METHODS, Config)
     assert result.target.cfg.method == "deepcluster" and result.metrics.keys() == {"nmi", "acc"}
 
 
@@ -98,7 +98,7 @@ def test_a_deepcluster_checkpoint_is_read_with_its_head(digits_subset, runs):
 ])
 def test_bad_settings_are_named_before_any_image_is_read(mmdc_run, protocol, overrides, names):
     with pytest.raises(ConfigError) as err:
-        evaluate(protocol, mmdc_run.run_dir, METHODS, overrides)
+        evaluate(protocol, mmdc_run.run_dir, METHODS, Config, overrides)
     assert all(name in str(err.value) for name in names)
 
 
@@ -107,22 +107,22 @@ def test_targets_without_labels_or_checkpoints_are_refused(mmdc_run, digits_subs
     flat.mkdir()
     (flat / "a.jpg").write_bytes(next(digits_subset.glob("0/*.jpg")).read_bytes())
     with pytest.raises(ConfigError, match="data.path.*class folders"):
-        evaluate("clusters", mmdc_run.run_dir, METHODS, [f"data.path={flat}"])
+        evaluate("clusters", mmdc_run.run_dir, METHODS, Config, [f"data.path={flat}"])
     with pytest.raises(ConfigError, match="no such run directory"):
-        evaluate("knn", tmp_path / "nowhere", METHODS)
+        evaluate("knn", tmp_path / "nowhere", METHODS, Config)
     empty = tmp_path / "run"
     (empty / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="no valid checkpoint"):
-        evaluate("knn", empty, METHODS)
+        evaluate("knn", empty, METHODS, Config)
 
 
 
 def test_linear_picks_the_networks_deepest_layer_or_refuses_naming_the_valid_ones(mmdc_run):
     """The demo's smallconv has conv1..conv3: the default must not ask for conv5."""
-    result, path = evaluate("linear", mmdc_run.run_dir, METHODS, ["eval.linear.epochs=1",
-                                                          "tracking.enabled=false"])
+    result, path = evaluate("linear", mmdc_run.run_dir, METHODS, Config,
+                            ["eval.linear.epochs=1", "tracking.enabled=false"])
     assert path == mmdc_run.run_dir / "eval" / "linear_conv3_e000001.json"
     assert json.loads(path.read_text())["settings"]["layer"] == "conv3"
     with pytest.raises(ConfigError, match="'eval.linear.layer' = 'conv5'.*conv1, conv2, conv3"):
-        evaluate("linear", mmdc_run.run_dir, METHODS, ["eval.linear.layer=conv5",
-                                              "tracking.enabled=false"])
+        evaluate("linear", mmdc_run.run_dir, METHODS, Config,
+                 ["eval.linear.layer=conv5", "tracking.enabled=false"])

@@ -10,7 +10,8 @@ import torchvision
 
 from dcluster import load_backbone
 from dcluster.cli import main
-from dcluster.core.config import ModelConfig, load_config
+from dcluster.core.config import ModelConfig
+from dcluster.methods import load_config
 from dcluster.data.crops import normalization
 from dcluster.export import ExportError, export_payload, torchvision_state_dict
 from dcluster.core.logs import configure_logging

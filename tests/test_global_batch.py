@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from dcluster.core.batch import BatchPlan, plan_batch
-from dcluster.core.config import ConfigError, load_config
+from dcluster.core.config import ConfigError
+from dcluster.methods import load_config
 from dcluster.runtime.checkpoint import CheckpointError, load_checkpoint
 from dcluster.runtime.run_state import check_global_batch
 from dcluster.train import train

@@ -178,7 +178,7 @@ def test_start_up_check_refuses_two_described_faiss_builds(monkeypatch):
     import importlib.metadata
 
     from dcluster.parallel import hardware
-    from dcluster.core.config import Config
+    from dcluster.methods import Config
     from dcluster.core.errors import UserError
 
     versions = {"faiss-cpu": "1.15.1", "faiss-gpu": "1.15.1"}

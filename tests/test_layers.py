@@ -142,18 +142,14 @@ def test_the_dynamic_import_check_sees_one(tmp_path):
 
 
 def test_every_method_folder_is_a_choice_of_the_config_and_declares_itself():
-    from dcluster.core.registry import METHOD_NAMES
-    from dcluster.methods import METHODS
+    from dcluster.core.config_keys import declarations
+    from dcluster.methods import METHODS, Config
 
     folders = sorted(path.parent.name
                      for path in (REPO / "dcluster" / "methods").glob("*/__init__.py"))
-    assert sorted(METHODS) == folders and tuple(METHODS) == METHOD_NAMES
+    assert sorted(METHODS) == folders
+    assert declarations(Config)["method"].key.choices == tuple(METHODS)
     assert all(spec.name == name for name, spec in METHODS.items())
-
-
-# where a shared module may still name a method: the config schema's method sections and the
-# choices of the key `method` (docs/architecture.md, "Layers")
-NAMES_METHODS = {"dcluster/core/config.py", "dcluster/core/registry.py"}
 
 
 def names_a_method(path: Path, methods: tuple[str, ...]) -> list[str]:
@@ -169,10 +165,13 @@ def names_a_method(path: Path, methods: tuple[str, ...]) -> list[str]:
 
 
 def test_no_shared_module_names_a_method():
-    from dcluster.core.registry import METHOD_NAMES
+    """A method's keys, checks and name live in its folder; the schema is composed from the
+    folders' specs above core (dcluster/methods/__init__.py)."""
+    from dcluster.methods import METHODS
 
+    names = tuple(METHODS)
     shared = [path for path in sorted(REPO.glob("dcluster/**/*.py"))
-              if "methods" not in path.relative_to(REPO).parts
-              and str(path.relative_to(REPO)) not in NAMES_METHODS]
-    assert [hit for path in shared for hit in names_a_method(path, METHOD_NAMES)] == []
-    assert names_a_method(REPO / "dcluster" / "core" / "config.py", METHOD_NAMES)  # it sees one
+              if "methods" not in path.relative_to(REPO).parts]
+    assert [hit for path in shared for hit in names_a_method(path, names)] == []
+    mmdc_section = REPO / "dcluster" / "methods" / "mmdc" / "config.py"
+    assert names_a_method(mmdc_section, names)  # it sees one

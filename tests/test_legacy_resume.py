@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dcluster.runtime.checkpoint import CheckpointError, checkpoint_name, load_checkpoint
-from dcluster.core.config import Config, load_config
+from dcluster.methods import Config, load_config
 from dcluster.core.config_settings import hashed_settings
 from dcluster.core.rundir import RunDirError, prepare_run_dir
 from dcluster.runtime.run_state import check_compatible, upgraded
@@ -76,7 +76,7 @@ def test_the_old_checkpoint_is_compatible_with_its_own_settings_and_execution_ch
                                         "checkpoint.every_iterations=3", "threads=2")
     for cfg in (same, executed_otherwise):
         check_compatible(payload, hashed_settings(cfg), payload["data_fingerprint"],
-                         str(OLD_CHECKPOINT))
+                         str(OLD_CHECKPOINT), Config)
 
 
 def test_a_changed_hashed_setting_is_refused_naming_the_key(tmp_path):
@@ -85,11 +85,11 @@ def test_a_changed_hashed_setting_is_refused_naming_the_key(tmp_path):
     # the checkpoint holds only a hash: its run's config.yaml names what changed
     with pytest.raises(CheckpointError, match=r"clustering\.k: 4 -> 5 .*pass clustering\.k=4"):
         check_compatible(payload, hashed_settings(changed), payload["data_fingerprint"],
-                         str(OLD_CHECKPOINT))
+                         str(OLD_CHECKPOINT), Config)
     # without it, the refusal says so
     with pytest.raises(CheckpointError, match="hash 5594bc9f48f0fe52; neither this config"):
         check_compatible(payload, hashed_settings(changed), payload["data_fingerprint"],
-                         str(tmp_path / "elsewhere" / OLD_CHECKPOINT.name))
+                         str(tmp_path / "elsewhere" / OLD_CHECKPOINT.name), Config)
 
 
 def test_the_old_run_directory_refuses_a_changed_hashed_setting_naming_the_key(tmp_path):

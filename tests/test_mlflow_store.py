@@ -39,7 +39,7 @@ else:
 # Three `dcluster train`-like starts on one fresh runs root: the tracker of each.
 START_TRACKER = """
 import sys
-from dcluster.core.config import Config
+from dcluster.methods import Config
 from dcluster.reporting.mlflow_run import Tracker
 from dcluster.core.rundir import prepare_run_dir
 cfg = Config(name=sys.argv[2], runs_root=sys.argv[1])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcluster.core.config import MMDCConfig
+from dcluster.methods.mmdc.config import MMDCConfig
 from dcluster.methods.mmdc.assignment import best_permutation, match_labels
 from dcluster.methods.mmdc.rotation import rotated_batch
 from dcluster.methods.mmdc.targets import TargetBank, mixture_means, nearest_component

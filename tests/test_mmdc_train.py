@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dcluster.runtime.checkpoint import load_checkpoint
-from dcluster.core.config import load_config
+from dcluster.methods import load_config
 from dcluster.core.logs import configure_logging
 from dcluster.methods.mmdc.method import MMDC, lr_at
 from dcluster.train import train

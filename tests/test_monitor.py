@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dcluster.runtime.checkpoint import BEST_NAME, keep_as_best, load_checkpoint, load_latest, save_checkpoint
-from dcluster.core.config import MONITOR_METRICS, ConfigError, load_config
+from dcluster.core.config import MONITOR_METRICS, ConfigError
 from dcluster.evaluation.protocols import evaluate
-from dcluster.methods import METHODS
+from dcluster.methods import METHODS, Config, load_config
 from dcluster.core.logs import configure_logging
 from dcluster.evaluation.monitor import best_epoch
 from dcluster.train import train
@@ -40,8 +40,8 @@ def test_monitor_measures_what_eval_reports_and_best_checkpoint_survives_pruning
 
     # the monitor's numbers are those of `dcluster eval` on that epoch's checkpoint
     measured = first.history[best_epoch(first.history, BEST) - 1]
-    knn, _ = evaluate("knn", best, METHODS)
-    clusters, _ = evaluate("clusters", best, METHODS)
+    knn, _ = evaluate("knn", best, METHODS, Config)
+    clusters, _ = evaluate("clusters", best, METHODS, Config)
     assert knn.metrics["top1"] == pytest.approx(measured["monitor_knn_top1"], abs=1e-9)
     assert knn.metrics["top5"] == pytest.approx(measured["monitor_knn_top5"], abs=1e-9)
     assert clusters.metrics["nmi"] == pytest.approx(measured["monitor_kmeans_nmi"], abs=1e-6)

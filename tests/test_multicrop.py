@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dcluster.cli import main
-from dcluster.core.config import ConfigError, DataConfig, load_config
+from dcluster.core.config import ConfigError, DataConfig
+from dcluster.methods import load_config
 from dcluster.data import FolderSource
 from dcluster.data.crops import Augmentation, sample_crop, sample_generator, training_views
 from dcluster.data.dali_loader import DaliPipelines

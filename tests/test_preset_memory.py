@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dcluster.core.config import load_config
+from dcluster.methods import load_config
 from dcluster.models import build_model
 from dcluster.models.memory import GIB, estimate, saved_bytes
 

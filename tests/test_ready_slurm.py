@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dcluster.core.config import load_config
+from dcluster.methods import load_config
 from launch.submit import cpus_per_task
 
 REPO = Path(__file__).resolve().parents[1]

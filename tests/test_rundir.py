@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dcluster.core.config import Config, flatten, keys_in_yaml_file
+from dcluster.core.config import flatten, keys_in_yaml_file
+from dcluster.methods import Config
 from dcluster.core.rundir import RunDirError, attach_log_file, prepare_run_dir, save_assignments
 
 
@@ -25,7 +26,7 @@ def test_new_run_creates_the_layout_and_config(tmp_path: Path) -> None:
     assert run_dir.root == (tmp_path / "runs" / "exp").resolve()
     for sub in (run_dir.checkpoints, run_dir.assignments, run_dir.plots):
         assert sub.is_dir()
-    assert keys_in_yaml_file(run_dir.config_path) == flatten(cfg)
+    assert keys_in_yaml_file(run_dir.config_path, Config) == flatten(cfg)
 
 
 def test_same_config_resumes_and_takes_new_execution_keys(tmp_path: Path) -> None:
@@ -34,7 +35,7 @@ def test_same_config_resumes_and_takes_new_execution_keys(tmp_path: Path) -> Non
     again = prepare_run_dir(_cfg(tmp_path, epochs=900))
     assert again.root == first.root
     assert (again.checkpoints / "marker").read_text() == "kept"
-    assert keys_in_yaml_file(again.config_path)["epochs"] == 900
+    assert keys_in_yaml_file(again.config_path, Config)["epochs"] == 900
 
 
 def test_different_config_is_refused_naming_the_key(tmp_path: Path) -> None:
@@ -55,9 +56,9 @@ def test_overwrite_moves_the_old_run_aside(tmp_path: Path) -> None:
     moved = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("exp.old-")]
     assert len(moved) == 1
     assert (moved[0] / "checkpoints" / "ckpt").read_text() == "old run"
-    assert keys_in_yaml_file(moved[0] / "config.yaml")["clustering.k"] == 100
+    assert keys_in_yaml_file(moved[0] / "config.yaml", Config)["clustering.k"] == 100
     assert not (new.checkpoints / "ckpt").exists()
-    assert keys_in_yaml_file(new.config_path)["clustering.k"] == 200
+    assert keys_in_yaml_file(new.config_path, Config)["clustering.k"] == 200
 
 
 def test_resume_never_refuses_an_existing_run_unless_overwrite(tmp_path: Path) -> None:

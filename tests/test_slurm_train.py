@@ -25,7 +25,8 @@ from mlflow import MlflowClient
 
 import interrupts
 from dcluster.runtime.checkpoint import load_checkpoint, load_latest
-from dcluster.core.config import load_config, to_yaml
+from dcluster.core.config import to_yaml
+from dcluster.methods import load_config
 from dcluster.core.rundir import prepare_run_dir
 from helpers import SMALL_DEMO, TINY_MMDC, assert_same_weights
 from interrupts import clusterings, interrupt_at, record_orders

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from dcluster.core.config import Config
+from dcluster.methods import Config
 from dcluster.core.config_settings import config_hash
 from dcluster.reporting.plots import plot_cluster_sizes, plot_nmi_curves
 from dcluster.core.rundir import prepare_run_dir

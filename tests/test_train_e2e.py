@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from dcluster.clustering.backend import Backend
 from dcluster.runtime.checkpoint import load_checkpoint, save_checkpoint
 from dcluster.cli import main
-from dcluster.core.config import load_config
+from dcluster.methods import load_config
 from dcluster.train import train
 from helpers import SMALL_DEMO, assert_same_weights, small_demo
 

@@ -11,7 +11,7 @@ import scipy.io
 
 from dcluster.core.config import ConfigError
 from dcluster.evaluation.protocols import evaluate
-from dcluster.methods import METHODS
+from dcluster.methods import METHODS, Config
 from helpers import CONFIGS, TINY_MMDC
 
 VAL_PER_CLASS = 10
@@ -54,7 +54,7 @@ def val_sets(demo_digits, tmp_path_factory) -> dict[str, Path]:
 
 
 def knn_top1(digits: Path, runs: Path, *overrides: str) -> float:
-    result, _ = evaluate("knn", CONFIGS / "demo.yaml", METHODS, [
+    result, _ = evaluate("knn", CONFIGS / "demo.yaml", METHODS, Config, [
         f"data.path={digits}", f"runs_root={runs}", "tracking.enabled=false",
         "eval.batch_size=64", *TINY_MMDC, *overrides])
     return result.metrics["top1"]

@@ -9,20 +9,25 @@ meaning, choices or bounds, whether it changes the run's results (hashed) and, f
 after the first release, its legacy value. Validation, the settings a checkpoint records
 (dcluster/core/config_settings.py), docs/configuration.md and ``dcluster train --help`` derive
 from the declarations; only the checks across keys are code here.
+
+Core knows no training method: a method's section (its keys) and its checks across keys live in
+its folder (dcluster/methods/<name>/config.py), and :func:`compose_schema` adds them to
+:class:`Config` above core, in dcluster/methods/__init__.py. Everything that reads the keys
+takes that composed schema (or a config built from it).
 """
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Optional, Protocol, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from dcluster.core.config_keys import SameAs, declarations, execution_only, key
 from dcluster.core.errors import UserError
-from dcluster.core.registry import METHOD_NAMES
 from dcluster.core.suggest import closest
 
 
@@ -274,67 +279,6 @@ class TrackingConfig:
     plots: bool = key(True, "Write the plots at the end of the run.", hashed=False)
 
 
-_MMDC = ("method", "mmdc")  # MMDC's keys change results only then
-
-
-@dataclass
-class MMDCConfig:
-    """Multi-Modal Deep Clustering (Shiran & Weinshall): targets from a mixture of K Gaussians
-    on the unit sphere, re-assigned by the Hungarian method within each mini-batch."""
-    k: int = key(10, "Mixture components = clusters.", bounds=">= 2", when=_MMDC)
-    dim: int = key(0, "Embedding dimension d; 0: d = k (one-hot means need d = k).",
-                   bounds=">= 0", when=_MMDC)
-    means: str = key("onehot", "onehot (the paper's choice), or uniform (U[-0.1, 0.1]^d, "
-                     "projected).", choices=("onehot", "uniform"), when=_MMDC)
-    sigma: float = key(0.0, "Per-coordinate standard deviation of each component before the "
-                       "projection to the sphere (the paper writes sigma * I; its code draws "
-                       "with sigma as the std); 0: targets = means.", bounds=">= 0", when=_MMDC)
-    rotation: bool = key(True, "The auxiliary 4-way rotation task after each clustering "
-                         "pass.", when=_MMDC)
-    refine_epochs: int = key(0, "Epochs after `epochs` with targets from k-means on the "
-                             "embeddings (paper III.E).", bounds=">= 0", when=_MMDC)
-    lr_decay_epochs: list[int] = key([], "The lr is divided at these epochs.", when=_MMDC)
-    lr_decay_factor: float = key(5.0, "What the lr is divided by at each lr_decay_epochs.",
-                                 bounds=">= 1", when=_MMDC)
-
-
-# its keys change results only under method=deepclusterv2, and came with it (e8dd5d4): the
-# method did not exist before, so their legacy values are their defaults
-_V2_KEY: dict[str, Any] = {"when": ("method", "deepclusterv2"), "since": "e8dd5d4"}
-
-
-@dataclass
-class DeepClusterV2Config:
-    """DeepCluster-v2 (SwAV paper, appendix; dcluster/methods/deepclusterv2/): spherical
-    k-means of a memory bank of embeddings into frozen prototypes, predicted from every view
-    of an image. Defaults: swav's DeepCluster-v2 scripts (scripts/deepclusterv2_800ep_
-    pretrain.sh; its base lr 4.8 and weight decay 1e-6 are optim.lr and optim.weight_decay)."""
-    feat_dim: int = key(128, "Dimension of the L2-normalised embedding (the projection "
-                        "head's output).", bounds="> 0", **_V2_KEY, legacy=128)
-    hidden_mlp: int = key(2048, "Hidden width of the projection head (Linear-BN-ReLU-"
-                          "Linear); 0: one Linear projection.", bounds=">= 0", **_V2_KEY,
-                          legacy=2048)
-    prototypes: list[int] = key([3000, 3000, 3000], "Clusters of each clustering head: one "
-                                "k-means and one frozen prototype layer per entry.",
-                                **_V2_KEY, legacy=[3000, 3000, 3000])
-    temperature: float = key(0.1, "Prototype scores (cosines) are divided by it before the "
-                             "cross-entropy.", bounds="> 0", **_V2_KEY, legacy=0.1)
-    kmeans_iters: int = key(10, "Iterations of each epoch's spherical k-means.",
-                            bounds=">= 1", **_V2_KEY, legacy=10)
-    crops_for_assign: list[int] = key([0, 1], "The views (positions among data.crops') whose "
-                                      "embeddings fill the memory banks, one bank each; head "
-                                      "h clusters bank h % len.", **_V2_KEY, legacy=[0, 1])
-    warmup_epochs: int = key(10, "Epochs of linear lr warm-up from start_warmup to optim.lr.",
-                             bounds=">= 0", **_V2_KEY, legacy=10)
-    start_warmup: float = key(0.3, "The lr at the first step of the warm-up.", bounds=">= 0",
-                              **_V2_KEY, legacy=0.3)
-    final_lr: float = key(0.0048, "The lr the cosine decay ends at, at the last step.",
-                          bounds=">= 0", **_V2_KEY, legacy=0.0048)
-    lars_eta: float = key(0.001, "LARS trust coefficient: a weight's lr is scaled by "
-                          "eta * ||w|| / (||g|| + weight_decay * ||w||).", bounds="> 0",
-                          **_V2_KEY, legacy=0.001)
-
-
 @execution_only
 @dataclass
 class KnnEvalConfig:
@@ -413,6 +357,9 @@ class SlurmConfig:
 
 @dataclass
 class Config:
+    """The keys every run has. A config is built from the schema that adds the training
+    methods' sections to these (:func:`compose_schema`); code below the methods reads only
+    these keys."""
     name: str = key("???", "Run name: the run directory is <runs_root>/<name>.")
     runs_root: str = key("runs", "Where run directories and the MLflow store live.",
                          hashed=False)
@@ -431,7 +378,8 @@ class Config:
                        bounds=">= 0", hashed=False)
     progress: str = key("auto", "Progress bars: auto (on a terminal), always or never.",
                         choices=("auto", "always", "never"), hashed=False)
-    method: str = key("deepcluster", "The training method.", choices=METHOD_NAMES)
+    # its choices and default are the methods', set by compose_schema
+    method: str = key("???", "The training method.")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -441,22 +389,71 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    mmdc: MMDCConfig = field(default_factory=MMDCConfig)
-    deepclusterv2: DeepClusterV2Config = field(default_factory=DeepClusterV2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    # the checks across keys of each method that has some, by name, run by validate()
+    method_checks: ClassVar[Mapping[str, Callable[[Config], None]]] = {}
 
 
-def _expected_type(name: str) -> str:
+class MethodSection(Protocol):
+    """What the schema needs of a training method (a MethodSpec, dcluster/methods/spec.py):
+    its name, a choice of ``method``; its config section, whose keys live under that name;
+    the checks across keys that apply while it is the method."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> Optional[type]: ...  # None: no keys of its own
+
+    @property
+    def validate(self) -> Optional[Callable[[Config], None]]: ...
+
+
+# the methods' sections follow the sections every method trains with, before eval and slurm
+# (what runs after or around training): the order of config.yaml and of the reference
+SECTIONS_BEFORE = "eval"
+
+
+def compose_schema(methods: Sequence[MethodSection], module: str) -> type:
+    """The schema of a dcluster with these methods: Config's keys, ``method`` one of their
+    names (the first the default), each method's section under its name. Core knows no
+    method, so the module that collects them (dcluster/methods/__init__.py) composes it, and
+    must bind it to the name Config (where pickle looks for the class of a config)."""
+    names = tuple(method.name for method in methods)
+    hints = typing.get_type_hints(Config)
+    fields: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(Config):
+        if f.name == SECTIONS_BEFORE:
+            fields += [(method.name, method.config, field(default_factory=method.config))
+                       for method in methods if method.config is not None]
+        if f.name == "method":
+            declared = dataclasses.replace(f.metadata["key"], choices=names)
+            fields.append((f.name, str, field(default=names[0], metadata={"key": declared})))
+        else:
+            fields.append((f.name, hints[f.name], _copy(f)))
+    checks = {method.name: method.validate for method in methods if method.validate}
+    return dataclasses.make_dataclass("Config", fields, namespace={
+        "__module__": module, "__doc__": Config.__doc__, "method_checks": checks})
+
+
+def _copy(f: dataclasses.Field) -> Any:
+    """A new field like ``f``: a Field belongs to the one dataclass that declared it."""
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=f.metadata)
+    return field(default=f.default, metadata=f.metadata)
+
+
+def _expected_type(name: str, schema: type) -> str:
     """The declared type of config key ``name`` ("int", "list[int]"...): OmegaConf's error
     names the enclosing node's type, or Any."""
-    declared = declarations(Config).get(name)
+    declared = declarations(schema).get(name)
     return declared.type if declared else "a section"
 
 
-def _did_you_mean(name: str) -> str:
+def _did_you_mean(name: str, schema: type) -> str:
     """The end of an unknown-key error: the closest declared keys, or where all are listed."""
-    known = declarations(Config)
+    known = declarations(schema)
     # OmegaConf names an unknown section alone ('clustring' of 'clustring.k')
     sections = {key.rsplit(".", 1)[0] for key in known if "." in key}
     near = closest(name, [*known, *sorted(sections)])
@@ -469,33 +466,33 @@ def _did_you_mean(name: str) -> str:
     return f"; `dcluster train --help` lists all {len(known)} keys"
 
 
-def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+def _merge(base: DictConfig, other: Any, source: str, schema: type) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
         name = f"{err.full_key}" if getattr(err, "full_key", None) else str(err)
-        raise ConfigError(f"{source}: unknown config key '{name}'{_did_you_mean(name)}") from None
+        raise ConfigError(f"{source}: unknown config key '{name}'{_did_you_mean(name, schema)}") from None
     except ValidationError as err:
-        item = _list_item(other, str(err.full_key))
+        item = _list_item(other, str(err.full_key), schema)
         if item is not None:  # OmegaConf names a bad item of a list by its position alone
             listed = item[0].split("[")[0]
             raise ConfigError(f"{source}: config key '{item[0]}' = {item[1]!r}: must be a "
-                              f"mapping ({listed} is {_expected_type(listed)})") from None
+                              f"mapping ({listed} is {_expected_type(listed, schema)})") from None
         raise ConfigError(
             f"{source}: key '{err.full_key}' has value {err.value!r} of the wrong type "
-            f"(expected {_expected_type(str(err.full_key))})"
+            f"(expected {_expected_type(str(err.full_key), schema)})"
         ) from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def _list_item(other: Any, position: str) -> Optional[tuple[str, Any]]:
+def _list_item(other: Any, position: str, schema: type) -> Optional[tuple[str, Any]]:
     """('data.crops[1]', its value) for an error OmegaConf names only '1': the first item at
     that position, not a mapping, of a list of mappings that ``other`` sets."""
     if not position.isdigit():
         return None
     set_keys = flatten_mapping(OmegaConf.to_container(OmegaConf.create(other)))  # type: ignore
-    for name, declared in declarations(Config).items():
+    for name, declared in declarations(schema).items():
         value = set_keys.get(name)
         if (declared.type.startswith("list[dict") and isinstance(value, list)
                 and int(position) < len(value) and not isinstance(value[int(position)], dict)):
@@ -504,11 +501,12 @@ def _list_item(other: Any, position: str) -> Optional[tuple[str, Any]]:
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
-                check_paths: bool = True) -> Config:
-    """Build the config from defaults, then a YAML preset, then ``key=value`` overrides.
-    ``check_paths`` False leaves out the checks that the data folders exist, for a machine that
-    cannot see them (`dcluster submit --dry-run` on a laptop): see :func:`unreachable_paths`."""
-    merged = OmegaConf.structured(Config)
+                check_paths: bool = True, *, schema: type) -> Config:
+    """Build the config from ``schema``'s defaults (see :func:`compose_schema`), then a YAML
+    preset, then ``key=value`` overrides. ``check_paths`` False leaves out the checks that the
+    data folders exist, for a machine that cannot see them (`dcluster submit --dry-run` on a
+    laptop): see :func:`unreachable_paths`."""
+    merged = OmegaConf.structured(schema)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -517,11 +515,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
             loaded = OmegaConf.load(path)
         except Exception as err:  # YAML syntax errors come in several exception types
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        merged = _merge(merged, loaded, str(path))
+        merged = _merge(merged, loaded, str(path), schema)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"override '{item}'", schema)
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"required config key(s) not set: {', '.join(missing)}")
@@ -549,9 +547,10 @@ def unreachable_paths(cfg: Config) -> list[tuple[str, str]]:
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
     """Reject values that would fail (or silently mislead) hours into a run: each key's own
-    choices and bounds (declared beside its field), then the checks across keys, then (with
-    ``check_paths``) that the data folders exist."""
-    declared = declarations(Config)
+    choices and bounds (declared beside its field), then the checks across keys (the method's
+    own among them, see :func:`compose_schema`), then (with ``check_paths``) that the data
+    folders exist."""
+    declared = declarations(type(cfg))
     for name, value in flatten(cfg).items():
         problem = declared[name].key.problem(value)
         check_key(problem is None, name, value, problem or "")
@@ -573,13 +572,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if cfg.clustering.mode == "sharded":
         validate_sharded(cfg)
     validate_monitor(cfg)
-    if cfg.method == "mmdc":
-        validate_mmdc(cfg)
-        check_key(cfg.clustering.features == "extra_pass", "clustering.features",
-                  cfg.clustering.features, "training_pass is DeepCluster's (method=deepcluster); "
-                  "MMDC assigns its targets from its own passes")
-    if cfg.method == "deepclusterv2":
-        validate_deepclusterv2(cfg)
+    method_check = type(cfg).method_checks.get(cfg.method)
+    if method_check is not None:
+        method_check(cfg)
     check_key(not cfg.eval.val_labels or bool(cfg.eval.val_path), "eval.val_labels",
               cfg.eval.val_labels, "labels the images of eval.val_path: set it too")
     check_key(cfg.slurm.signal_delay_s < cfg.slurm.time_min * 60, "slurm.signal_delay_s",
@@ -638,36 +633,6 @@ def validate_monitor(cfg: Config) -> None:
               f"({cfg.checkpoint.interval}) with checkpoint.keep_best")
 
 
-def validate_mmdc(cfg: Config) -> None:
-    m = cfg.mmdc
-    if m.means == "onehot":
-        check_key(m.dim in (0, m.k), "mmdc.dim", m.dim,
-               f"one-hot means live in R^k: use 0 or mmdc.k ({m.k}), or mmdc.means=uniform")
-    check_key(all(e > 0 for e in m.lr_decay_epochs), "mmdc.lr_decay_epochs", m.lr_decay_epochs,
-           "must hold positive epoch numbers")
-    # the Hungarian step permutes targets among a batch's images: one image cannot move any
-    batch_key = "optim.global_batch" if cfg.optim.global_batch else "optim.batch_size"
-    batch = cfg.optim.global_batch or cfg.optim.batch_size
-    check_key(batch >= 2, batch_key, batch, "must be at least 2 for method=mmdc")
-
-
-def validate_deepclusterv2(cfg: Config) -> None:
-    """The list-valued keys a bound cannot express, and the views they name."""
-    v2 = cfg.deepclusterv2
-    check_key(len(v2.prototypes) > 0 and all(k >= 2 for k in v2.prototypes),
-              "deepclusterv2.prototypes", v2.prototypes,
-              "must hold at least one head, each of at least 2 clusters")
-    views = sum(group["count"] for group in cfg.data.crops) if cfg.data.crops else 1
-    check_key(len(v2.crops_for_assign) > 0 and len(set(v2.crops_for_assign)) ==
-              len(v2.crops_for_assign) and all(0 <= v < views for v in v2.crops_for_assign),
-              "deepclusterv2.crops_for_assign", v2.crops_for_assign,
-              f"must name at least one view, each once, by its position among the {views} "
-              "view(s) data.crops declares (0 = the first)")
-    check_key(cfg.clustering.features == "extra_pass", "clustering.features",
-              cfg.clustering.features, "training_pass is DeepCluster's (method=deepcluster); "
-              "DeepCluster-v2 always clusters its training pass's memory bank")
-
-
 def flatten(cfg: Config) -> dict[str, Any]:
     """The config as {'a.b': value}: MLflow params and key-wise comparisons use this form."""
     out: dict[str, Any] = {}
@@ -688,13 +653,13 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def keys_in_yaml_file(path: Path) -> dict[str, Any]:
-    """The keys a YAML config file sets, typed as the schema declares them: a run directory's
+def keys_in_yaml_file(path: Path, schema: type) -> dict[str, Any]:
+    """The keys a YAML config file sets, typed as ``schema`` declares them: a run directory's
     config.yaml written by an older dcluster lacks the keys added since (they are not read
     as today's defaults, see dcluster/core/config_settings.py)."""
     loaded = OmegaConf.load(path)
-    typed = flatten(OmegaConf.to_object(_merge(OmegaConf.structured(Config), loaded,
-                                                str(path))))  # type: ignore[arg-type]
+    typed = flatten(OmegaConf.to_object(_merge(OmegaConf.structured(schema), loaded,
+                                                str(path), schema)))  # type: ignore[arg-type]
     present = flatten_mapping(OmegaConf.to_container(loaded))  # type: ignore[arg-type]
     return {name: typed[name] for name in present}
 

@@ -1,7 +1,8 @@
-"""One declaration per config key, made beside its field in dcluster/core/config.py, and what is
-derived from the declarations: the value checks, which keys change a run's results (hashed),
-the values that reproduce the behaviour from before a key existed (legacy), the configuration
-reference (dcluster/core/config_reference.py) and ``dcluster train --help``.
+"""One declaration per config key, made beside its field in dcluster/core/config.py (a method's
+keys: in its folder's config.py), and what is derived from the declarations: the value checks,
+which keys change a run's results (hashed), the values that reproduce the behaviour from before a
+key existed (legacy), the configuration reference (dcluster/config_reference.py) and ``dcluster
+train --help``.
 
 Why it matters: a run of 500 epochs outlives many releases of dcluster. A checkpoint records
 the settings that shaped it; a newer dcluster reads the keys it lacks at their legacy values,

@@ -7,6 +7,8 @@ the one that reproduces the behaviour before the key existed, and only a real ch
 hashed setting is refused, naming it. Checkpoints of the releases before this one
 (``HASH_ONLY_RELEASES``) record only a hash of their hashed keys; their settings are found by
 hashing today's values of the keys each of those releases knew (:func:`settings_behind_hash`).
+Each function reads the declarations of ``schema``, the composed one (core/config.py's
+``compose_schema``), or of the config it is given.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ HASH_ONLY_RELEASES = ("482ef12", "9c7b1a2", "629576f", "231d085", "e601b38", "ad
 def hashed_settings(cfg: Config) -> dict[str, Any]:
     """The keys that change what the run computes, with their values."""
     flat = flatten(cfg)
-    return {name: flat[name] for name in hashed_names(Config)}
+    return {name: flat[name] for name in hashed_names(type(cfg))}
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -40,12 +42,12 @@ def config_hash(cfg: Config) -> str:
     return settings_hash(hashed_settings(cfg))
 
 
-def with_legacy(recorded: dict[str, Any]) -> dict[str, Any]:
+def with_legacy(recorded: dict[str, Any], schema: type) -> dict[str, Any]:
     """``recorded`` (a checkpoint's or an old config.yaml's settings) completed with the
     legacy values of the hashed keys it lacks, which were added after it was written."""
-    known = declarations(Config)
-    out = {name: recorded[name] for name in hashed_names(Config) if name in recorded}
-    for name in hashed_names(Config):
+    known = declarations(schema)
+    out = {name: recorded[name] for name in hashed_names(schema) if name in recorded}
+    for name in hashed_names(schema):
         if name in out:
             continue
         legacy = known[name].key.legacy
@@ -57,18 +59,19 @@ def with_legacy(recorded: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _in_effect(name: str, settings: dict[str, Any]) -> bool:
-    when = declarations(Config)[name].key.when
+def _in_effect(name: str, settings: dict[str, Any], schema: type) -> bool:
+    when = declarations(schema)[name].key.when
     return when is None or settings[when[0]] == when[1]
 
 
-def setting_changes(recorded: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+def setting_changes(recorded: dict[str, Any], now: dict[str, Any],
+                    schema: type) -> list[tuple[str, Any, Any]]:
     """The hashed keys whose value changed from ``recorded`` (legacy values filling in what it
     lacks) to ``now``, as (key, old, new); a key that changes results only under another
     key's value (its ``when``) counts only where it is in effect."""
-    old = with_legacy(recorded)
-    return [(name, old[name], now[name]) for name in now
-            if old[name] != now[name] and (_in_effect(name, old) or _in_effect(name, now))]
+    old = with_legacy(recorded, schema)
+    return [(name, old[name], now[name]) for name in now if old[name] != now[name]
+            and (_in_effect(name, old, schema) or _in_effect(name, now, schema))]
 
 
 def describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
@@ -85,8 +88,8 @@ def _override(value: Any) -> str:
     return "''" if value == "" else str(value).replace(" ", "")
 
 
-def recorded_settings(payload: dict[str, Any], now: dict[str, Any],
-                      run_config: Path) -> Optional[dict[str, Any]]:
+def recorded_settings(payload: dict[str, Any], now: dict[str, Any], run_config: Path,
+                      schema: type) -> Optional[dict[str, Any]]:
     """The settings checkpoint ``payload`` was written under: recorded in it, or for one of
     the HASH_ONLY_RELEASES found behind its hash, read either from today's values (nothing
     changed) or from ``run_config``, the config.yaml of the checkpoint's run directory (which
@@ -95,23 +98,24 @@ def recorded_settings(payload: dict[str, Any], now: dict[str, Any],
         return payload["settings"]
     readings = [now]
     if run_config.is_file():
-        stored = keys_in_yaml_file(run_config)
+        stored = keys_in_yaml_file(run_config, schema)
         readings.append({name: stored[name] for name in now if name in stored})
     for reading in readings:
-        found = settings_behind_hash(payload["config_hash"], reading)
+        found = settings_behind_hash(payload["config_hash"], reading, schema)
         if found is not None:
             return found
     return None
 
 
-def settings_behind_hash(old_hash: str, reading: dict[str, Any]) -> Optional[dict[str, Any]]:
+def settings_behind_hash(old_hash: str, reading: dict[str, Any],
+                         schema: type) -> Optional[dict[str, Any]]:
     """The settings a checkpoint of a HASH_ONLY_RELEASES build was written under, if they are
     ``reading``'s values of the keys that build knew (the keys added since are left out, for
     :func:`with_legacy` to fill); None if no such subset gives ``old_hash``.
 
     Each build hashed the hashed keys it had; keys came in groups, one per commit, and a
     branch build may have had any mix of them, so every mix is tried (2^5 hashes today)."""
-    known = declarations(Config)
+    known = declarations(schema)
     groups = sorted({known[name].key.since for name in reading} & set(HASH_ONLY_RELEASES))
     for count in range(len(groups) + 1):
         for chosen in itertools.combinations(groups, count):

@@ -125,10 +125,10 @@ def _reuse_problem(root: Path, cfg: Config) -> str | None:
     if not stored_path.is_file():
         return "is not empty but has no config.yaml, so it holds no run of dcluster's"
     try:
-        stored = keys_in_yaml_file(stored_path)
+        stored = keys_in_yaml_file(stored_path, type(cfg))
     except Exception as err:  # YAML syntax errors come in several types besides ConfigError
         return f"its config.yaml cannot be read back ({err})"
-    changes = setting_changes(stored, hashed_settings(cfg))
+    changes = setting_changes(stored, hashed_settings(cfg), type(cfg))
     if changes:
         return ("holds a run with a different config (stored -> requested): "
                 + describe_changes(changes)

@@ -1,6 +1,7 @@
 """`dcluster eval linear | knn | clusters TARGET [key=value ...]`: argument parsing and the
-command; dcluster/cli.py mounts it with ``add_parser(subparsers, recipes)``, handing down how
-each method rebuilds its network (dcluster.methods.METHODS)."""
+command; dcluster/cli.py mounts it with ``add_parser(subparsers, recipes, schema)``, handing
+down how each method rebuilds its network (dcluster.methods.METHODS) and the config schema
+(dcluster.methods.Config)."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dcluster.evaluation.protocols import evaluate
     from dcluster.evaluation.report import format_table
 
-    done = evaluate(args.protocol, args.target, args.recipes, args.overrides,
+    done = evaluate(args.protocol, args.target, args.recipes, args.schema, args.overrides,
                     Path(args.out) if args.out else None)
     if done is not None:  # rank 0
         result, path = done
@@ -30,7 +31,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction,
-               recipes: Mapping[str, NetworkRecipe]) -> None:
+               recipes: Mapping[str, NetworkRecipe], schema: type) -> None:
     parser = subparsers.add_parser(
         "eval", help="score a run's features: linear probe, weighted k-NN, k-means NMI/ACC")
     protocols = parser.add_subparsers(dest="protocol", required=True)
@@ -41,4 +42,4 @@ def add_parser(subparsers: argparse._SubParsersAction,
         p.add_argument("overrides", nargs="*",
                        help="key=value overrides, e.g. eval.val_path=/data/val eval.knn.k=10")
         p.add_argument("--out", help="JSON result file (default: <run dir>/eval/)")
-        p.set_defaults(func=cmd_eval, recipes=recipes)
+        p.set_defaults(func=cmd_eval, recipes=recipes, schema=schema)

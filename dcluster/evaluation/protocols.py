@@ -145,17 +145,18 @@ PROTOCOLS: dict[str, Callable[[EvalTarget, Network, Env, Comm], Optional[Outcome
 
 
 def evaluate(protocol: str, target_path: str | Path, recipes: Mapping[str, NetworkRecipe],
-             overrides: Sequence[str] = (),
+             schema: type, overrides: Sequence[str] = (),
              out: Optional[Path] = None) -> Optional[tuple[EvalResult, Path]]:
     """Run one protocol on a run directory, checkpoint or config, in this process's part of
     the job (launched like training: torchrun, Slurm, submitit or alone). Rank 0 writes the
     JSON (to ``out`` or the target's default place) and the MLflow record, and returns the
     result with the JSON path; the other ranks return None. ``recipes``: how each method
-    rebuilds its network (dcluster.methods.METHODS)."""
+    rebuilds its network (dcluster.methods.METHODS); ``schema``: what the target's config is
+    read with (dcluster.methods.Config)."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"unknown evaluation protocol {protocol!r}; "
                           f"available: {', '.join(PROTOCOLS)}")
-    target = resolve_target(target_path, overrides, recipes)
+    target = resolve_target(target_path, overrides, recipes, schema)
     cfg = target.cfg
     set_torch_threads(cfg.threads)
     require_fitting_build(cfg)

@@ -50,12 +50,13 @@ class EvalTarget:
 
 
 def resolve_target(target: str | Path, overrides: Sequence[str],
-                   recipes: Mapping[str, NetworkRecipe]) -> EvalTarget:
+                   recipes: Mapping[str, NetworkRecipe], schema: type) -> EvalTarget:
     """Read the target's config and checkpoint; every error names the path. ``recipes``: the
-    methods' networks by name, which overrides of a checkpoint's config may not change."""
+    methods' networks by name, which overrides of a checkpoint's config may not change;
+    ``schema``: the config schema with the methods' sections (dcluster.methods.Config)."""
     path = Path(target)
     if path.suffix in CONFIG_SUFFIXES and path.is_file():
-        return EvalTarget(load_config(path, overrides), None, None, None)
+        return EvalTarget(load_config(path, overrides, schema=schema), None, None, None)
     if path.is_dir():
         run_dir = path
         found = load_latest(run_dir / "checkpoints")
@@ -75,8 +76,9 @@ def resolve_target(target: str | Path, overrides: Sequence[str],
                           "of this checkpoint are unknown (is it inside a run directory?)")
     # the store and run directory are where the run is now, wherever it was trained from
     here = f"runs_root={run_dir.parent}"
-    cfg = load_config(config, [here, *overrides])
-    check_same_network(load_config(config, [here]), cfg, checkpoint, recipes[cfg.method])
+    cfg = load_config(config, [here, *overrides], schema=schema)
+    check_same_network(load_config(config, [here], schema=schema), cfg, checkpoint,
+                       recipes[cfg.method])
     return EvalTarget(cfg, upgraded(payload), checkpoint, run_dir)
 
 

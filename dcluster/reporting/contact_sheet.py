@@ -91,11 +91,12 @@ def contact_sheet(source: ImageSource, labels: np.ndarray, path: Path, seed: int
     return draw_sheet(source, rows, per_cluster, path)
 
 
-def sheet_of_run(run_dir: Path, epoch: Optional[int] = None,
+def sheet_of_run(run_dir: Path, schema: type, epoch: Optional[int] = None,
                  out: Optional[Path] = None) -> Path:
     """`dcluster show clusters RUN`: the contact sheet of the run's clusters after ``epoch``
     (from 1; default the newest saved), from its assignments/ files and its config's images,
-    written to ``out`` or <run>/plots/clusters_eNNNNNN.png."""
+    written to ``out`` or <run>/plots/clusters_eNNNNNN.png. ``schema``: what the run's
+    config.yaml is read with (dcluster.methods.Config, handed down by the cli)."""
     from dcluster.core.config import load_config
     from dcluster.core.errors import UserError
     from dcluster.core.rundir import RunDir
@@ -111,7 +112,7 @@ def sheet_of_run(run_dir: Path, epoch: Optional[int] = None,
         raise UserError(f"{run.assignments}: no cluster assignments"
                         + (f" of epoch {epoch}" if epoch is not None else "")
                         + " (written at the end of each epoch)")
-    cfg = load_config(run.config_path)
+    cfg = load_config(run.config_path, schema=schema)
     number = int(saved[-1].stem.split("_")[1])
     return contact_sheet(open_source(cfg.data), np.load(saved[-1]),
                          Path(out) if out else sheet_path(run.plots, number), cfg.seed)

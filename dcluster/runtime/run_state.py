@@ -143,21 +143,22 @@ def _named_objects(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_compatible(payload: dict[str, Any], settings: dict[str, Any], data_fingerprint: str,
-                     source: str) -> None:
+                     source: str, schema: type) -> None:
     """Refuse a checkpoint of another format, of other settings (a hashed key changed: the
     keys a checkpoint of an older dcluster lacks are read at their legacy values, see
-    config_settings.py) or of another file list (named by `source`)."""
+    config_settings.py; ``schema`` declares them) or of another file list (named by `source`)."""
     if payload.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{source}: checkpoint format {payload.get('format')!r}, "
                               f"this dcluster reads formats {(*OLD_FORMATS, FORMAT_VERSION)}")
     # a checkpoint lives in <run directory>/checkpoints/, beside the run's config.yaml
-    recorded = recorded_settings(payload, settings, Path(source).parent.parent / "config.yaml")
+    recorded = recorded_settings(payload, settings, Path(source).parent.parent / "config.yaml",
+                                 schema)
     if recorded is None:
         raise CheckpointError(f"{source}: written by an older dcluster under another config "
                               f"(hash {payload['config_hash']}; neither this config nor its "
                               "run's config.yaml gives it); resume with the run's own "
                               "config.yaml")
-    changes = setting_changes(recorded, settings)
+    changes = setting_changes(recorded, settings, schema)
     if changes:
         raise CheckpointError(f"{source}: written under another config (checkpoint -> now): "
                               f"{describe_changes(changes)}")

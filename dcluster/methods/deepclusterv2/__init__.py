@@ -10,7 +10,9 @@ the prototype scores over a temperature). The optimiser is SGD wrapped in LARS, 
 linear warm-up then a cosine decay. One epoch reads top to bottom in method.py; the other
 modules are its parts.
 """
+from dcluster.methods.deepclusterv2.config import DeepClusterV2Config, validate_deepclusterv2
 from dcluster.methods.deepclusterv2.method import NETWORK_KEYS, DeepClusterV2, eval_network
 from dcluster.methods.spec import MethodSpec
 
-SPEC = MethodSpec("deepclusterv2", DeepClusterV2, eval_network, NETWORK_KEYS)
+SPEC = MethodSpec("deepclusterv2", DeepClusterV2, eval_network, NETWORK_KEYS,
+                  DeepClusterV2Config, validate_deepclusterv2)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcluster.core.config import ModelConfig
-from dcluster.core.config import DeepClusterV2Config
+from dcluster.methods.deepclusterv2.config import DeepClusterV2Config
 from dcluster.models import DeepClusterNet, build_model
 
 

@@ -7,7 +7,8 @@ alternation with it. The cluster of an image is the mixture component nearest it
 One epoch reads top to bottom in method.py; passes.py holds the two passes' losses, and the
 other modules their parts (the targets, the Hungarian assignment, the rotations, the model).
 """
+from dcluster.methods.mmdc.config import MMDCConfig, validate_mmdc
 from dcluster.methods.mmdc.method import NETWORK_KEYS, MMDC, eval_network
 from dcluster.methods.spec import MethodSpec
 
-SPEC = MethodSpec("mmdc", MMDC, eval_network, NETWORK_KEYS)
+SPEC = MethodSpec("mmdc", MMDC, eval_network, NETWORK_KEYS, MMDCConfig, validate_mmdc)

@@ -19,13 +19,14 @@ import numpy as np
 
 from dcluster.clustering import kmeans_labels
 from dcluster.clustering.distributed_stage import row_layout, rows_of, spread_labels
-from dcluster.core.config import Config, MMDCConfig, check_key
+from dcluster.core.config import Config, check_key
 from dcluster.parallel.distributed import my_indices
 from dcluster.evaluation.network import Network, OwnClusters
 from dcluster.runtime.extract import ShardFeatures, extract_features
 from dcluster.runtime.context import RunContext
 from dcluster.core.metric_spec import Metric
 from dcluster.methods.mmdc.assignment import match_labels, merge_owned
+from dcluster.methods.mmdc.config import MMDCConfig
 from dcluster.methods.mmdc.model import build_mmdc_model
 from dcluster.methods.mmdc.passes import MOVED, PassContext, clustering_loss, rotation_loss
 from dcluster.methods.mmdc.targets import TargetBank, Targets, mixture_means, nearest_component

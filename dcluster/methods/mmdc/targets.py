@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dcluster.core.config import MMDCConfig
+from dcluster.methods.mmdc.config import MMDCConfig
 from dcluster.core.seeding import derived_rng
 
 UNIFORM_RANGE = 0.1  # the paper's alternative means: U[-0.1, 0.1]^d, then projected
