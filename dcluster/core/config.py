@@ -471,7 +471,8 @@ def _merge(base: DictConfig, other: Any, source: str, schema: type) -> DictConfi
         return OmegaConf.merge(base, other)
     except ConfigKeyError as err:
         name = f"{err.full_key}" if getattr(err, "full_key", None) else str(err)
-        raise ConfigError(f"{source}: unknown config key '{name}'{_did_you_mean(name, schema)}") from None
+        raise ConfigError(f"{source}: unknown config key '{name}'"
+                          f"{_did_you_mean(name, schema)}") from None
     except ValidationError as err:
         item = _list_item(other, str(err.full_key), schema)
         if item is not None:  # OmegaConf names a bad item of a list by its position alone
