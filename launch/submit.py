@@ -119,12 +119,12 @@ def checked_before_queueing(cfg: Config) -> list[str]:
     return unchecked
 
 
-def dry_run_text(cfg: Config, script: str, unchecked: list[str]) -> str:
-    """What `submit --dry-run` prints: the script, the config the job will run, the gaps."""
+def dry_run_text(cfg: Config, script: str, unchecked: list[str], source: str) -> str:
+    """What `submit --dry-run` prints: the script, the config the job will run (``source``:
+    where it comes from), the gaps."""
     return "\n".join([
         "# ---- sbatch script ----", script.rstrip(),
-        f"# ---- resolved config (the job's {Path(cfg.runs_root) / cfg.name}/config.yaml) ----",
-        to_yaml(cfg).rstrip(),
+        f"# ---- resolved config ({source}) ----", to_yaml(cfg).rstrip(),
         "# ---- not checked on this machine ----", *(f"# - {item}" for item in unchecked)])
 
 
@@ -136,7 +136,8 @@ def submit(config_path: str, overrides: Sequence[str], dry_run: bool = False) ->
     if dry_run:
         with _slurm_commands_optional():
             script = sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
-        return dry_run_text(cfg, script, unchecked)
+        return dry_run_text(cfg, script, unchecked,
+                            f"the job's {run_dir}/config.yaml")
     run = prepare_run_dir(cfg)
     executor = build_executor(cfg, log_dir.resolve())
     # absolute paths: the job may start in another working directory
@@ -163,7 +164,8 @@ def submit_eval(protocol: str, target: str, overrides: Sequence[str],
         with _slurm_commands_optional():
             script = sbatch_script(build_executor(cfg, log_dir, cluster="slurm"))
         return dry_run_text(cfg, script, ["the splits and their images: read when the job "
-                                          "starts"])
+                                          "starts"], f"what the evaluation reads: {target}'s "
+                            f"config{' with the overrides' if overrides else ''}")
     executor = build_executor(cfg, log_dir.resolve())
     job = executor.submit(EvalJob(protocol, str(Path(target).resolve()), overrides))
     log.info("submitted eval %s job %s (%d node(s) x %d task(s))", protocol, job.job_id,

@@ -119,8 +119,11 @@ def test_an_evaluation_is_submitted_like_training_and_its_job_runs_the_protocol(
                  "--gpus-per-node", "2", "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
-    script = out.split("# ---- resolved config")[0]
+    script, heading = out.split("# ---- resolved config")[:2]
     assert "#SBATCH --gpus-per-node=2" in script and f"{run.run_dir}/slurm/" in script
+    # the config the evaluation reads, not a config.yaml the job would write
+    assert heading.startswith(f" (what the evaluation reads: {run.run_dir}'s config with the "
+                              "overrides) ----")
     assert main(["submit", str(tmp_path / "nowhere"), "--eval", "knn", "--dry-run"]) == 2
     assert "no such run directory" in capsys.readouterr().err
     # what each task of the job runs
